@@ -1,0 +1,187 @@
+"""LLMEngine (online: add_request / step) and LLM (offline: generate)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig, GiB, ModelConfig
+from engine.memory import (
+    MemoryTerms,
+    bytes_per_block,
+    check_startup,
+    estimate_activation_bytes,
+    max_concurrency,
+    num_blocks_from_terms,
+)
+from engine.model_runner import ModelRunner
+from engine.records import RequestRecord, StepRecord
+from engine.scheduler import Scheduler
+from engine.sequence import SamplingParams, Sequence
+
+ModelSource = ModelConfig | dict[str, Any] | str | Path
+
+
+@dataclass
+class RequestOutput:
+    request_id: Any
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: str | None
+    metrics: RequestRecord
+
+
+def resolve_model(model: ModelSource) -> tuple[ModelConfig, str | None]:
+    """A config (random weights) or a local HF folder (its safetensors are loaded)."""
+    if isinstance(model, ModelConfig):
+        return model, None
+    if isinstance(model, dict):
+        return ModelConfig.from_hf(model), None
+    path = Path(model)
+    has_weights = path.is_dir() and any(path.glob("*.safetensors"))
+    return ModelConfig.from_hf(path), str(path) if has_weights else None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, model: ModelSource, config: EngineConfig | None = None,
+                 **engine_args: Any):
+        self.model_config, model_path = resolve_model(model)
+        self.config = (config or EngineConfig.from_kwargs(**engine_args))
+        self.config.validate(self.model_config)
+        self.device = pick_device(self.config.device)
+        torch.manual_seed(self.config.seed)
+        free_before = _cuda_free_bytes(self.device)
+        self.model_runner = ModelRunner(self.model_config, self.config, self.device, model_path)
+        self.memory = self._profile_memory(free_before)
+        self.block_bytes = bytes_per_block(self.model_config, self.config.block_size,
+                                           self.config.dtype)
+        self.num_blocks = self._decide_num_blocks()
+        self.model_runner.allocate_kv_cache(self.num_blocks)
+        self.scheduler = Scheduler(self.config, self.num_blocks,
+                                   self.model_config.eos_token_ids())
+        self.step_records: list[StepRecord] = []
+        self.finished: list[Sequence] = []
+        self._t0 = time.perf_counter()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _profile_memory(self, free_before: int) -> MemoryTerms:
+        cfg, runner = self.config, self.model_runner
+        peak = runner.profile_run()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Only what this process took since start-up counts, never other processes' memory.
+            non_torch = max(0, free_before - free - torch.cuda.memory_reserved(self.device))
+            return MemoryTerms(total, cfg.gpu_memory_utilization, runner.weight_bytes, peak or 0,
+                               non_torch_bytes=non_torch, source="measured")
+        num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        act = peak if peak is not None else estimate_activation_bytes(
+            self.model_config, cfg.max_num_batched_tokens, num_seqs, cfg.dtype)
+        return MemoryTerms(int(cfg.cpu_memory_gib * GiB), cfg.gpu_memory_utilization,
+                           runner.weight_bytes, act,
+                           source="cpu: configured total, estimated activation")
+
+    def _decide_num_blocks(self) -> int:
+        cfg = self.config
+        num_blocks = cfg.num_gpu_blocks_override
+        if num_blocks is None:
+            num_blocks = num_blocks_from_terms(self.memory, self.block_bytes)
+        check_startup(num_blocks, cfg.block_size, cfg.max_model_len, self.block_bytes)
+        return num_blocks
+
+    def memory_report(self) -> dict[str, Any]:
+        cfg = self.config
+        report: dict[str, Any] = self.memory.to_dict()
+        report.update(
+            device=str(self.device), bytes_per_block=self.block_bytes,
+            num_blocks=self.num_blocks, kv_cache_tokens=self.num_blocks * cfg.block_size,
+            num_blocks_override=cfg.num_gpu_blocks_override,
+            max_concurrency=max_concurrency(self.num_blocks, cfg.block_size, cfg.max_model_len))
+        return report
+
+    # -- online API ----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def add_request(self, prompt_token_ids: list[int],
+                    sampling_params: SamplingParams | None = None,
+                    request_id: Any = None, arrival: float | None = None) -> Sequence:
+        """Queue a request; a request that can never run is rejected and recorded, not raised."""
+        arrival = self.now() if arrival is None else arrival
+        seq = Sequence(prompt_token_ids, sampling_params, request_id, arrival)
+        if not self.scheduler.add_request(seq):
+            seq.times.finish = arrival
+            self.finished.append(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """Run one scheduler step on the model; returns the sequences that finished in it."""
+        start = self.now()
+        out = self.scheduler.schedule(start)
+        if out.is_empty:
+            return []
+        record = StepRecord.from_output(len(self.step_records), start, out, self.scheduler)
+        sampled = self.model_runner.execute_model(out)
+        end = self.now()
+        finished = self.scheduler.update_from_output(out, sampled, end)
+        record.end_s = end
+        self.step_records.append(record)
+        self.finished.extend(finished)
+        return finished
+
+    def request_records(self) -> list[RequestRecord]:
+        seqs = self.finished + list(self.scheduler.running) + list(self.scheduler.waiting)
+        return [RequestRecord.from_sequence(s) for s in seqs]
+
+
+class LLM(LLMEngine):
+    def generate(self, prompt_token_ids: list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order."""
+        params = sampling_params if isinstance(sampling_params, list) \
+            else [sampling_params or SamplingParams()] * len(prompt_token_ids)
+        if len(params) != len(prompt_token_ids):
+            raise ValueError(f"sampling_params has {len(params)} entries for "
+                             f"{len(prompt_token_ids)} prompts")
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompt_token_ids, params, strict=True)]
+        self._run_to_completion(len(seqs), use_tqdm)
+        return [_to_output(s) for s in seqs]
+
+    def _run_to_completion(self, total: int, use_tqdm: bool) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc="generate", disable=not use_tqdm) as bar:
+            bar.update(total - sum(1 for _ in self._pending()))
+            while self.has_unfinished():
+                bar.update(len(self.step()))
+
+    def _pending(self) -> list[Sequence]:
+        return list(self.scheduler.running) + list(self.scheduler.waiting)
+
+
+def _cuda_free_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.init()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _to_output(seq: Sequence) -> RequestOutput:
+    return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
+                         seq.output_token_ids, seq.finish_reason,
+                         RequestRecord.from_sequence(seq))

@@ -1,0 +1,213 @@
+"""One step's plan: which sequences run and how many tokens each. Pure Python (no torch).
+
+Policies (DESIGN.md "Scheduling policy"):
+- ``v1``: decodes and chunked prefills share one token budget in a mixed batch; running
+  sequences are served first, then waiting ones are admitted unless this step preempted.
+- ``prefill_first``: a step is all prefill when any prefill can run, otherwise all decode.
+Preemption is by recompute of the most recently admitted running sequence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    """`seq` computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)."""
+
+    seq: Sequence
+    num_new_tokens: int
+    num_computed_tokens: int
+    samples: bool  # the step reaches the sequence's last known token, so it samples one
+    is_decode: bool
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled if not s.is_decode)
+
+    @property
+    def num_decode_seqs(self) -> int:
+        return sum(1 for s in self.scheduled if s.is_decode)
+
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        samples = num_new_tokens == seq.num_uncomputed_tokens
+        is_decode = samples and num_new_tokens == 1 and seq.num_output_tokens > 0
+        self.scheduled.append(ScheduledSequence(
+            seq, num_new_tokens, seq.num_computed_tokens, samples, is_decode))
+        self.num_batched_tokens += num_new_tokens
+
+
+def is_prefilling(seq: Sequence) -> bool:
+    return seq.num_output_tokens == 0 or seq.num_uncomputed_tokens > 1
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int,
+                 eos_token_ids: Iterable[int] = ()):
+        self.config = config
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.rejected: list[Sequence] = []
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- admission control ----------------------------------------------------------------------
+
+    def add_request(self, seq: Sequence) -> bool:
+        """Queue `seq`, or reject it (recorded, with a reason) when it can never run."""
+        reason = self._rejection_reason(seq)
+        if reason is not None:
+            seq.status, seq.finish_reason = SequenceStatus.REJECTED, reason
+            self.rejected.append(seq)
+            return False
+        self.waiting.append(seq)
+        return True
+
+    def _rejection_reason(self, seq: Sequence) -> str | None:
+        n, limit = seq.num_prompt_tokens, self.config.max_model_len
+        if n == 0:
+            return "rejected: empty prompt"
+        if n > limit:
+            return f"rejected: prompt of {n} tokens is longer than max_model_len={limit}"
+        bm = self.block_manager
+        if bm.blocks_needed(n) > bm.num_blocks:
+            return (f"rejected: prompt of {n} tokens needs {bm.blocks_needed(n)} KV blocks, "
+                    f"the cache has {bm.num_blocks}")
+        return None
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def schedule(self, now: float = 0.0) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        if self.config.policy == "prefill_first":
+            self._schedule_prefill_first(out, budget, now)
+        else:
+            budget = self._schedule_running(out, budget, self.running)
+            if not out.preempted:
+                self._admit_waiting(out, budget, now)
+        return out
+
+    def _schedule_prefill_first(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        partial = [s for s in self.running if is_prefilling(s)]
+        budget = self._schedule_running(out, budget, partial)
+        if not out.preempted:
+            self._admit_waiting(out, budget, now)
+        if out.is_empty:
+            self._schedule_running(out, self.config.max_num_batched_tokens, self.running)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int,
+                          candidates: list[Sequence]) -> int:
+        for seq in list(candidates):
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._allocate_or_preempt(seq, n, out):
+                break
+            out.add(seq, n)
+            budget -= n
+        return budget
+
+    def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Preempt from the back of `running` until `seq` gets its blocks; False if `seq` went."""
+        while not self.block_manager.allocate_slots(seq, n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        cfg, bm = self.config, self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            computed = bm.get_computed_blocks(seq)
+            num_cached = len(computed) * bm.block_size
+            n = seq.num_tokens - num_cached
+            if n > budget and not cfg.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not bm.allocate_slots(seq, n, computed):
+                break
+            self.waiting.popleft()
+            self._start(seq, num_cached, now)
+            out.add(seq, n)
+            budget -= n
+
+    def _start(self, seq: Sequence, num_cached: int, now: float) -> None:
+        self.block_manager.stats.record(seq.num_tokens, num_cached)
+        seq.num_computed_tokens = seq.num_cached_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        if seq.times.first_scheduled is None:
+            seq.times.first_scheduled = now
+        self.running.append(seq)
+
+    # -- applying a step's result --------------------------------------------------------------
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None],
+                           now: float = 0.0) -> list[Sequence]:
+        """Advance each scheduled sequence by the step; returns the sequences that finished."""
+        finished = []
+        for item, token in zip(out.scheduled, sampled, strict=True):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # mid-prefill: nothing sampled yet
+            assert token is not None, f"sequence {seq.request_id} completed a step unsampled"
+            self._append_token(seq, token, now)
+            if seq.finish_reason is not None:
+                finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        return finished
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        seq.append_token(token)
+        if seq.times.first_token is None:
+            seq.times.first_token = now
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            seq.finish_reason, seq.status = reason, SequenceStatus.FINISHED
+            seq.times.finish = now
+            self.block_manager.free(seq)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.sampling_params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or \
+                seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
