@@ -3,6 +3,10 @@
 Free blocks sit in one queue ordered by when they were freed. Allocation takes the front, so a
 freed block that still holds cached KV is evicted least-recently-used first, and stays
 reusable by a prefix hit until then.
+
+A hit is verified, not trusted to the hash: the block's tokens must match, and so must its
+parent, by the content id the parent had when this block's KV was computed. By induction the
+whole prefix is then the one the KV was computed from, even under a hash collision.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import xxhash
 
 from engine.sequence import Sequence
 
-NO_PARENT = 0
+NO_PARENT = 0  # hash seed of the first block
+ROOT = -1      # parent content id of the first block
 
 
 def hash_block(parent_hash: int, token_ids: SeqOf[int]) -> int:
@@ -30,8 +35,14 @@ def hash_block(parent_hash: int, token_ids: SeqOf[int]) -> int:
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: int | None = None  # set while the block is published in the prefix cache
     token_ids: tuple[int, ...] = ()
+    content_id: int = ROOT         # unique per publication
+    parent_content_id: int = ROOT
+
+    def unpublish(self) -> None:
+        self.block_hash, self.token_ids = None, ()
+        self.content_id = self.parent_content_id = ROOT
 
 
 @dataclass
@@ -57,6 +68,7 @@ class BlockManager:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.stats = PrefixCacheStats()
+        self._next_content_id = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,12 +94,23 @@ class BlockManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks)
         hit: list[int] = []
+        parent = ROOT
         for i in range(max_blocks):
-            block_id = self.cached.get(seq.block_hashes[i])
-            if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(seq, i):
+            block_id = self._lookup(seq.block_hashes[i], self._block_tokens(seq, i), parent)
+            if block_id is None:
                 break
             hit.append(block_id)
+            parent = self.blocks[block_id].content_id
         return hit
+
+    def _lookup(self, block_hash: int, tokens: tuple[int, ...], parent: int) -> int | None:
+        block_id = self.cached.get(block_hash)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        if block.token_ids != tokens or block.parent_content_id != parent:
+            return None
+        return block_id
 
     def _block_tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
         start = index * self.block_size
@@ -100,19 +123,38 @@ class BlockManager:
             hashes.append(hash_block(parent, self._block_tokens(seq, len(hashes))))
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        """Publish the blocks that `num_tokens` tokens fill completely."""
+        """Publish the blocks that `num_tokens` tokens fill completely.
+
+        `seq.block_content_ids` records, per full block, the content id its KV is equal to:
+        its own publication, or an identical block published first by another sequence.
+        """
         num_full = num_tokens // self.block_size
         self._extend_hashes(seq, num_full)
-        for i in range(seq.num_published_blocks, num_full):
+        contents = seq.block_content_ids
+        for i in range(len(contents), num_full):
             block = self.blocks[seq.block_table[i]]
-            if block.block_hash is not None:
-                continue
-            h = seq.block_hashes[i]
-            if h in self.cached:  # same content computed twice concurrently: keep the first
-                continue
-            block.block_hash, block.token_ids = h, self._block_tokens(seq, i)
-            self.cached[h] = block.block_id
-        seq.num_published_blocks = max(seq.num_published_blocks, num_full)
+            parent = contents[-1] if contents else ROOT
+            if block.block_hash is None:
+                tokens = self._block_tokens(seq, i)
+                twin = self._lookup(seq.block_hashes[i], tokens, parent)
+                if twin is not None:
+                    contents.append(self.blocks[twin].content_id)
+                    continue
+                if seq.block_hashes[i] in self.cached:  # a hash collision: stay private
+                    contents.append(self._new_content_id())
+                    continue
+                self._publish(block, seq.block_hashes[i], tokens, parent)
+            contents.append(block.content_id)
+
+    def _publish(self, block: Block, block_hash: int, tokens: tuple[int, ...],
+                 parent: int) -> None:
+        block.block_hash, block.token_ids, block.parent_content_id = block_hash, tokens, parent
+        block.content_id = self._new_content_id()
+        self.cached[block_hash] = block.block_id
+
+    def _new_content_id(self) -> int:
+        self._next_content_id += 1
+        return self._next_content_id
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -158,7 +200,7 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.block_hash is not None:  # evict its cached content
             del self.cached[block.block_hash]
-            block.block_hash, block.token_ids = None, ()
+            block.unpublish()
         block.ref_count = 1
         return block_id
 
@@ -170,10 +212,9 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
         seq.block_table.clear()
-        seq.num_published_blocks = 0
+        seq.block_content_ids.clear()
 
     def reset_prefix_cache(self) -> None:
         for block_id in self.free_queue:
-            block = self.blocks[block_id]
-            block.block_hash, block.token_ids = None, ()
+            self.blocks[block_id].unpublish()
         self.cached = {h: b for h, b in self.cached.items() if self.blocks[b].ref_count > 0}

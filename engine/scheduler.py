@@ -18,6 +18,10 @@ from engine.config import EngineConfig
 from engine.sequence import Sequence, SequenceStatus
 
 
+def is_prefilling(seq: Sequence) -> bool:
+    return seq.num_output_tokens == 0 or seq.num_uncomputed_tokens > 1
+
+
 @dataclass
 class ScheduledSequence:
     """`seq` computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)."""
@@ -47,16 +51,13 @@ class SchedulerOutput:
     def num_decode_seqs(self) -> int:
         return sum(1 for s in self.scheduled if s.is_decode)
 
-    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+    def add(self, seq: Sequence, num_new_tokens: int, admitted: bool = False) -> None:
+        """An admission is always a prefill, even a one-token recompute after a prefix hit."""
         samples = num_new_tokens == seq.num_uncomputed_tokens
-        is_decode = samples and num_new_tokens == 1 and seq.num_output_tokens > 0
+        is_decode = not admitted and num_new_tokens == 1 and not is_prefilling(seq)
         self.scheduled.append(ScheduledSequence(
             seq, num_new_tokens, seq.num_computed_tokens, samples, is_decode))
         self.num_batched_tokens += num_new_tokens
-
-
-def is_prefilling(seq: Sequence) -> bool:
-    return seq.num_output_tokens == 0 or seq.num_uncomputed_tokens > 1
 
 
 class Scheduler:
@@ -163,7 +164,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._start(seq, num_cached, now)
-            out.add(seq, n)
+            out.add(seq, n, admitted=True)
             budget -= n
 
     def _start(self, seq: Sequence, num_cached: int, now: float) -> None:

@@ -63,7 +63,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, in order
-        self.num_published_blocks = 0      # leading blocks already offered to the prefix cache
+        self.block_content_ids: list[int] = []  # prefix-cache identity of each full block's KV
         self.num_computed_tokens = 0       # tokens whose KV is (or is being) written
         self.num_cached_tokens = 0         # prefix-cache hit at the latest admission
         self.num_preemptions = 0

@@ -1,0 +1,77 @@
+"""Per-step attention metadata, set by the model runner and read by every Attention layer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """How a flattened batch of T tokens splits into sequences, and where their KV lives.
+
+    Sequence i owns query rows ``query_start_loc[i]:query_start_loc[i + 1]`` and, after this
+    step, ``seq_lens[i]`` tokens of KV (the computed-before ones plus the new ones).
+    ``slot_mapping[t]`` is the cache slot (block_id * block_size + offset) where token t's KV
+    goes, -1 for "do not store"; ``block_tables[i]`` lists sequence i's blocks (padded).
+    The ``*_cpu`` lists mirror the tensors so the per-sequence loop never syncs the device.
+    With no ``slot_mapping`` (profiling, dense evaluation) attention is causal over each
+    sequence's new tokens only. An empty context means one causal sequence of all T tokens.
+    """
+
+    query_start_loc: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    query_start_loc_cpu: list[int] = field(default_factory=list)
+    seq_lens_cpu: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return max(len(self.query_start_loc_cpu) - 1, 0)
+
+    def spans(self, num_tokens: int) -> list[tuple[int, int, int]]:
+        """(query start, query end, KV length) of each sequence."""
+        if not self.query_start_loc_cpu:
+            return [(0, num_tokens, num_tokens)]
+        starts = self.query_start_loc_cpu
+        ends = starts[1:]
+        kv_lens = self.seq_lens_cpu or [e - s for s, e in zip(starts, ends, strict=False)]
+        return list(zip(starts, ends, kv_lens, strict=False))
+
+
+def dense_context(seq_lens: list[int]) -> ForwardContext:
+    """Independent causal sequences laid end to end, no KV cache (profiling, tests)."""
+    starts = [0]
+    for n in seq_lens:
+        starts.append(starts[-1] + n)
+    return ForwardContext(query_start_loc_cpu=starts, seq_lens_cpu=list(seq_lens))
+
+
+_CONTEXT = ForwardContext()
+
+
+def get_forward_context() -> ForwardContext:
+    return _CONTEXT
+
+
+def set_forward_context(context: ForwardContext) -> None:
+    global _CONTEXT
+    _CONTEXT = context
+
+
+def reset_forward_context() -> None:
+    set_forward_context(ForwardContext())
+
+
+@contextmanager
+def forward_context(context: ForwardContext) -> Iterator[ForwardContext]:
+    """Set `context` for the duration of a forward pass, then restore the empty one."""
+    set_forward_context(context)
+    try:
+        yield context
+    finally:
+        reset_forward_context()

@@ -1,0 +1,73 @@
+"""Token sampling: greedy, or temperature + top-k + top-p, reproducible under seeds.
+
+Random rows draw by the exponential race: argmax_j p_j / E_j with E_j ~ Exp(1) picks j with
+probability p_j. Rows whose request has its own generator draw from it, so a seeded request
+samples the same tokens whatever batch it runs in; the other rows share the engine generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sequence import SamplingParams
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+        """logits: [N, vocab] (float32) -> sampled token ids [N]."""
+        greedy_rows = [p.greedy for p in params]
+        greedy = logits.argmax(dim=-1)
+        if all(greedy_rows):
+            return greedy
+        probs = self._probs(logits, params)
+        noise = self._exponential(probs, greedy_rows, generators or [None] * len(params))
+        sampled = probs.div_(noise).argmax(dim=-1)
+        is_greedy = torch.tensor(greedy_rows, device=logits.device)
+        return torch.where(is_greedy, greedy, sampled)
+
+    def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        device, vocab = logits.device, logits.shape[-1]
+        temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        logits = logits.float() / temps[:, None]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < vocab for k in top_k) or any(p < 1 for p in top_p):
+            logits = apply_top_k_top_p(logits, torch.tensor(top_k, device=device),
+                                       torch.tensor(top_p, device=device))
+        return logits.softmax(dim=-1)
+
+    def _exponential(self, probs: torch.Tensor, greedy_rows: list[bool],
+                     generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Exp(1) noise; greedy rows draw nothing, so they never shift other rows' streams."""
+        noise = torch.ones_like(probs)
+        random_rows = [i for i, greedy in enumerate(greedy_rows) if not greedy]
+        shared = [i for i in random_rows if generators[i] is None]
+        if shared:
+            draws = torch.empty(len(shared), probs.shape[-1], device=probs.device)
+            rows = torch.tensor(shared, device=probs.device)
+            noise[rows] = draws.exponential_(generator=self.generator)
+        for i in random_rows:
+            if generators[i] is not None:
+                noise[i].exponential_(generator=generators[i])
+        return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) all but each row's top_k logits, then all outside its top_p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability (after top-k)
+    reaches top_p; the most likely token always stays.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    sorted_logits.masked_fill_(ranks[None, :] >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    outside = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
+    sorted_logits.masked_fill_(outside, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
