@@ -1,0 +1,109 @@
+"""`python -m workloads describe | generate | presets` (see README_SECTION.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from workloads.describe import describe
+from workloads.errors import SpecError, TraceError
+from workloads.importers import AZURE_COLUMNS, import_azure
+from workloads.models import catalog_models, model_kv_bytes_per_token
+from workloads.presets import PRESETS, make_preset
+from workloads.schema import Trace
+from workloads.summary_text import format_summary
+from workloads.trace_io import read_trace, write_trace
+
+FORMATS = ("auto", "parquet", "csv", "jsonl", "azure")
+
+
+def load_any(path: str, fmt: str = "auto", **azure_options: Any) -> Trace:
+    """A trace file, or an Azure-format CSV (detected from its header when fmt is "auto")."""
+    if fmt == "azure" or (fmt == "auto" and _is_azure_csv(Path(path))):
+        return import_azure(path, **azure_options)[0]
+    return read_trace(path, None if fmt == "auto" else fmt)
+
+
+def _is_azure_csv(path: Path) -> bool:
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    with path.open() as f:
+        header = {c.strip() for c in f.readline().split(",")}
+    return set(AZURE_COLUMNS.values()) <= header
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workloads", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("describe", help="summarise a trace (or an Azure CSV)")
+    d.add_argument("trace")
+    d.add_argument("--format", choices=FORMATS, default="auto")
+    d.add_argument("--block-size", type=int, default=16)
+    kv = d.add_mutually_exclusive_group()
+    kv.add_argument("--kv-bytes-per-token", type=int)
+    kv.add_argument("--model", help=f"{', '.join(catalog_models())} or an HF config.json path")
+    d.add_argument("--dtype", default="bfloat16")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    for flag, kind in (("--start-s", float), ("--duration-s", float), ("--rate-scale", float),
+                       ("--max-model-len", int)):
+        d.add_argument(flag, type=kind, help="Azure import option")
+    g = sub.add_parser("generate", help="write a preset workload to a trace file")
+    g.add_argument("preset", choices=sorted(PRESETS))
+    g.add_argument("-o", "--output", required=True, help=".parquet, .csv or .jsonl")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset parameter (value parsed as JSON if it can be)")
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def _describe(args: argparse.Namespace) -> str:
+    options = {k: v for k in ("start_s", "duration_s", "rate_scale", "max_model_len")
+               if (v := getattr(args, k)) is not None}
+    trace = load_any(args.trace, args.format, **options)
+    per_token, model = args.kv_bytes_per_token, None
+    if args.model:
+        per_token, model = model_kv_bytes_per_token(args.model, args.dtype), \
+            f"{args.model} {args.dtype}"
+    summary = describe(trace, block_size=args.block_size, kv_bytes_per_token=per_token,
+                       kv_model=model)
+    return json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary)
+
+
+def _generate(args: argparse.Namespace) -> str:
+    overrides = dict(_key_value(item) for item in args.set)
+    trace = make_preset(args.preset, **overrides)
+    path = write_trace(trace, args.output)
+    return f"wrote {len(trace):,} requests ({args.preset}) to {path}"
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SpecError("--set", item, "KEY=VALUE")
+    try:
+        return key, json.loads(text)
+    except json.JSONDecodeError:
+        return key, text
+
+
+def _presets() -> str:
+    return "\n".join(f"{name:<16}{(fn.__doc__ or '').strip().splitlines()[0]}"
+                     for name, fn in PRESETS.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "describe":
+            print(_describe(args))
+        elif args.command == "generate":
+            print(_generate(args))
+        else:
+            print(_presets())
+    except (SpecError, TraceError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,256 @@
+"""Turn a raw table (any dtypes, as read from a file) into a validated Trace.
+
+Every check reports the first offending row by its 0-based position in the input, the field, the
+value and the allowed range. Unsorted arrivals are sorted (stable) with a TraceWarning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workloads.errors import TraceError, TraceWarning
+from workloads.schema import (
+    ALL_COLUMNS,
+    CONVERSATION_COLUMNS,
+    MAX_ID,
+    MAX_LEN,
+    PREFIX_COLUMNS,
+    REQUIRED_COLUMNS,
+    TOKENS_COLUMN,
+    Trace,
+)
+
+INT_RANGES = {
+    "request_id": (0, MAX_ID),
+    "prompt_len": (1, MAX_LEN),
+    "output_len": (1, MAX_LEN),
+    "prefix_group": (0, MAX_ID),
+    "prefix_len": (1, MAX_LEN),
+    "conversation_id": (0, MAX_ID),
+    "turn": (0, MAX_LEN),
+}
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
+def make_trace(raw: pd.DataFrame, meta: dict[str, Any] | None = None) -> Trace:
+    """Validate `raw` and return a Trace sorted by arrival time (row numbers refer to `raw`)."""
+    raw = raw.reset_index(drop=True)
+    _check_columns(raw)
+    if raw.empty:
+        raise TraceError("request_id", None, "<no rows>", "at least one request")
+    unknown = [str(c) for c in raw.columns if c not in ALL_COLUMNS]
+    if unknown:
+        warnings.warn(TraceWarning(f"ignoring unknown columns: {', '.join(unknown)}"),
+                      stacklevel=3)
+    df = pd.DataFrame(index=raw.index)
+    for name in (c for c in ALL_COLUMNS if c in raw):
+        df[name] = _typed_column(raw[name], name)
+    _check_unique_ids(df)
+    _check_prefix(df)
+    if TOKENS_COLUMN in df:
+        _check_token_lengths(df)
+    df = _sorted_by_arrival(df)
+    _check_conversations(df)
+    return Trace(df.reset_index(drop=True), dict(meta or {}))
+
+
+def _check_columns(raw: pd.DataFrame) -> None:
+    required = list(REQUIRED_COLUMNS)
+    for pair in (PREFIX_COLUMNS, CONVERSATION_COLUMNS):
+        if any(c in raw for c in pair):
+            required += pair
+    for name in required:
+        if name not in raw:
+            raise TraceError(name, 0, "<missing column>",
+                             f"present: the columns {', '.join(required)} are required")
+
+
+def _typed_column(raw: pd.Series, name: str) -> pd.Series:
+    if name == "arrival_s":
+        return _float_column(raw, name)
+    if name == TOKENS_COLUMN:
+        return _token_column(raw)
+    lo, hi = INT_RANGES[name]
+    return _int_column(raw, name, lo, hi, nullable=name not in REQUIRED_COLUMNS)
+
+
+def _fail_first(mask: np.ndarray, raw: pd.Series, name: str, allowed: str) -> None:
+    bad = np.flatnonzero(mask)
+    if bad.size:
+        row = int(bad[0])
+        raise TraceError(name, row, _plain(raw.iloc[row]), allowed)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _int_column(raw: pd.Series, name: str, lo: int, hi: int, nullable: bool) -> pd.Series:
+    allowed = f"an integer in [{lo}, {hi}]" + (" or empty" if nullable else "")
+    missing = raw.isna().to_numpy()
+    nums = _exact_numbers(raw[~missing])
+    ok = np.ones(len(raw), dtype=bool)
+    ok[missing] = nullable
+    ok[~missing] = _integral_in_range(nums, lo, hi)
+    _fail_first(~ok, raw, name, allowed)
+    out = pd.Series(pd.NA, index=raw.index, dtype="Int64")
+    out[~missing] = nums.astype(np.int64)
+    return out if nullable else out.astype(np.int64)
+
+
+def _exact_numbers(values: pd.Series) -> pd.Series:
+    """Numbers from numeric or text values: int64 when all are integers, else float64 (NaN if
+    not a number). Text integers stay exact beyond 2**53."""
+    if pd.api.types.is_integer_dtype(values.dtype) or pd.api.types.is_float_dtype(values.dtype):
+        return values.astype(np.int64 if pd.api.types.is_integer_dtype(values.dtype) else float)
+    try:
+        return pd.to_numeric(values.astype(str).str.strip(), errors="coerce")
+    except (TypeError, ValueError):
+        return pd.Series(np.nan, index=values.index)
+
+
+def _integral_in_range(nums: pd.Series, lo: int, hi: int) -> np.ndarray:
+    if pd.api.types.is_integer_dtype(nums.dtype):
+        arr = nums.to_numpy(dtype=np.int64)
+        return (arr >= lo) & (arr <= hi)
+    arr = nums.to_numpy(dtype=float, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(arr) & (arr % 1 == 0) & (arr >= lo) & (arr <= hi)
+
+
+def _float_column(raw: pd.Series, name: str) -> pd.Series:
+    missing = raw.isna().to_numpy()
+    nums = np.full(len(raw), np.nan)
+    nums[~missing] = _exact_numbers(raw[~missing]).to_numpy(dtype=float, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(nums) & (nums >= 0)
+    _fail_first(~ok, raw, name, "a finite number >= 0 (seconds)")
+    return pd.Series(nums, index=raw.index, dtype=np.float64)
+
+
+def _token_column(raw: pd.Series) -> pd.Series:
+    arrays = []
+    for row, value in enumerate(raw):
+        arr = _token_array(value)
+        if arr is None:
+            raise TraceError(TOKENS_COLUMN, row, _short(value),
+                             f"a list of integers in [0, {MAX_TOKEN_ID}]")
+        arrays.append(arr)
+    return pd.Series(arrays, index=raw.index, dtype=object)
+
+
+def _token_array(value: Any) -> np.ndarray | None:
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, list | tuple | np.ndarray):
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.int64) if len(value) else np.zeros(0, np.int64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if arr.ndim != 1 or np.any(arr != np.asarray(value, dtype=float)):
+        return None
+    if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
+        return None
+    return arr.astype(np.int32)
+
+
+def _short(value: Any) -> Any:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_unique_ids(df: pd.DataFrame) -> None:
+    ids = df["request_id"]
+    dup = ids.duplicated().to_numpy()
+    if dup.any():
+        row = int(np.flatnonzero(dup)[0])
+        first = int(np.flatnonzero(ids.to_numpy() == ids.iloc[row])[0])
+        raise TraceError("request_id", row, int(ids.iloc[row]),
+                         f"unique (row {first} has the same request_id)")
+
+
+def _check_prefix(df: pd.DataFrame) -> None:
+    if "prefix_group" not in df:
+        return
+    group, plen = df["prefix_group"], df["prefix_len"]
+    _fail_first((group.isna() != plen.isna()).to_numpy(), plen, "prefix_len",
+                "set exactly when prefix_group is set")
+    has = group.notna().to_numpy()
+    prompt = df["prompt_len"].to_numpy()
+    plen_arr = plen.to_numpy(dtype=np.int64, na_value=0)
+    too_long = has & (plen_arr >= prompt)
+    if too_long.any():
+        row = int(np.flatnonzero(too_long)[0])
+        raise TraceError("prefix_len", row, int(plen_arr[row]),
+                         f"an integer in [1, prompt_len - 1 = {prompt[row] - 1}]")
+    _check_constant_per_key(df[has], "prefix_group", "prefix_len")
+
+
+def _check_constant_per_key(df: pd.DataFrame, key: str, field: str) -> None:
+    first = df.groupby(key, sort=False)[field].transform("first")
+    differs = (df[field] != first).to_numpy()
+    if differs.any():
+        pos = int(np.flatnonzero(differs)[0])
+        row = int(df.index[pos])
+        raise TraceError(field, row, _plain(df[field].iloc[pos]),
+                         f"the same for every request of {key} {df[key].iloc[pos]} "
+                         f"({first.iloc[pos]})")
+
+
+def _check_token_lengths(df: pd.DataFrame) -> None:
+    lens = df[TOKENS_COLUMN].map(len).to_numpy()
+    prompt = df["prompt_len"].to_numpy()
+    bad = np.flatnonzero(lens != prompt)
+    if bad.size:
+        row = int(bad[0])
+        raise TraceError(TOKENS_COLUMN, row, f"<{lens[row]} tokens>",
+                         f"exactly prompt_len = {prompt[row]} tokens long")
+
+
+def _sorted_by_arrival(df: pd.DataFrame) -> pd.DataFrame:
+    arrival = df["arrival_s"].to_numpy()
+    back = np.flatnonzero(np.diff(arrival) < 0)
+    if not back.size:
+        return df
+    row = int(back[0]) + 1
+    warnings.warn(TraceWarning(
+        f"arrivals are not sorted (row {row}: arrival_s={float(arrival[row])!r} < "
+        f"{float(arrival[row - 1])!r} of row {row - 1}); sorted by arrival_s (stable)"),
+        stacklevel=3)
+    return df.sort_values("arrival_s", kind="stable")
+
+
+def _check_conversations(df: pd.DataFrame) -> None:
+    if "conversation_id" not in df:
+        return
+    conv = df[df["conversation_id"].notna()].sort_values(["conversation_id", "turn"],
+                                                         kind="stable")
+    if conv.empty:
+        return
+    grouped = conv.groupby("conversation_id", sort=False)
+    _fail_where(conv, conv["turn"] != grouped.cumcount(), "turn",
+                "0, 1, 2, ... within its conversation, without gaps or repeats")
+    prev_arrival = grouped["arrival_s"].shift(1)
+    _fail_where(conv, conv["arrival_s"] < prev_arrival, "arrival_s",
+                "at or after the previous turn's arrival_s")
+    history = grouped["prompt_len"].shift(1) + grouped["output_len"].shift(1)
+    _fail_where(conv, conv["prompt_len"] <= history, "prompt_len",
+                "> the previous turn's prompt_len + output_len (its history)")
+    if "prefix_group" in conv:
+        keyed = conv.assign(prefix_group=conv["prefix_group"].fillna(-1),
+                            prefix_len=conv["prefix_len"].fillna(0))
+        _check_constant_per_key(keyed, "conversation_id", "prefix_group")
+        _check_constant_per_key(keyed, "conversation_id", "prefix_len")
+
+
+def _fail_where(df: pd.DataFrame, mask: pd.Series, field: str, allowed: str) -> None:
+    mask = mask.fillna(False).to_numpy(dtype=bool)
+    if mask.any():
+        rows = df.index.to_numpy()[mask]
+        row = int(rows.min())
+        raise TraceError(field, row, _plain(df.loc[row, field]), allowed)
