@@ -1,0 +1,72 @@
+"""Event skipping gives exactly the records of single-stepping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.config import EngineConfig
+from sim.simulator import SimRequest, Simulator
+from sim.step_time import CalibratedStepTime, graph_buckets
+
+STEP_TIME = CalibratedStepTime(
+    decode_coef=np.array([3e-3, 1.7e-5, 3.1e-8]),
+    mixed_coef=np.array([4e-3, 2.3e-5, 1.1e-9, 1.9e-5, 2.9e-8, 1e-5]),
+    buckets=graph_buckets(8), source="test")
+
+
+def simulate(config: EngineConfig, num_blocks: int, requests: list[SimRequest],
+             skip: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    sim = Simulator(config, num_blocks, STEP_TIME, skip=skip)
+    result = sim.run(requests)
+    reqs = pd.DataFrame([r.to_dict() for r in result.requests])
+    return reqs, result.steps.to_frame(), result.stats
+
+
+@st.composite
+def scenarios(draw: st.DrawFn):
+    block_size = draw(st.sampled_from([1, 2, 4, 16]))
+    max_model_len = draw(st.integers(16, 96))
+    config = EngineConfig(
+        block_size=block_size, max_model_len=max_model_len,
+        max_num_seqs=draw(st.integers(1, 8)),
+        max_num_batched_tokens=draw(st.integers(max_model_len, 2 * max_model_len)),
+        enable_prefix_caching=draw(st.booleans()),
+        enable_chunked_prefill=draw(st.booleans()),
+        policy=draw(st.sampled_from(["v1", "prefill_first"])),
+    ).validate()
+    min_blocks = -(-max_model_len // block_size)
+    num_blocks = draw(st.integers(min_blocks, 4 * min_blocks))
+    n = draw(st.integers(1, 14))
+    shared = [9] * 24
+    requests = []
+    for i in range(n):
+        plen = draw(st.integers(0, max_model_len))
+        prompt = (shared[: draw(st.integers(0, 24))] + [100 + i] * max_model_len)[:plen]
+        arrival = draw(st.sampled_from([0.0, 0.01, 0.05])) * draw(st.integers(0, 40))
+        requests.append(SimRequest(i, arrival, prompt, draw(st.integers(1, max_model_len))))
+    return config, num_blocks, requests
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_skipping_matches_single_stepping(scenario) -> None:
+    config, num_blocks, requests = scenario
+    reqs_a, steps_a, stats_a = simulate(config, num_blocks, requests, skip=False)
+    reqs_b, steps_b, stats_b = simulate(config, num_blocks, requests, skip=True)
+    assert stats_a["skipped_steps"] == 0
+    pd.testing.assert_frame_equal(reqs_a, reqs_b, check_exact=True)
+    pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
+
+
+def test_skipping_really_skips_on_a_long_decode() -> None:
+    config = EngineConfig(block_size=16, max_model_len=2048, max_num_seqs=4).validate()
+    requests = [SimRequest(i, 0.1 * i, [i + 5] * 100, 500) for i in range(4)]
+    reqs_a, steps_a, _ = simulate(config, 1000, requests, skip=False)
+    reqs_b, steps_b, stats = simulate(config, 1000, requests, skip=True)
+    assert stats["skipped_steps"] > 0.9 * len(steps_b)
+    pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
+    pd.testing.assert_frame_equal(reqs_a, reqs_b, check_exact=True)
+    assert (reqs_b["output_len"] == 500).all()
