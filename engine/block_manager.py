@@ -2,7 +2,9 @@
 
 Free blocks sit in one queue ordered by when they were freed. Allocation takes the front, so a
 freed block that still holds cached KV is evicted least-recently-used first, and stays
-reusable by a prefix hit until then.
+reusable by a prefix hit until then. Never-used blocks are at the very front (freed blocks
+always join behind them), so they are kept as a counter and get a `Block` on first use: start-up
+costs nothing per block, even with millions of blocks.
 
 A hit is verified, not trusted to the hash: the block's tokens must match, and so must its
 parent, by the content id the parent had when this block's KV was computed. By induction the
@@ -16,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence as SeqOf
 from dataclasses import dataclass
 
-import xxhash
+from xxhash import xxh3_64_intdigest
 
 from engine.sequence import Sequence
 
@@ -25,10 +27,8 @@ ROOT = -1      # parent content id of the first block
 
 
 def hash_block(parent_hash: int, token_ids: SeqOf[int]) -> int:
-    """xxh3-64 of the parent block's hash followed by this block's token ids (int64 LE)."""
-    h = xxhash.xxh3_64(parent_hash.to_bytes(8, "little"))
-    h.update(array("q", token_ids).tobytes())
-    return h.intdigest()
+    """xxh3-64 of the parent block's hash (8 bytes LE) then the token ids (int64 LE each)."""
+    return xxh3_64_intdigest(parent_hash.to_bytes(8, "little") + array("q", token_ids).tobytes())
 
 
 @dataclass
@@ -36,12 +36,14 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None  # set while the block is published in the prefix cache
-    token_ids: tuple[int, ...] = ()
+    # The tokens, kept as (a sequence's append-only token list, offset) to avoid copying.
+    token_src: list[int] | None = None
+    token_start: int = 0
     content_id: int = ROOT         # unique per publication
     parent_content_id: int = ROOT
 
     def unpublish(self) -> None:
-        self.block_hash, self.token_ids = None, ()
+        self.block_hash, self.token_src = None, None
         self.content_id = self.parent_content_id = ROOT
 
 
@@ -64,19 +66,20 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.blocks: dict[int, Block] = {}  # every block used so far
+        self.next_fresh = 0  # blocks [next_fresh, num_blocks) were never used
+        self.free_queue: OrderedDict[int, None] = OrderedDict()  # freed blocks, oldest first
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.stats = PrefixCacheStats()
         self._next_content_id = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return self.num_blocks - self.next_fresh + len(self.free_queue)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_queue)
+        return self.next_fresh - len(self.free_queue)
 
     @property
     def usage(self) -> float:
@@ -96,31 +99,38 @@ class BlockManager:
         hit: list[int] = []
         parent = ROOT
         for i in range(max_blocks):
-            block_id = self._lookup(seq.block_hashes[i], self._block_tokens(seq, i), parent)
+            block_id = self._lookup(seq, i, parent)
             if block_id is None:
                 break
             hit.append(block_id)
             parent = self.blocks[block_id].content_id
         return hit
 
-    def _lookup(self, block_hash: int, tokens: tuple[int, ...], parent: int) -> int | None:
-        block_id = self.cached.get(block_hash)
+    def _lookup(self, seq: Sequence, index: int, parent: int) -> int | None:
+        """The cached block equal to `seq`'s block `index` after `parent`, verified."""
+        block_id = self.cached.get(seq.block_hashes[index])
         if block_id is None:
             return None
-        block = self.blocks[block_id]
-        if block.token_ids != tokens or block.parent_content_id != parent:
+        block, bs = self.blocks[block_id], self.block_size
+        if block.parent_content_id != parent or block.token_src is None:
             return None
-        return block_id
-
-    def _block_tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
-        start = index * self.block_size
-        return tuple(seq.token_ids[start:start + self.block_size])
+        start = index * bs
+        theirs = block.token_src[block.token_start:block.token_start + bs]
+        return block_id if theirs == seq.token_ids[start:start + bs] else None
 
     def _extend_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
-        hashes = seq.block_hashes
-        while len(hashes) < num_full_blocks:
-            parent = hashes[-1] if hashes else NO_PARENT
-            hashes.append(hash_block(parent, self._block_tokens(seq, len(hashes))))
+        """Chain hashes up to `num_full_blocks` (equal to hash_block, computed in bulk)."""
+        hashes, bs = seq.block_hashes, self.block_size
+        done = len(hashes)
+        if done >= num_full_blocks:
+            return
+        data = array("q", seq.token_ids[done * bs:num_full_blocks * bs]).tobytes()
+        parent = hashes[-1] if hashes else NO_PARENT
+        width = 8 * bs
+        for offset in range(0, len(data), width):
+            parent = xxh3_64_intdigest(parent.to_bytes(8, "little")
+                                       + data[offset:offset + width])
+            hashes.append(parent)
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Publish the blocks that `num_tokens` tokens fill completely.
@@ -133,24 +143,24 @@ class BlockManager:
         contents = seq.block_content_ids
         for i in range(len(contents), num_full):
             block = self.blocks[seq.block_table[i]]
-            parent = contents[-1] if contents else ROOT
             if block.block_hash is None:
-                tokens = self._block_tokens(seq, i)
-                twin = self._lookup(seq.block_hashes[i], tokens, parent)
-                if twin is not None:
-                    contents.append(self.blocks[twin].content_id)
+                parent = contents[-1] if contents else ROOT
+                if seq.block_hashes[i] not in self.cached:
+                    self._publish(block, seq, i, parent)
+                else:
+                    twin = self._lookup(seq, i, parent)
+                    # A twin holds identical KV; a mismatch is a hash collision: stay private.
+                    contents.append(self._new_content_id() if twin is None
+                                    else self.blocks[twin].content_id)
                     continue
-                if seq.block_hashes[i] in self.cached:  # a hash collision: stay private
-                    contents.append(self._new_content_id())
-                    continue
-                self._publish(block, seq.block_hashes[i], tokens, parent)
             contents.append(block.content_id)
 
-    def _publish(self, block: Block, block_hash: int, tokens: tuple[int, ...],
-                 parent: int) -> None:
-        block.block_hash, block.token_ids, block.parent_content_id = block_hash, tokens, parent
+    def _publish(self, block: Block, seq: Sequence, index: int, parent: int) -> None:
+        block.block_hash = seq.block_hashes[index]
+        block.token_src, block.token_start = seq.token_ids, index * self.block_size
+        block.parent_content_id = parent
         block.content_id = self._new_content_id()
-        self.cached[block_hash] = block.block_id
+        self.cached[block.block_hash] = block.block_id
 
     def _new_content_id(self) -> int:
         self._next_content_id += 1
@@ -160,16 +170,18 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int,
                      computed_blocks: SeqOf[int] = ()) -> bool:
-        return self._num_blocks_to_take(seq, num_new_tokens, computed_blocks) \
+        return self._num_blocks_to_take(seq, num_new_tokens, computed_blocks)[1] \
             <= self.num_free_blocks
 
     def _num_blocks_to_take(self, seq: Sequence, num_new_tokens: int,
-                            computed_blocks: SeqOf[int]) -> int:
-        held = len(seq.block_table) + len(computed_blocks)
-        total = seq.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
-        new = max(0, self.blocks_needed(total) - held)
-        revived = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
-        return new + revived
+                            computed_blocks: SeqOf[int]) -> tuple[int, int]:
+        """(total tokens after the step, blocks it takes from the free queue)."""
+        bs = self.block_size
+        total = seq.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
+        new = max(0, (total + bs - 1) // bs - len(seq.block_table) - len(computed_blocks))
+        if computed_blocks:  # cached blocks nobody holds are revived out of the free queue
+            new += sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        return total, new
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        computed_blocks: SeqOf[int] = ()) -> bool:
@@ -177,15 +189,17 @@ class BlockManager:
 
         All or nothing: returns False and changes nothing when the free blocks do not suffice.
         """
-        if not self.can_allocate(seq, num_new_tokens, computed_blocks):
+        total, take = self._num_blocks_to_take(seq, num_new_tokens, computed_blocks)
+        if take > self.num_free_blocks:
             return False
+        table = seq.block_table
         for block_id in computed_blocks:
             self._take(block_id)
-            seq.block_table.append(block_id)
-        total = seq.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
-        while len(seq.block_table) < self.blocks_needed(total):
-            seq.block_table.append(self._take_free())
-        if self.enable_prefix_caching:
+            table.append(block_id)
+        for _ in range((total + self.block_size - 1) // self.block_size - len(table)):
+            table.append(self._take_free())
+        if self.enable_prefix_caching and \
+                total // self.block_size > len(seq.block_content_ids):
             self._cache_full_blocks(seq, total)
         return True
 
@@ -196,13 +210,17 @@ class BlockManager:
         block.ref_count += 1
 
     def _take_free(self) -> int:
-        block_id, _ = self.free_queue.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.block_hash is not None:  # evict its cached content
-            del self.cached[block.block_hash]
-            block.unpublish()
+        if self.next_fresh < self.num_blocks:
+            block = self.blocks[self.next_fresh] = Block(self.next_fresh)
+            self.next_fresh += 1
+        else:
+            block_id, _ = self.free_queue.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.block_hash is not None:  # evict its cached content
+                del self.cached[block.block_hash]
+                block.unpublish()
         block.ref_count = 1
-        return block_id
+        return block.block_id
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references. Tail blocks go to the queue first so they are evicted first."""

@@ -66,7 +66,7 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get(
                 "rope_theta", 10000.0),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_scaling=hf.get("rope_scaling") or rope_scaling_from_parameters(hf),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=hf.get("attention_bias", False),
             eos_token_id=hf.get("eos_token_id"),
@@ -83,8 +83,8 @@ class ModelConfig:
         h, hd = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = h * q + 2 * h * kv + q * h
-        if self.attention_bias:
-            attn += q + 2 * kv
+        if self.attention_bias:  # q, k, v and o projections all carry a bias in HF
+            attn += q + 2 * kv + h
         if self.is_qwen3:
             attn += 2 * hd  # q_norm and k_norm
         layer = attn + 3 * h * self.intermediate_size + 2 * h
@@ -104,6 +104,15 @@ class ModelConfig:
         if eos is None:
             return set()
         return set(eos) if isinstance(eos, list) else {eos}
+
+
+def rope_scaling_from_parameters(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """transformers >= 5 writes rope scaling under `rope_parameters` (with rope_theta)."""
+    params = dict(hf.get("rope_parameters") or {})
+    if params.get("rope_type", params.get("type", "default")) == "default":
+        return None
+    params.pop("rope_theta", None)
+    return params
 
 
 def _read_hf_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +146,7 @@ class EngineConfig:
     # Forces the KV cache size (like vLLM's num_gpu_blocks_override); startup checks still apply.
     num_gpu_blocks_override: int | None = None
     # Total "device" memory when running on the CPU, so the memory budget path runs without a GPU.
-    cpu_memory_gib: float = 4.0
+    cpu_memory_gib: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -83,26 +84,35 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",
                model_config: ModelConfig | None = None) -> nn.Module:
     """The model of a local HF folder (config.json + *.safetensors, sharded or not)."""
     path = Path(path)
-    model = create_model(model_config or read_model_config(path), dtype, device)
+    folder_config = read_model_config(path)
+    if model_config is not None:
+        check_same_shape(model_config, folder_config, path)
+    model = create_model(model_config or folder_config, dtype, device)
     load_hf_weights(model, iter_safetensors(path), source=str(path))
     return model
 
 
+def check_same_shape(given: ModelConfig, folder: ModelConfig, path: Path) -> None:
+    """Refuse to load weights under a config that computes differently from the folder's."""
+    ignored = {"name", "torch_dtype", "eos_token_id"}
+    diffs = [f"{f.name}: given {getattr(given, f.name)!r}, {path} has "
+             f"{getattr(folder, f.name)!r}" for f in fields(ModelConfig)
+             if f.name not in ignored and getattr(given, f.name) != getattr(folder, f.name)]
+    if diffs:
+        raise ValueError("model_config does not match the checkpoint's config.json: "
+                         + "; ".join(diffs))
+
+
 def read_model_config(path: str | Path) -> ModelConfig:
-    """ModelConfig.from_hf, plus rope scaling that transformers>=5 saves as `rope_parameters`."""
+    """ModelConfig.from_hf, warning about what the engine does not model (sliding windows)."""
     hf = json.loads((Path(path) / "config.json").read_text())
     config = ModelConfig.from_hf(hf)
-    if config.rope_scaling is None:
-        config.rope_scaling = rope_scaling_from_parameters(hf)
+    window = hf.get("sliding_window")
+    if window and hf.get("use_sliding_window", True) and window < config.max_position_embeddings:
+        warnings.warn(f"{path}: sliding_window={window} is not implemented; attention is full, "
+                      f"so sequences longer than {window} tokens differ from the reference",
+                      stacklevel=2)
     return config
-
-
-def rope_scaling_from_parameters(hf: dict[str, Any]) -> dict[str, Any] | None:
-    params = dict(hf.get("rope_parameters") or {})
-    if params.get("rope_type", params.get("type", "default")) == "default":
-        return None
-    params.pop("rope_theta", None)
-    return params
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate, chain
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -48,7 +49,7 @@ def resolve_backend(name: str) -> str:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig,
-                 device: torch.device | str, model_path: str | None = None):
+                 device: torch.device | str, model_path: str | Path | None = None):
         self.model_config = model_config
         self.config = engine_config
         self.device = torch.device(device)
@@ -156,7 +157,8 @@ class ModelRunner:
             query_start_loc=to_dev(torch.tensor(query_start_loc, dtype=torch.int32)),
             seq_lens=to_dev(torch.tensor(ends, dtype=torch.int32)),
             slot_mapping=to_dev(slot_mapping), block_tables=to_dev(block_tables),
-            query_start_loc_cpu=query_start_loc, seq_lens_cpu=ends)
+            query_start_loc_cpu=query_start_loc, seq_lens_cpu=ends,
+            all_slots_valid=bool((slot_mapping >= 0).all()))
         sample_rows = torch.tensor([query_start_loc[i + 1] - 1 for i in sample_seqs])
         return StepInput(to_dev(torch.tensor(input_ids, dtype=torch.long)), to_dev(positions),
                          context, sample_seqs, to_dev(sample_rows.long()))

@@ -1,12 +1,19 @@
-"""Attention over a paged KV cache: store the step's K/V by slot, then SDPA per sequence."""
+"""Attention over a paged KV cache: store the step's K/V by slot, then SDPA.
+
+Decodes (one new token) of a step share one SDPA call over their gathered, padded KV;
+each prefill chunk gets its own call with a bottom-right aligned causal mask, which SDPA
+can serve with its fused kernels. All inputs are 4-D ([batch, heads, tokens, head_dim]) so
+that CUDA picks flash / memory-efficient kernels instead of the math fallback.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from engine.layers.context import ForwardContext, get_forward_context
+from engine.layers.context import DecodeBatch, ForwardContext, get_forward_context
 
 BACKENDS = ("sdpa",)
 
@@ -29,21 +36,25 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.gqa = num_heads != num_kv_heads
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
-        paged = ctx.slot_mapping is not None and self.k_cache.numel() > 0
-        if paged:
-            store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         out = torch.empty_like(q)
+        if ctx.slot_mapping is None or self.k_cache.numel() == 0:
+            for start, end, _ in ctx.spans(q.shape[0]):
+                out[start:end] = self._sdpa(q[start:end], k[start:end], v[start:end])
+            return out.flatten(1)
+        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, ctx.all_slots_valid)
+        decodes = ctx.decode_batch
+        if decodes is not None:
+            out[decodes.rows] = self._decode(q[decodes.rows], decodes)
+        skip = set(decodes.seqs) if decodes is not None else set()
         for i, (start, end, kv_len) in enumerate(ctx.spans(q.shape[0])):
-            if paged:
-                seq_k, seq_v = self._gather(ctx, i, kv_len)
-            else:
-                seq_k, seq_v = k[start:end], v[start:end]
-            out[start:end] = self._sdpa(q[start:end], seq_k, seq_v)
+            if i not in skip:
+                out[start:end] = self._sdpa(q[start:end], *self._gather(ctx, i, kv_len))
         return out.flatten(1)
 
     def _gather(self, ctx: ForwardContext, i: int, kv_len: int) -> tuple[torch.Tensor, ...]:
@@ -55,31 +66,53 @@ class Attention(nn.Module):
         return k, v
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One sequence: q [q_len, H, D] are the last q_len of its kv_len tokens."""
         q_len, kv_len = q.shape[0], k.shape[0]
-        mask, causal = None, False
-        if q_len == kv_len:
-            causal = q_len > 1
-        elif q_len > 1:
-            mask = causal_mask(q_len, kv_len, q.device)
+        mask = bottom_right_mask(q_len, kv_len, q.device) if 1 < q_len < kv_len else None
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-            is_causal=causal, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)
-        return out.transpose(0, 1)
+            _heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask,
+            is_causal=q_len == kv_len > 1, scale=self.scale, enable_gqa=self.gqa)
+        return out[0].transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+        """q [num_decodes, H, D]: each one query over its whole (padded, masked) context."""
+        block_size = self.k_cache.shape[1]
+        tables = batch.block_tables[:, : -(-batch.max_seq_len // block_size)]
+        num = tables.shape[0]
+        k = self.k_cache.index_select(0, tables.flatten()).view(num, -1, *self.k_cache.shape[2:])
+        v = self.v_cache.index_select(0, tables.flatten()).view(num, -1, *self.v_cache.shape[2:])
+        keys = torch.arange(k.shape[1], device=k.device)
+        mask = (keys[None, :] < batch.seq_lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            scale=self.scale, enable_gqa=self.gqa)
+        return out[:, :, 0, :]
 
 
-def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Bottom-right aligned: query i of the last q_len tokens sees keys [0, kv_len - q_len + i]."""
-    ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    return ones.tril(diagonal=kv_len - q_len)
+def bottom_right_mask(q_len: int, kv_len: int,
+                      device: torch.device) -> torch.Tensor | CausalBias:
+    """Query i of the last q_len tokens sees keys [0, kv_len - q_len + i].
+
+    On CUDA a CausalBias, which SDPA serves with flash / memory-efficient kernels; elsewhere
+    a boolean mask (CausalBias dispatch costs milliseconds per call on the CPU).
+    """
+    if device.type == "cuda":
+        return causal_lower_right(q_len, kv_len)
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, D] -> [1, heads, tokens, D]."""
+    return x.transpose(0, 1).unsqueeze(0)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, all_valid: bool = False) -> None:
     """Write token t's K/V at flat slot ``slot_mapping[t]``; slots < 0 are skipped."""
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    keep = slot_mapping >= 0
-    slots, k, v = slot_mapping[keep], k[keep], v[keep]
-    flat_k.index_copy_(0, slots, k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slots, v.to(flat_v.dtype))
+    if not all_valid:
+        keep = slot_mapping >= 0  # boolean indexing: one device sync
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))

@@ -5,8 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
+
+
+@dataclass
+class DecodeBatch:
+    """The sequences whose step is one new token, attended together in one batched call."""
+
+    seqs: list[int]             # their indices in the step
+    rows: torch.Tensor          # their token rows [num_decodes] (int64)
+    block_tables: torch.Tensor  # [num_decodes, max blocks] (padded)
+    seq_lens: torch.Tensor      # KV length of each [num_decodes]
+    max_seq_len: int
 
 
 @dataclass
@@ -16,7 +28,8 @@ class ForwardContext:
     Sequence i owns query rows ``query_start_loc[i]:query_start_loc[i + 1]`` and, after this
     step, ``seq_lens[i]`` tokens of KV (the computed-before ones plus the new ones).
     ``slot_mapping[t]`` is the cache slot (block_id * block_size + offset) where token t's KV
-    goes, -1 for "do not store"; ``block_tables[i]`` lists sequence i's blocks (padded).
+    goes, -1 for "do not store" (set ``all_slots_valid`` when there is none: storing then
+    never syncs the device); ``block_tables[i]`` lists sequence i's blocks (padded).
     The ``*_cpu`` lists mirror the tensors so the per-sequence loop never syncs the device.
     With no ``slot_mapping`` (profiling, dense evaluation) attention is causal over each
     sequence's new tokens only. An empty context means one causal sequence of all T tokens.
@@ -28,6 +41,7 @@ class ForwardContext:
     block_tables: torch.Tensor | None = None
     query_start_loc_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
+    all_slots_valid: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -41,6 +55,22 @@ class ForwardContext:
         ends = starts[1:]
         kv_lens = self.seq_lens_cpu or [e - s for s, e in zip(starts, ends, strict=False)]
         return list(zip(starts, ends, kv_lens, strict=False))
+
+    @cached_property
+    def decode_batch(self) -> DecodeBatch | None:
+        """Built once per step (by the first layer that asks), on the block tables' device."""
+        if self.block_tables is None or not self.query_start_loc_cpu:
+            return None
+        spans = self.spans(self.query_start_loc_cpu[-1])
+        seqs = [i for i, (start, end, _) in enumerate(spans) if end - start == 1]
+        if not seqs:
+            return None
+        device = self.block_tables.device
+        index = torch.tensor(seqs, device=device)
+        rows = torch.tensor([spans[i][0] for i in seqs], device=device)
+        lens = [spans[i][2] for i in seqs]
+        return DecodeBatch(seqs, rows, self.block_tables[index],
+                           torch.tensor(lens, device=device), max(lens))
 
 
 def dense_context(seq_lens: list[int]) -> ForwardContext:

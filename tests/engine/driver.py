@@ -50,9 +50,11 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput) -> None:
     for seq in sched.running:
         assert len(set(seq.block_table)) == len(seq.block_table), "block owned twice by a seq"
         owners.update(seq.block_table)
-    for block in bm.blocks:
+    for block in bm.blocks.values():
         assert block.ref_count == owners[block.block_id], f"ref count of {block.block_id}"
         assert (block.ref_count == 0) == (block.block_id in bm.free_queue)
+    assert set(owners) <= set(bm.blocks), "a sequence holds a block never handed out"
+    assert all(b < bm.next_fresh for b in bm.blocks)
     assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
     assert out.num_batched_tokens <= cfg.max_num_batched_tokens
     assert len(sched.running) <= cfg.max_num_seqs

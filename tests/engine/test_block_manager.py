@@ -53,7 +53,7 @@ def test_ref_counts_and_free_order() -> None:
     assert bm.blocks[shared[0]].ref_count == 1
     bm.free(b)
     assert bm.num_free_blocks == 8
-    assert all(block.ref_count == 0 for block in bm.blocks)
+    assert all(block.ref_count == 0 for block in bm.blocks.values())
 
 
 def test_freed_cached_blocks_are_evicted_lru_and_tail_first() -> None:
