@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import simpy
@@ -28,21 +27,17 @@ from engine.sequence import SamplingParams, Sequence
 from sim.features import features_of
 from sim.step_log import StepLog
 from sim.step_time import StepTimeModel
+from workloads.trace_requests import TraceRequest
 
-TokenFn = Callable[[int, int], int]  # (request index, position) -> token id
-
-
-@dataclass
-class SimRequest:
-    request_id: Any
-    arrival_s: float
-    prompt_token_ids: list[int]
-    output_len: int
+TokenFn = Callable[[int, int, int], list[int]]  # (request index, position, count) -> ids
 
 
-def fake_token(index: int, position: int) -> int:
-    """A stand-in sample, distinct per request at every position, with no randomness."""
-    return 1000 + (index * 1_000_003 + position * 7919) % 100_000
+def fake_tokens(index: int, position: int, count: int = 1) -> list[int]:
+    """Stand-in samples for `count` positions, distinct per request, with no randomness."""
+    if count == 1:
+        return [1000 + (index * 1_000_003 + position * 7919) % 100_000]
+    positions = np.arange(position, position + count, dtype=np.int64)
+    return (1000 + (index * 1_000_003 + positions * 7919) % 100_000).tolist()
 
 
 @dataclass
@@ -57,7 +52,7 @@ class SimResult:
 class Simulator:
     def __init__(self, config: EngineConfig, num_blocks: int, step_time: StepTimeModel,
                  eos_token_ids: frozenset[int] = frozenset(), skip: bool = True,
-                 token_fn: TokenFn = fake_token,
+                 token_fn: TokenFn = fake_tokens,
                  on_progress: Callable[[int], None] | None = None):
         self.config = config
         self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
@@ -70,7 +65,7 @@ class Simulator:
         self.steps = StepLog()
         self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0}
 
-    def run(self, requests: list[SimRequest]) -> SimResult:
+    def run(self, requests: list[TraceRequest]) -> SimResult:
         order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
         self.seqs = [self._sequence(requests[i]) for i in order]
         self.index = {s.seq_id: order[k] for k, s in enumerate(self.seqs)}
@@ -83,7 +78,7 @@ class Simulator:
         return SimResult(records, self.steps, self.seqs, self.scheduler, dict(self.stats))
 
     @staticmethod
-    def _sequence(req: SimRequest) -> Sequence:
+    def _sequence(req: TraceRequest) -> Sequence:
         params = SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True)
         return Sequence(req.prompt_token_ids, params, req.request_id, float(req.arrival_s))
 
@@ -143,8 +138,8 @@ class Simulator:
         duration = float(self.step_time.predict(features_of(out), len(self.steps))[0])
         end = start + duration
         yield from self.advance_to(end)
-        sampled = [self.token_fn(self.index[i.seq.seq_id], i.seq.num_tokens) if i.samples
-                   else None for i in out.scheduled]
+        sampled = [self.token_fn(self.index[i.seq.seq_id], i.seq.num_tokens, 1)[0]
+                   if i.samples else None for i in out.scheduled]
         self.scheduler.update_from_output(out, sampled, end)
         record.end_s = end
         self.steps.append(record)

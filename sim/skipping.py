@@ -65,8 +65,9 @@ def _steps_before_finish(seq: Sequence, max_model_len: int) -> int:
 
 def _block_starts(running: list[Sequence], block_size: int, k: int) -> np.ndarray:
     """New blocks needed at each of the next k steps: a decode at position p % bs == 0."""
-    residues = np.array([s.num_computed_tokens % block_size for s in running])
-    per_residue = np.bincount(residues, minlength=block_size)
+    per_residue = np.zeros(block_size, dtype=np.int64)
+    for seq in running:
+        per_residue[seq.num_computed_tokens % block_size] += 1
     return per_residue[(-np.arange(k)) % block_size]
 
 
@@ -118,7 +119,7 @@ class DecodeRun:
         sim, k = self.sim, self.num_steps
         for seq in self.running:
             index, n = sim.index[seq.seq_id], seq.num_tokens
-            seq.token_ids.extend(sim.token_fn(index, n + j) for j in range(k))
+            seq.token_ids.extend(sim.token_fn(index, n, k))
 
     def _allocate_in_order(self) -> None:
         bm, k = self.sim.scheduler.block_manager, self.num_steps

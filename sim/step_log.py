@@ -15,7 +15,7 @@ FLOAT_COLUMNS = ("start_s", "end_s")
 
 class StepLog:
     def __init__(self) -> None:
-        self._chunks: list[dict[str, np.ndarray]] = []
+        self._chunks: list[dict[str, np.ndarray] | list[StepRecord]] = []
         self._rows: list[StepRecord] = []
         self._len = 0
 
@@ -36,8 +36,7 @@ class StepLog:
 
     def _flush_rows(self) -> None:
         if self._rows:
-            self._chunks.append({c: np.array([getattr(r, c) for r in self._rows])
-                                 for c in COLUMNS})
+            self._chunks.append(self._rows)  # converted once, in to_frame
             self._rows = []
 
     def to_frame(self) -> pd.DataFrame:
@@ -45,6 +44,10 @@ class StepLog:
         if not self._chunks:
             return pd.DataFrame({c: np.array([], dtype=float if c in FLOAT_COLUMNS else np.int64)
                                  for c in COLUMNS})
-        frame = pd.DataFrame({c: np.concatenate([ch[c] for ch in self._chunks])
-                              for c in COLUMNS})
+        chunks = [_columns(ch) if isinstance(ch, list) else ch for ch in self._chunks]
+        frame = pd.DataFrame({c: np.concatenate([ch[c] for ch in chunks]) for c in COLUMNS})
         return frame.astype({c: float if c in FLOAT_COLUMNS else np.int64 for c in COLUMNS})
+
+
+def _columns(rows: list[StepRecord]) -> dict[str, np.ndarray]:
+    return {c: np.array([getattr(r, c) for r in rows]) for c in COLUMNS}

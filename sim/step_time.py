@@ -96,18 +96,30 @@ class Roofline:
     bytes: np.ndarray
 
 
-def roofline_work(model: ModelConfig, dtype: str, f: StepFeatures) -> Roofline:
-    bytes_per = DTYPE_BYTES[dtype]
-    embed = model.vocab_size * model.hidden_size
-    body_params = model.num_parameters() - embed * (1 if model.tie_word_embeddings else 2)
-    tokens = f.num_tokens.astype(np.float64)
-    attn_unit = 4.0 * model.num_hidden_layers * model.num_attention_heads * model.head_dim
-    flops = (2.0 * body_params * tokens
-             + attn_unit * (f.prefill_attn + f.decode_ctx)
-             + 2.0 * embed * f.num_seqs)  # lm_head on the sampled rows
-    kv_token = model.kv_bytes_per_token(dtype)
-    weights = (body_params + embed) * bytes_per
-    traffic = weights + kv_token * (f.decode_ctx + f.prefill_tokens).astype(np.float64)
+@dataclass(frozen=True)
+class ModelWork:
+    """Per-model constants of the roofline, computed once."""
+
+    body_params: float   # parameters touched per token, embeddings excluded
+    embed_params: float  # the lm_head (vocab x hidden) applied to each sampled row
+    attn_unit: float     # attention FLOPs per (query, key) pair, all layers
+    weight_bytes: float
+    kv_token_bytes: float
+
+    @classmethod
+    def of(cls, model: ModelConfig, dtype: str) -> ModelWork:
+        embed = model.vocab_size * model.hidden_size
+        body = model.num_parameters() - embed * (1 if model.tie_word_embeddings else 2)
+        attn = 4.0 * model.num_hidden_layers * model.num_attention_heads * model.head_dim
+        return cls(float(body), float(embed), attn, float((body + embed) * DTYPE_BYTES[dtype]),
+                   float(model.kv_bytes_per_token(dtype)))
+
+
+def roofline_work(work: ModelWork, f: StepFeatures) -> Roofline:
+    flops = (2.0 * work.body_params * f.num_tokens
+             + work.attn_unit * (f.prefill_attn + f.decode_ctx)
+             + 2.0 * work.embed_params * f.num_seqs)
+    traffic = work.weight_bytes + work.kv_token_bytes * (f.decode_ctx + f.prefill_tokens)
     return Roofline(flops, traffic)
 
 
@@ -128,10 +140,13 @@ class RooflineStepTime:
     bandwidth_efficiency: float = 0.8
     overhead_s: float = 0.0004
     kind: str = "roofline"
-    extra: dict[str, float] = field(default_factory=dict)
+    work: ModelWork = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.work = ModelWork.of(self.model, self.dtype)
 
     def predict(self, features: StepFeatures, first_step: int = 0) -> np.ndarray:
-        work = roofline_work(self.model, self.dtype, features)
+        work = roofline_work(self.work, features)
         compute = work.flops / (self.peak_flops * self.compute_efficiency)
         memory = work.bytes / (self.bandwidth * self.bandwidth_efficiency)
         return np.maximum(compute, memory) + self.overhead_s

@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.config import EngineConfig
-from sim.simulator import SimRequest, Simulator
+from sim.simulator import Simulator
 from sim.step_time import CalibratedStepTime, graph_buckets
+from workloads.trace_requests import TraceRequest
 
 STEP_TIME = CalibratedStepTime(
     decode_coef=np.array([3e-3, 1.7e-5, 3.1e-8]),
@@ -17,7 +18,7 @@ STEP_TIME = CalibratedStepTime(
     buckets=graph_buckets(8), source="test")
 
 
-def simulate(config: EngineConfig, num_blocks: int, requests: list[SimRequest],
+def simulate(config: EngineConfig, num_blocks: int, requests: list[TraceRequest],
              skip: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     sim = Simulator(config, num_blocks, STEP_TIME, skip=skip)
     result = sim.run(requests)
@@ -46,7 +47,7 @@ def scenarios(draw: st.DrawFn):
         plen = draw(st.integers(0, max_model_len))
         prompt = (shared[: draw(st.integers(0, 24))] + [100 + i] * max_model_len)[:plen]
         arrival = draw(st.sampled_from([0.0, 0.01, 0.05])) * draw(st.integers(0, 40))
-        requests.append(SimRequest(i, arrival, prompt, draw(st.integers(1, max_model_len))))
+        requests.append(TraceRequest(i, arrival, prompt, draw(st.integers(1, max_model_len))))
     return config, num_blocks, requests
 
 
@@ -63,7 +64,7 @@ def test_skipping_matches_single_stepping(scenario) -> None:
 
 def test_skipping_really_skips_on_a_long_decode() -> None:
     config = EngineConfig(block_size=16, max_model_len=2048, max_num_seqs=4).validate()
-    requests = [SimRequest(i, 0.1 * i, [i + 5] * 100, 500) for i in range(4)]
+    requests = [TraceRequest(i, 0.1 * i, [i + 5] * 100, 500) for i in range(4)]
     reqs_a, steps_a, _ = simulate(config, 1000, requests, skip=False)
     reqs_b, steps_b, stats = simulate(config, 1000, requests, skip=True)
     assert stats["skipped_steps"] > 0.9 * len(steps_b)

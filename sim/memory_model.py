@@ -1,0 +1,106 @@
+"""Predict every start-up memory term, then num_blocks and the start-up verdict through
+`engine/memory.py` — the same arithmetic and the same errors as the engine.
+
+Sources, stated per term:
+- weights: exact, from the model config and dtype;
+- activation, non-torch, CUDA-graph pool: a calibration profile when one exists for this
+  hardware + model, else the documented formulas below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineConfig, GiB, ModelConfig
+from engine.memory import (
+    MemoryTerms,
+    StartupError,
+    bytes_per_block,
+    check_startup,
+    estimate_activation_bytes,
+    num_blocks_from_terms,
+)
+from sim.catalog import Hardware
+from sim.profile import Profile
+from sim.step_time import graph_buckets
+
+
+@dataclass
+class MemoryPrediction:
+    terms: MemoryTerms
+    block_bytes: int
+    num_blocks: int
+    sources: dict[str, str] = field(default_factory=dict)
+    error: str | None = None  # the engine's start-up error, word for word, if it cannot start
+    error_type: str | None = None
+
+    @property
+    def starts(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.terms.to_dict(), "bytes_per_block": self.block_bytes,
+                "num_blocks": self.num_blocks, "sources": dict(self.sources),
+                "starts": self.starts, "error": self.error, "error_type": self.error_type}
+
+
+def estimate_cuda_graph_bytes(model: ModelConfig, config: EngineConfig) -> int:
+    """Graphs share one pool sized by the largest captured decode batch's activations."""
+    if config.enforce_eager:
+        return 0
+    largest = graph_buckets(config.max_num_seqs)[-1]
+    return estimate_activation_bytes(model, largest, largest, config.dtype)
+
+
+def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
+                   profile: Profile | None = None) -> MemoryPrediction:
+    terms, sources = _terms(model, hardware, config, profile)
+    block_bytes = bytes_per_block(model, config.block_size, config.dtype)
+    num_blocks = config.num_gpu_blocks_override
+    if num_blocks is None:
+        num_blocks = num_blocks_from_terms(terms, block_bytes)
+    prediction = MemoryPrediction(terms, block_bytes, num_blocks, sources)
+    try:
+        check_startup(num_blocks, config.block_size, config.max_model_len, block_bytes)
+    except StartupError as err:
+        prediction.error, prediction.error_type = str(err), type(err).__name__
+    return prediction
+
+
+def _terms(model: ModelConfig, hardware: Hardware, config: EngineConfig,
+           profile: Profile | None) -> tuple[MemoryTerms, dict[str, str]]:
+    weights = model.weight_bytes(config.dtype)
+    tokens = config.max_num_batched_tokens
+    if hardware.kind == "cpu":  # the CPU engine budgets a configured total, like this
+        act = estimate_activation_bytes(model, tokens, min(config.max_num_seqs, tokens),
+                                        config.dtype)
+        terms = MemoryTerms(int(config.cpu_memory_gib * GiB), config.gpu_memory_utilization,
+                            weights, act, source="predicted")
+        return terms, {"total": "EngineConfig.cpu_memory_gib", "weights": "exact",
+                       "activation": "formula", "non_torch": "none on CPU",
+                       "cuda_graph": "none on CPU"}
+    if profile is not None and profile.memory:
+        return _terms_from_profile(model, hardware, config, profile, weights)
+    act = estimate_activation_bytes(model, tokens, min(config.max_num_seqs, tokens),
+                                    config.dtype)
+    terms = MemoryTerms(hardware.total_memory_bytes, config.gpu_memory_utilization, weights,
+                        act, hardware.non_torch_bytes_default,
+                        estimate_cuda_graph_bytes(model, config), source="predicted")
+    return terms, {"total": f"catalog: {hardware.name}", "weights": "exact",
+                   "activation": "formula", "non_torch": "catalog default",
+                   "cuda_graph": "formula" if not config.enforce_eager else "enforce_eager"}
+
+
+def _terms_from_profile(model: ModelConfig, hardware: Hardware, config: EngineConfig,
+                        profile: Profile, weights: int) -> tuple[MemoryTerms, dict[str, str]]:
+    mem = profile.memory
+    act = profile.activation_bytes(config.max_num_batched_tokens)
+    graph = 0 if config.enforce_eager else int(mem.get("cuda_graph_bytes", 0))
+    terms = MemoryTerms(int(mem.get("total_bytes", hardware.total_memory_bytes)),
+                        config.gpu_memory_utilization, weights, act,
+                        int(mem.get("non_torch_bytes", hardware.non_torch_bytes_default)),
+                        graph, source=f"profile:{profile.name}")
+    src = f"profile {profile.name}"
+    return terms, {"total": src, "weights": "exact", "activation": src, "non_torch": src,
+                   "cuda_graph": src if not config.enforce_eager else "enforce_eager"}
