@@ -161,3 +161,8 @@ def model_from_dict(data: dict[str, Any], source: str = "model") -> ModelConfig:
             from None
     model.name = str(data.get("name") or model.name or Path(source).stem)
     return model
+
+
+def catalog_key(group: str, name_or_path: str | Path) -> str:
+    """The catalog file stem an entry resolves to ('H100-80GB' -> 'h100_80gb')."""
+    return _resolve(group, name_or_path).stem

@@ -24,7 +24,9 @@ from workloads.schema import Trace, base_meta
 from workloads.structure import MultiTurn, SharedPrefix
 from workloads.validate import make_trace
 
-TRACE_DIR = Path(os.environ.get("KVTWIN_TRACE_DIR", "/work/shared/traces"))
+# The shared traces sit beside the checkout (../shared/traces); $KVTWIN_TRACE_DIR overrides.
+TRACE_DIR = Path(os.environ.get("KVTWIN_TRACE_DIR")
+                 or Path(__file__).resolve().parents[2] / "shared" / "traces")
 # Lengths shaped like the Azure 2023 conversation trace (median / p99 / max from its README).
 CHAT_PROMPT = LogNormal(median=1020, p99=4142, max_len=14050)
 CHAT_OUTPUT = LogNormal(median=129, p99=601, max_len=1000)

@@ -1,0 +1,106 @@
+"""A run folder: what every run (and every sweep point) writes, and how reports read it back.
+
+    summary.json      status, config, the sim's and/or the engine's memory terms and metrics
+    requests.parquet  RequestRecord columns + `source` ("sim" or "real")
+    steps.parquet     StepRecord columns + `source`
+    report.html       the run page
+
+summary.json:
+    {"status": "ok" | "cannot_start" | "failed", "error": str | null, "error_type": str | null,
+     "mode": "sim" | "real" | "both" | "calibrate",
+     "config": {"model": ..., "hardware": ..., "predictor": ..., "engine": {EngineConfig},
+                "workload": {...}},
+     "sim":  {"predictor", "memory", "capacity", "metrics", "sim_stats"} | null,
+     "real": {"memory": {memory report}, "metrics": {...}, "device": {...}} | null,
+     "versions": {package: version}}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SUMMARY = "summary.json"
+REQUESTS = "requests.parquet"
+STEPS = "steps.parquet"
+REPORT = "report.html"
+SOURCES = ("sim", "real")
+PACKAGES = ("kvtwin", "numpy", "pandas", "simpy", "hydra-core", "plotly", "torch",
+            "transformers")
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    summary: dict[str, Any]
+    requests: pd.DataFrame = field(default_factory=pd.DataFrame)
+    steps: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "unknown"))
+
+    def side(self, source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(requests, steps) of one source, without the `source` column."""
+        return _only(self.requests, source), _only(self.steps, source)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_run(path: Path, summary: dict[str, Any],
+              records: dict[str, tuple[pd.DataFrame, pd.DataFrame]] | None = None) -> Path:
+    """Write summary.json and, per source, the request and step records."""
+    path.mkdir(parents=True, exist_ok=True)
+    summary = {**summary, "versions": summary.get("versions") or versions()}
+    (path / SUMMARY).write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
+    if records:
+        reqs = [df.assign(source=src) for src, (df, _) in records.items()]
+        steps = [df.assign(source=src) for src, (_, df) in records.items()]
+        pd.concat(reqs, ignore_index=True).to_parquet(path / REQUESTS, index=False)
+        pd.concat(steps, ignore_index=True).to_parquet(path / STEPS, index=False)
+    return path
+
+
+def read_run(path: Path) -> RunFolder:
+    path = Path(path)
+    summary = json.loads((path / SUMMARY).read_text())
+    reqs = pd.read_parquet(path / REQUESTS) if (path / REQUESTS).is_file() else pd.DataFrame()
+    steps = pd.read_parquet(path / STEPS) if (path / STEPS).is_file() else pd.DataFrame()
+    return RunFolder(path, summary, reqs, steps)
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run folder under `root` (folders holding a summary.json), in a stable order."""
+    return sorted((p.parent for p in Path(root).rglob(SUMMARY)), key=_natural)
+
+
+def _natural(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in path.parts]
+
+
+def _only(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    if df.empty or "source" not in df.columns:
+        return df
+    return df[df["source"] == source].drop(columns="source").reset_index(drop=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

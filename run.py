@@ -1,0 +1,168 @@
+"""kvtwin: predict (mode=sim), measure (mode=real), compare (mode=both), calibrate.
+
+    python run.py                                   # simulate the default workload, write a report
+    python run.py engine.block_size=32 workload=shared_prefix
+    python run.py -m engine.block_size=8,16,32 engine.gpu_memory_utilization=0.5,0.7,0.9
+    python run.py mode=both model=tiny_qwen3 hardware=cpu engine=cpu_tiny
+
+Each run writes summary.json, requests.parquet, steps.parquet and report.html into Hydra's
+output folder. A run that cannot start is a recorded result; a run that fails is recorded as
+failed (and, in a sweep, the sweep goes on); Ctrl-C keeps what was finished.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from engine.config import EngineConfig
+from engine.memory import StartupError
+from reports.run_folder import write_run
+from sim.run_config import MODES, register
+
+register()
+
+Records = dict[str, tuple[Any, Any]]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    base = {"mode": cfg.mode, "config": _config_summary(cfg), "sim": None, "real": None,
+            "error": None, "error_type": None}
+    try:
+        summary, records = run_mode(cfg)
+    except KeyboardInterrupt:
+        _record(out, {**base, "status": "interrupted", "error": "interrupted (Ctrl-C)"}, {})
+        print(f"interrupted: what was finished is in {out}", file=sys.stderr)
+        raise
+    except Exception as err:  # recorded, never lost; a sweep goes on
+        _record(out, _failed(base, err), {})
+        if not _in_sweep():
+            raise
+        return
+    _record(out, {**base, **summary}, records)
+
+
+def run_mode(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r} is invalid: must be one of {', '.join(MODES)}")
+    if cfg.fail_point:
+        raise RuntimeError("fail_point=true: this point fails on purpose")
+    if cfg.mode == "calibrate":
+        from engine.calibrate import calibrate_from_config
+
+        return calibrate_from_config(cfg), {}
+    requests_and_setup = _prepare(cfg)
+    summary: dict[str, Any] = {"status": "ok"}
+    records: Records = {}
+    if cfg.mode in ("sim", "both"):
+        _run_sim(cfg, requests_and_setup, summary, records)
+    if cfg.mode in ("real", "both"):
+        _run_real(cfg, requests_and_setup, summary, records)
+    return summary, records
+
+
+def _prepare(cfg: DictConfig) -> tuple[Any, list[Any]]:
+    from sim.twin import setup_twin, trace_requests
+
+    setup = setup_twin(_entry(cfg.model), _entry(cfg.hardware), engine_config(cfg),
+                       cfg.predictor, keys=(_choice("model"), _choice("hardware")))
+    trace = load_workload(cfg)
+    return setup, trace_requests(trace, setup.model)
+
+
+def _run_sim(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
+             records: Records) -> None:
+    from sim.twin import simulate
+
+    setup, requests = prepared
+    with _progress(cfg, len(requests), "simulate") as bar:
+        run = simulate(setup, requests, skip=cfg.skip,
+                       on_progress=lambda n: bar.update(n - bar.n))
+    summary["sim"] = run.summary()
+    if not setup.memory.starts:
+        summary.update(status="cannot_start", error=setup.memory.error,
+                       error_type=setup.memory.error_type)
+        return
+    records["sim"] = (run.requests, run.steps)
+
+
+def _run_real(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
+              records: Records) -> None:
+    from engine.replay import replay_config
+
+    setup, requests = prepared
+    try:
+        real = replay_config(setup.model, engine_config(cfg), requests, cfg.model.path,
+                             progress=cfg.progress)
+    except StartupError as err:
+        summary.update(status="cannot_start", error=str(err), error_type=type(err).__name__)
+        return
+    summary["real"] = real.summary()
+    records["real"] = real.frames()
+
+
+def engine_config(cfg: DictConfig) -> EngineConfig:
+    return EngineConfig(**OmegaConf.to_container(cfg.engine, resolve=True))
+
+
+def load_workload(cfg: DictConfig):
+    from workloads import make_preset, read_trace
+
+    w = cfg.workload
+    if w.path:
+        return read_trace(w.path)
+    return make_preset(w.name, **OmegaConf.to_container(w.params, resolve=True))
+
+
+def _entry(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _choice(group: str) -> str | None:
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def _in_sweep() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _config_summary(cfg: DictConfig) -> dict[str, Any]:
+    return {"model": _choice("model"), "hardware": _choice("hardware"),
+            "predictor": cfg.predictor, "engine": _entry(cfg.engine),
+            "workload": _entry(cfg.workload), "overrides": list(HydraConfig.get().overrides.task)}
+
+
+def _failed(base: dict[str, Any], err: BaseException) -> dict[str, Any]:
+    return {**base, "status": "failed", "error": f"{type(err).__name__}: {err}",
+            "error_type": type(err).__name__, "traceback": traceback.format_exc()}
+
+
+def _record(out: Path, summary: dict[str, Any], records: Records) -> None:
+    write_run(out, summary, records or None)
+    try:
+        from reports.run_page import write_run_page
+
+        page = write_run_page(out)
+    except Exception as err:  # the records matter more than the page
+        print(f"report page not written: {err}", file=sys.stderr)
+        page = out
+    print(f"[{summary['status']}] {page}")
+
+
+def _progress(cfg: DictConfig, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", disable=not cfg.progress, leave=False)
+
+
+if __name__ == "__main__":
+    main()

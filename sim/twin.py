@@ -1,0 +1,137 @@
+"""One simulated run: catalog entries + engine config + trace -> memory, capacity, records,
+metrics. The entry point shared by `python -m sim` and `run.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from engine.config import EngineConfig, ModelConfig
+from reports.metrics import requests_frame, summarize
+from sim.capacity import CapacityPlan, plan_capacity
+from sim.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
+from sim.memory_model import MemoryPrediction, predict_memory
+from sim.profile import Profile, ProfileKey, find_profile, slug
+from sim.simulator import Simulator
+from sim.step_time import RooflineStepTime, StepTimeModel
+from workloads import TokenSpec, Trace, iter_requests
+from workloads.trace_requests import TraceRequest
+
+PREDICTORS = ("auto", "calibrated", "roofline")
+
+
+@dataclass
+class TwinSetup:
+    """What a prediction stands on: the model, the hardware, and where each number comes from."""
+
+    model: ModelConfig
+    model_key: str
+    hardware: Hardware
+    hardware_key: str
+    config: EngineConfig
+    profile: Profile | None
+    step_time: StepTimeModel
+    memory: MemoryPrediction
+
+    @property
+    def predictor(self) -> dict[str, str]:
+        return {"kind": self.step_time.kind, "source": self.step_time.source}
+
+
+@dataclass
+class TwinRun:
+    setup: TwinSetup
+    capacity: CapacityPlan
+    requests: pd.DataFrame
+    steps: pd.DataFrame
+    metrics: dict[str, Any]
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Deterministic (no wall time): the same config and seed give the same JSON."""
+        return {"predictor": self.setup.predictor, "memory": self.setup.memory.to_dict(),
+                "capacity": self.capacity.to_dict(), "metrics": self.metrics,
+                "sim_stats": self.stats}
+
+
+def attention_backend(hardware: Hardware, config: EngineConfig) -> str:
+    if config.attention_backend != "auto":
+        return config.attention_backend
+    return "sdpa" if hardware.kind == "cpu" else "torch"
+
+
+Entry = str | dict[str, Any]
+
+
+def resolve_entries(model: Entry, hardware: Entry, keys: tuple[str | None, str | None] = (
+        None, None)) -> tuple[ModelConfig, Hardware, tuple[str, str]]:
+    """Catalog names, or entries already loaded (Hydra's composed groups) with their keys."""
+    if isinstance(model, str):
+        model_cfg, model_key = load_model(model), catalog_key("model", model)
+    else:
+        model_cfg, model_key = model_from_dict(model), keys[0] or slug(model["name"])
+    if isinstance(hardware, str):
+        hw, hw_key = load_hardware(hardware), catalog_key("hardware", hardware)
+    else:
+        hw, hw_key = Hardware.from_dict(hardware), keys[1] or slug(hardware["name"])
+    return model_cfg, hw, (model_key, hw_key)
+
+
+def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: str = "auto",
+               keys: tuple[str | None, str | None] = (None, None)) -> TwinSetup:
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor={predictor!r} is invalid: must be one of "
+                         f"{', '.join(PREDICTORS)}")
+    model_cfg, hw, keys = resolve_entries(model, hardware, keys)
+    config.validate(model_cfg)
+    key = ProfileKey(keys[1], keys[0], config.dtype, attention_backend(hw, config))
+    profile = find_profile(key) if predictor != "roofline" else None
+    if predictor == "calibrated" and profile is None:
+        raise FileNotFoundError(f"no calibration profile {key.filename} in sim/profiles: "
+                                "run mode=calibrate on that hardware, or use "
+                                "predictor=roofline")
+    step_time = profile.step_time() if profile else RooflineStepTime(
+        model_cfg, config.dtype, hw.peak_bf16_flops, hw.hbm_bandwidth_bytes_per_s,
+        source=f"roofline of {hw.name} (catalog peaks, documented efficiencies)")
+    memory = predict_memory(model_cfg, hw, config, profile)
+    return TwinSetup(model_cfg, keys[0], hw, keys[1], config, profile, step_time, memory)
+
+
+def trace_requests(trace: Trace, model: ModelConfig) -> list[TraceRequest]:
+    """The trace's prompts as token ids within the model's vocabulary."""
+    spec = TokenSpec(vocab_size=model.vocab_size, low=min(1000, model.vocab_size // 8))
+    return list(iter_requests(trace, spec))
+
+
+def simulate(setup: TwinSetup, requests: list[TraceRequest], skip: bool = True,
+             on_progress: Callable[[int], None] | None = None) -> TwinRun:
+    """Simulate `requests`; a configuration that cannot start gives a run with no steps."""
+    cfg, memory = setup.config, setup.memory
+    mean_len = _mean_len(requests)
+    capacity = plan_capacity(setup.model, setup.hardware, cfg, setup.profile, mean_len,
+                             memory)
+    if not memory.starts:
+        empty = requests_frame([])
+        return TwinRun(setup, capacity, empty, _empty_steps(),
+                       summarize(empty, _empty_steps(), num_blocks=0))
+    sim = Simulator(cfg, memory.num_blocks, setup.step_time,
+                    setup.model.eos_token_ids(), skip=skip, on_progress=on_progress)
+    result = sim.run(requests)
+    reqs, steps = requests_frame(result.requests), result.steps.to_frame()
+    metrics = summarize(reqs, steps, num_blocks=memory.num_blocks)
+    return TwinRun(setup, capacity, reqs, steps, metrics, result.stats)
+
+
+def _mean_len(requests: list[TraceRequest]) -> float | None:
+    if not requests:
+        return None
+    return sum(len(r.prompt_token_ids) + r.output_len for r in requests) / len(requests)
+
+
+def _empty_steps() -> pd.DataFrame:
+    from sim.step_log import StepLog
+
+    return StepLog().to_frame()
