@@ -111,7 +111,7 @@ def _run_real(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[st
 
 
 def engine_config(cfg: DictConfig) -> EngineConfig:
-    return EngineConfig(**OmegaConf.to_container(cfg.engine, resolve=True))
+    return EngineConfig.from_kwargs(**OmegaConf.to_container(cfg.engine, resolve=True))
 
 
 def load_workload(cfg: DictConfig):

@@ -31,7 +31,7 @@ def hash_block(parent_hash: int, token_ids: SeqOf[int]) -> int:
     return xxh3_64_intdigest(parent_hash.to_bytes(8, "little") + array("q", token_ids).tobytes())
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -138,29 +138,26 @@ class BlockManager:
         `seq.block_content_ids` records, per full block, the content id its KV is equal to:
         its own publication, or an identical block published first by another sequence.
         """
-        num_full = num_tokens // self.block_size
+        bs = self.block_size
+        num_full = num_tokens // bs
         self._extend_hashes(seq, num_full)
-        contents = seq.block_content_ids
+        contents, hashes, table = seq.block_content_ids, seq.block_hashes, seq.block_table
+        blocks, cached = self.blocks, self.cached
         for i in range(len(contents), num_full):
-            block = self.blocks[seq.block_table[i]]
+            block = blocks[table[i]]
             if block.block_hash is None:
                 parent = contents[-1] if contents else ROOT
-                if seq.block_hashes[i] not in self.cached:
-                    self._publish(block, seq, i, parent)
-                else:
+                if hashes[i] in cached:
                     twin = self._lookup(seq, i, parent)
                     # A twin holds identical KV; a mismatch is a hash collision: stay private.
                     contents.append(self._new_content_id() if twin is None
-                                    else self.blocks[twin].content_id)
+                                    else blocks[twin].content_id)
                     continue
+                block.block_hash, block.parent_content_id = hashes[i], parent
+                block.token_src, block.token_start = seq.token_ids, i * bs
+                block.content_id = self._new_content_id()
+                cached[block.block_hash] = block.block_id
             contents.append(block.content_id)
-
-    def _publish(self, block: Block, seq: Sequence, index: int, parent: int) -> None:
-        block.block_hash = seq.block_hashes[index]
-        block.token_src, block.token_start = seq.token_ids, index * self.block_size
-        block.parent_content_id = parent
-        block.content_id = self._new_content_id()
-        self.cached[block.block_hash] = block.block_id
 
     def _new_content_id(self) -> int:
         self._next_content_id += 1
@@ -196,8 +193,7 @@ class BlockManager:
         for block_id in computed_blocks:
             self._take(block_id)
             table.append(block_id)
-        for _ in range((total + self.block_size - 1) // self.block_size - len(table)):
-            table.append(self._take_free())
+        self._take_free_into(table, (total + self.block_size - 1) // self.block_size - len(table))
         if self.enable_prefix_caching and \
                 total // self.block_size > len(seq.block_content_ids):
             self._cache_full_blocks(seq, total)
@@ -209,18 +205,22 @@ class BlockManager:
             del self.free_queue[block_id]
         block.ref_count += 1
 
-    def _take_free(self) -> int:
-        if self.next_fresh < self.num_blocks:
-            block = self.blocks[self.next_fresh] = Block(self.next_fresh)
-            self.next_fresh += 1
-        else:
-            block_id, _ = self.free_queue.popitem(last=False)
-            block = self.blocks[block_id]
+    def _take_free_into(self, table: list[int], n: int) -> None:
+        """Append `n` blocks from the front of the free queue (never-used ones first)."""
+        fresh = min(n, self.num_blocks - self.next_fresh)
+        if fresh > 0:
+            start, self.next_fresh = self.next_fresh, self.next_fresh + fresh
+            for block_id in range(start, start + fresh):
+                self.blocks[block_id] = Block(block_id, ref_count=1)
+            table.extend(range(start, start + fresh))
+        pop, blocks, cached = self.free_queue.popitem, self.blocks, self.cached
+        for _ in range(n - max(fresh, 0)):
+            block = blocks[pop(last=False)[0]]
             if block.block_hash is not None:  # evict its cached content
-                del self.cached[block.block_hash]
+                del cached[block.block_hash]
                 block.unpublish()
-        block.ref_count = 1
-        return block.block_id
+            block.ref_count = 1
+            table.append(block.block_id)
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references. Tail blocks go to the queue first so they are evicted first."""
