@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.config import ConfigError
+
 
 class TraceError(ValueError):
     """A trace value outside its allowed range.
@@ -21,14 +23,8 @@ class TraceError(ValueError):
         super().__init__(f"{where}{field}={value!r} is invalid: must be {allowed}")
 
 
-class SpecError(ValueError):
-    """A generator or importer parameter outside its allowed range."""
-
-    def __init__(self, field: str, value: Any, allowed: str):
-        self.field = field
-        self.value = value
-        self.allowed = allowed
-        super().__init__(f"{field}={value!r} is invalid: must be {allowed}")
+class SpecError(ConfigError):
+    """A generator or importer parameter outside its allowed range (field, value, allowed)."""
 
 
 class TraceWarning(UserWarning):
