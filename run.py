@@ -149,9 +149,11 @@ def _failed(base: dict[str, Any], err: BaseException) -> dict[str, Any]:
 def _record(out: Path, summary: dict[str, Any], records: Records) -> None:
     write_run(out, summary, records or None)
     try:
+        from reports.html import EMBED, ensure_plotly_js
         from reports.run_page import write_run_page
 
-        page = write_run_page(out)
+        js = ensure_plotly_js(Path(HydraConfig.get().sweep.dir)) if _in_sweep() else EMBED
+        page = write_run_page(out, js)
     except Exception as err:  # the records matter more than the page
         print(f"report page not written: {err}", file=sys.stderr)
         page = out
