@@ -57,9 +57,7 @@ def run_mode(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
     if cfg.fail_point:
         raise RuntimeError("fail_point=true: this point fails on purpose")
     if cfg.mode == "calibrate":
-        from engine.calibrate import calibrate_from_config
-
-        return calibrate_from_config(cfg), {}
+        return _calibrate(cfg), {}
     requests_and_setup = _prepare(cfg)
     summary: dict[str, Any] = {"status": "ok"}
     records: Records = {}
@@ -97,17 +95,93 @@ def _run_sim(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str
 
 def _run_real(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
               records: Records) -> None:
-    from engine.replay import replay_config
+    from reports.metrics import summarize
 
     setup, requests = prepared
+    config = engine_config(cfg)
+    check_real_engine(setup, config)
+    run = _fresh_process if _on_cuda(config) else _same_process
     try:
-        real = replay_config(setup.model, engine_config(cfg), requests, cfg.model.path,
-                             progress=cfg.progress)
+        reqs, steps, info = run(replay_side, setup.model, config, requests, cfg.model.path,
+                                cfg.progress)
     except StartupError as err:
         summary.update(status="cannot_start", error=str(err), error_type=type(err).__name__)
         return
-    summary["real"] = real.summary()
-    records["real"] = real.frames()
+    metrics = summarize(reqs, steps, num_blocks=info["memory"]["num_blocks"])
+    summary["real"] = {**info, "metrics": metrics}
+    records["real"] = (reqs, steps)
+
+
+def replay_side(model: Any, config: EngineConfig, requests: list[Any], path: str | None,
+                progress: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Build the engine and replay the trace on the wall clock (torch lives only here)."""
+    from tqdm.auto import tqdm
+
+    from engine.llm import LLMEngine
+    from engine.replay import records_frames, replay
+
+    engine = LLMEngine(path or model, config)
+    with tqdm(total=len(requests), desc="replay", unit="req", disable=not progress) as bar:
+        result = replay(engine, requests, on_progress=lambda done, _: bar.update(done - bar.n))
+    reqs, steps = records_frames(result)
+    info = {"memory": result.memory, "device": {"name": result.device},
+            "torch": result.torch_version, "attention_backend": result.attention_backend,
+            "record_overhead": result.record_overhead, "wall_s": result.wall_s}
+    return reqs, steps, info
+
+
+def check_real_engine(setup: Any, config: EngineConfig) -> None:
+    """The CPU engine serves tiny models; say so before building a large one on the CPU."""
+    if _on_cuda(config):
+        return
+    if setup.hardware.kind != "cpu":
+        raise ValueError(f"hardware={setup.hardware_key} but the real engine runs on this "
+                         "machine's CPU (no GPU): use hardware=cpu so the sim predicts the "
+                         "same device, e.g. model=tiny_qwen3 hardware=cpu engine=cpu_tiny")
+    budget = config.cpu_memory_gib * config.gpu_memory_utilization * 2**30
+    weights = setup.model.weight_bytes(config.dtype)
+    if weights > budget:
+        raise ValueError(f"model {setup.model.name} needs {weights / 2**30:.2f} GiB of "
+                         f"{config.dtype} weights, more than the CPU engine's budget "
+                         f"(cpu_memory_gib={config.cpu_memory_gib} x gpu_memory_utilization="
+                         f"{config.gpu_memory_utilization}): the CPU engine is for the tiny "
+                         "models (model=tiny_qwen3 engine=cpu_tiny); run larger ones on a GPU")
+
+
+def _on_cuda(config: EngineConfig) -> bool:
+    if config.device == "cpu":
+        return False
+    import torch
+
+    return config.device == "cuda" or torch.cuda.is_available()
+
+
+def _same_process(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+def _fresh_process(fn: Any, *args: Any) -> Any:
+    """GPU points run one at a time, each in a new process, so memory readings are clean."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _calibrate(cfg: DictConfig) -> dict[str, Any]:
+    from engine.calibrate import calibrate
+
+    command = "python run.py mode=calibrate " + " ".join(HydraConfig.get().overrides.task)
+    source = cfg.model.path or _choice("model") or _entry(cfg.model)["name"]
+    profile = calibrate(source, engine_config(cfg), hardware=_choice("hardware"),
+                        command=command)
+    path = profile.save()
+    print(f"calibration profile: {path}; held-out error {profile.fit['holdout']}")
+    return {"status": "ok", "calibration": {"profile": str(path), "steps": len(profile.seconds),
+                                            "holdout": profile.fit["holdout"],
+                                            "wall_s": profile.meta.get("calibration_wall_s")}}
 
 
 def engine_config(cfg: DictConfig) -> EngineConfig:

@@ -71,6 +71,8 @@ class LLMEngine:
                                    self.model_config.eos_token_ids())
         self.step_records: list[StepRecord] = []
         self.finished: list[Sequence] = []
+        self.step_durations: list[float] = []  # step k ends at start_s + step_durations[k]
+        self.record_s = 0.0  # time spent building and storing step records
         self._t0 = time.perf_counter()
 
     # -- start-up ------------------------------------------------------------------------------
@@ -114,6 +116,10 @@ class LLMEngine:
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
+    def reset_clock(self) -> None:
+        """Make now() count from this moment (a replay's time origin)."""
+        self._t0 = time.perf_counter()
+
     def add_request(self, prompt_token_ids: list[int],
                     sampling_params: SamplingParams | None = None,
                     request_id: Any = None, arrival: float | None = None) -> Sequence:
@@ -128,19 +134,30 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[Sequence]:
-        """Run one scheduler step on the model; returns the sequences that finished in it."""
-        start = self.now()
+    def step(self, start: float | None = None) -> list[Sequence]:
+        """Run one scheduler step on the model; returns the sequences that finished in it.
+
+        The step starts at `start` (default: now; a replay passes the previous step's end or
+        the arrival that woke it) and ends at start + (now() - start): the float sum the
+        simulator computes from the replayed duration, so the two agree exactly.
+        """
+        start = self.now() if start is None else start
         out = self.scheduler.schedule(start)
         if out.is_empty:
             return []
+        r0 = time.perf_counter()
         record = StepRecord.from_output(len(self.step_records), start, out, self.scheduler)
+        self.record_s += time.perf_counter() - r0
         sampled = self.model_runner.execute_model(out)
-        end = self.now()
+        duration = self.now() - start
+        end = start + duration
         finished = self.scheduler.update_from_output(out, sampled, end)
+        r0 = time.perf_counter()
         record.end_s = end
         self.step_records.append(record)
+        self.step_durations.append(duration)
         self.finished.extend(finished)
+        self.record_s += time.perf_counter() - r0
         return finished
 
     def request_records(self) -> list[RequestRecord]:

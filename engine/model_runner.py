@@ -72,14 +72,15 @@ class ModelRunner:
     # -- start-up ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def profile_run(self) -> int | None:
-        """Peak activation bytes of a max_num_batched_tokens dummy step (None off CUDA).
+    def profile_run(self, num_tokens: int | None = None) -> int | None:
+        """Peak activation bytes of a dummy step of `num_tokens` (default
+        max_num_batched_tokens) tokens; None off CUDA.
 
         Like vLLM's dummy run: the tokens split evenly over min(max_num_seqs, tokens)
         sequences, no KV cache, then logits and sampling for one row per sequence.
         Call it before allocate_kv_cache, or the cache counts as activation.
         """
-        num_tokens = self.config.max_num_batched_tokens
+        num_tokens = num_tokens or self.config.max_num_batched_tokens
         num_seqs = min(self.config.max_num_seqs, num_tokens)
         lens = [num_tokens // num_seqs] * num_seqs
         lens[-1] += num_tokens % num_seqs

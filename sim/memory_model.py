@@ -46,11 +46,12 @@ class MemoryPrediction:
 
 
 def estimate_cuda_graph_bytes(model: ModelConfig, config: EngineConfig) -> int:
-    """Graphs share one pool sized by the largest captured decode batch's activations."""
+    """Graphs share one pool sized by the largest captured decode batch's activations
+    (the forward pass only: sampling runs outside the graphs)."""
     if config.enforce_eager:
         return 0
     largest = graph_buckets(config.max_num_seqs)[-1]
-    return estimate_activation_bytes(model, largest, largest, config.dtype)
+    return estimate_activation_bytes(model, largest, 0, config.dtype)
 
 
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
