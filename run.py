@@ -41,7 +41,10 @@ def main(cfg: DictConfig) -> None:
         summary, records = run_mode(cfg)
     except KeyboardInterrupt:
         _record(out, {**base, "status": "interrupted", "error": "interrupted (Ctrl-C)"}, {})
-        print(f"interrupted: what was finished is in {out}", file=sys.stderr)
+        where = Path(HydraConfig.get().sweep.dir) if _in_sweep() else out
+        print(f"interrupted: what was finished is in {where}"
+              + (f"; rebuild the sweep report with python -m reports {where}"
+                 if _in_sweep() else ""), file=sys.stderr)
         raise
     except Exception as err:  # recorded, never lost; a sweep goes on
         _record(out, _failed(base, err), {})
