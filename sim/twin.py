@@ -16,6 +16,7 @@ from sim.catalog import Hardware, catalog_key, load_hardware, load_model, model_
 from sim.memory_model import MemoryPrediction, predict_memory
 from sim.profile import Profile, ProfileKey, find_profile, slug
 from sim.simulator import Simulator
+from sim.step_log import StepLog
 from sim.step_time import RooflineStepTime, StepTimeModel
 from workloads import TokenSpec, Trace, iter_requests
 from workloads.trace_requests import TraceRequest
@@ -132,6 +133,4 @@ def _mean_len(requests: list[TraceRequest]) -> float | None:
 
 
 def _empty_steps() -> pd.DataFrame:
-    from sim.step_log import StepLog
-
     return StepLog().to_frame()
