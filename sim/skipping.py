@@ -125,14 +125,13 @@ class DecodeRun:
         bm, k = self.sim.scheduler.block_manager, self.num_steps
         bs, n = bm.block_size, len(self.running)
         start = [s.num_computed_tokens for s in self.running]
-        keys = []
+        keys: set[int] = set()  # step * n + running index, for each decode that does something
         for idx, c in enumerate(start):
-            steps = np.arange((-c) % bs, k, bs)  # decodes that open a block
-            if bm.enable_prefix_caching:        # decodes that fill one (and publish it)
-                steps = np.union1d(steps, np.arange((-c - 1) % bs, k, bs))
-            keys.append(steps * n + idx)
-        for key in np.sort(np.concatenate(keys)) if keys else []:
-            j, idx = divmod(int(key), n)
+            keys.update(range(((-c) % bs) * n + idx, k * n, bs * n))  # opens a block
+            if bm.enable_prefix_caching:                                # fills (publishes) one
+                keys.update(range(((-c - 1) % bs) * n + idx, k * n, bs * n))
+        for key in sorted(keys):
+            j, idx = divmod(key, n)
             seq = self.running[idx]
             seq.num_computed_tokens = start[idx] + j
             ok = bm.allocate_slots(seq, 1)
