@@ -126,6 +126,13 @@ def _read_hf_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to
+    max_num_seqs (rounded up to 16)."""
+    small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    return small + list(range(16, max_num_seqs + 16, 16))
+
+
 @dataclass
 class EngineConfig:
     """Serving knobs, named as in vLLM. `validate` checks every field."""

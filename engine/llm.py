@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig, GiB, ModelConfig
+from engine.config import EngineConfig, GiB, ModelConfig, graph_buckets
 from engine.memory import (
     MemoryTerms,
     bytes_per_block,
@@ -65,8 +65,10 @@ class LLMEngine:
         self.memory = self._profile_memory(free_before)
         self.block_bytes = bytes_per_block(self.model_config, self.config.block_size,
                                            self.config.dtype)
+        self.memory.cuda_graph_bytes = self._probe_graph_memory()
         self.num_blocks = self._decide_num_blocks()
         self.model_runner.allocate_kv_cache(self.num_blocks)
+        self.cuda_graph_bytes_captured = self.model_runner.capture_cuda_graphs()
         self.scheduler = Scheduler(self.config, self.num_blocks,
                                    self.model_config.eos_token_ids())
         self.step_records: list[StepRecord] = []
@@ -93,6 +95,19 @@ class LLMEngine:
                            runner.weight_bytes, act,
                            source="cpu: configured total, estimated activation")
 
+    def _probe_graph_memory(self) -> int:
+        """The graph pool's size, from capturing the largest decode graph over a one-block
+        cache: graphs must be captured over the real cache, which they are sized for."""
+        runner = self.model_runner
+        if not runner.uses_cuda_graphs:
+            return 0
+        runner.allocate_kv_cache(1)
+        largest = graph_buckets(self.config.max_num_seqs)[-1]
+        probed = runner.capture_cuda_graphs([largest])
+        runner.release_cuda_graphs()
+        runner.release_kv_cache()
+        return probed
+
     def _decide_num_blocks(self) -> int:
         cfg = self.config
         num_blocks = cfg.num_gpu_blocks_override
@@ -108,6 +123,9 @@ class LLMEngine:
             device=str(self.device), bytes_per_block=self.block_bytes,
             num_blocks=self.num_blocks, kv_cache_tokens=self.num_blocks * cfg.block_size,
             num_blocks_override=cfg.num_gpu_blocks_override,
+            cuda_graphs=self.model_runner.cuda_graphs_enabled,
+            cuda_graph_bytes_captured=self.cuda_graph_bytes_captured,
+            attention_backend=self.model_runner.attention_backend,
             max_concurrency=max_concurrency(self.num_blocks, cfg.block_size, cfg.max_model_len))
         return report
 

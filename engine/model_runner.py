@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import accumulate
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from engine.config import EngineConfig, ModelConfig
-from engine.layers.attention import BACKENDS, Attention
-from engine.layers.context import ForwardContext, dense_context, forward_context
+from engine.config import ConfigError, EngineConfig, ModelConfig, graph_buckets
+from engine.cuda_graphs import DecodeGraphs
+from engine.layers.attention import Attention
+from engine.layers.context import ForwardContext, PagedMetadata, dense_context, forward_context
 from engine.layers.sampler import Sampler
+from engine.layers.varlen_attention import (
+    FLASH_ATTN_BLOCK_MULTIPLE,
+    dense_metadata,
+    flash_attn_available,
+)
 from engine.loader import build_model, load_model, to_torch_dtype
 from engine.sequence import SamplingParams, Sequence
-
-
-class ScheduledLike(Protocol):
-    seq: Sequence
-    num_new_tokens: int
+from engine.step_input import BlockTables, HostBatch, ScheduledLike, build_host_batch
 
 
 class SchedulerOutputLike(Protocol):
@@ -29,22 +32,35 @@ class SchedulerOutputLike(Protocol):
 
 @dataclass
 class StepInput:
-    """One step's flattened batch; `sample_rows[j]` is the token row sequence `sample_seqs[j]`
-    samples from (its last new token)."""
+    """One step's flattened batch on the device; `sample_rows[j]` is the token row scheduled
+    item `sample_seqs[j]` samples from (its last new token)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     context: ForwardContext
     sample_seqs: list[int]
     sample_rows: torch.Tensor
+    host: HostBatch
 
 
-def resolve_backend(name: str) -> str:
-    backend = "sdpa" if name == "auto" else name
-    if backend not in BACKENDS:
-        raise NotImplementedError(f"attention_backend={name!r} is not implemented yet "
-                                  f"(available: auto, {', '.join(BACKENDS)})")
-    return backend
+def resolve_backend(name: str, device: torch.device, block_size: int) -> str:
+    """`auto`: flash_attn when importable (and its page size fits), else torch on CUDA,
+    sdpa on the CPU."""
+    if device.type != "cuda":
+        if name not in ("auto", "sdpa"):
+            raise ConfigError("attention_backend", name, "auto or sdpa on the CPU "
+                              "(torch and flash_attn need CUDA)")
+        return "sdpa"
+    flash_ok = flash_attn_available() and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0
+    if name == "auto":
+        return "flash_attn" if flash_ok else "torch"
+    if name == "flash_attn" and not flash_attn_available():
+        raise ConfigError("attention_backend", name, "auto, sdpa or torch: the flash_attn "
+                          "package is not installed (pip install kvtwin[flash])")
+    if name == "flash_attn" and not flash_ok:
+        raise ConfigError("block_size", block_size, "a multiple of 256 with "
+                          "attention_backend=flash_attn (its paged-KV page size)")
+    return name
 
 
 class ModelRunner:
@@ -55,19 +71,34 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = to_torch_dtype(engine_config.dtype)
         self.block_size = engine_config.block_size
-        self.attention_backend = resolve_backend(engine_config.attention_backend)
+        self.attention_backend = resolve_backend(engine_config.attention_backend, self.device,
+                                                 self.block_size)
         if model_path is None:
             self.model = build_model(model_config, self.dtype, self.device, engine_config.seed)
         else:
             self.model = load_model(model_path, self.dtype, self.device, model_config)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for attn in self.attention_layers:
+            attn.backend = self.attention_backend
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(self._generator(engine_config.seed))
         self.kv_cache: torch.Tensor | None = None
+        self.block_tables = BlockTables(self.block_size)
+        self.graphs: DecodeGraphs | None = None
         self._seeded: dict[int, tuple[Sequence, torch.Generator]] = {}
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Graphs need CUDA and a backend whose metadata lives on the device."""
+        return (self.device.type == "cuda" and not self.config.enforce_eager
+                and self.attention_backend != "sdpa")
+
+    @property
+    def cuda_graphs_enabled(self) -> bool:
+        return self.graphs is not None and bool(self.graphs.graphs)
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -97,7 +128,10 @@ class ModelRunner:
     def _dummy_step(self, lens: list[int]) -> None:
         input_ids = torch.zeros(sum(lens), dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        with forward_context(dense_context(lens)):
+        context = dense_context(lens)
+        if self.attention_backend != "sdpa":
+            context.paged = dense_metadata(lens, self.device)
+        with forward_context(context):
             hidden = self.model(input_ids, positions)
         last_rows = torch.tensor(list(accumulate(lens)), device=self.device) - 1
         logits = self.model.compute_logits(hidden[last_rows])
@@ -112,6 +146,34 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def release_kv_cache(self) -> None:
+        self.kv_cache = None
+        for attn in self.attention_layers:
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, buckets: list[int] | None = None) -> int:
+        """Capture the decode graphs (after allocate_kv_cache); returns the device memory
+        they took (their pool and the static buffers)."""
+        if not self.uses_cuda_graphs:
+            return 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # capture empties the cache too: do it before measuring
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        max_blocks = -(-self.config.max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, graph_buckets(self.config.max_num_seqs),
+                                   max_blocks, self.model_config.hidden_size, self.dtype,
+                                   self.device)
+        self.graphs.capture(buckets)
+        return max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+
+    def release_cuda_graphs(self) -> None:
+        self.graphs = None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -128,6 +190,7 @@ class ModelRunner:
         sampled: list[int | None] = [None] * len(scheduled)
         for i, token in zip(step.sample_seqs, tokens.tolist(), strict=True):
             sampled[i] = token
+        self.block_tables.retain([item.seq for item in scheduled])
         return sampled
 
     @torch.inference_mode()
@@ -135,53 +198,52 @@ class ModelRunner:
         """Run the model on the step; float32 logits of the sampling rows [len(sample_seqs), V]."""
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute_model()")
-        with forward_context(step.context):
-            hidden = self.model(step.input_ids, step.positions)
+        bucket = self._graph_bucket(step.host)
+        if bucket is not None:
+            hidden = self.graphs.run(step.host, bucket)
+        else:
+            with forward_context(step.context):
+                hidden = self.model(step.input_ids, step.positions)
         return self.model.compute_logits(hidden[step.sample_rows])
 
+    def _graph_bucket(self, host: HostBatch) -> int | None:
+        if self.graphs is None or not host.is_decode_only:
+            return None
+        return self.graphs.bucket(host.num_decodes)
+
     def prepare_inputs(self, scheduled: list[ScheduledLike]) -> StepInput:
-        seqs = [item.seq for item in scheduled]
-        starts = [seq.num_computed_tokens for seq in seqs]
-        num_new = [item.num_new_tokens for item in scheduled]
-        ends = [s + n for s, n in zip(starts, num_new, strict=True)]
-        query_start_loc = [0, *accumulate(num_new)]
-        input_ids = list(chain.from_iterable(
-            seq.token_ids[s:e] for seq, s, e in zip(seqs, starts, ends, strict=True)))
-        positions, seq_index = token_positions(starts, num_new)
-        block_tables = self._block_tables(seqs, ends)
-        slot_mapping = block_tables[seq_index, positions // self.block_size].long() \
-            * self.block_size + positions % self.block_size
-        sample_seqs = [i for i, (seq, e) in enumerate(zip(seqs, ends, strict=True))
-                       if e == seq.num_tokens]
+        paged = self.attention_backend != "sdpa"
+        host = build_host_batch(scheduled, self.block_tables, gather_prefix=paged)
+        sample_rows = self._to_device(np.asarray(host.sample_rows, dtype=np.int64))
+        if self._graph_bucket(host) is not None:  # the graph's own buffers take the inputs
+            return StepInput(None, None, ForwardContext(), host.sample_seqs, sample_rows, host)
         to_dev = self._to_device
         context = ForwardContext(
-            query_start_loc=to_dev(torch.tensor(query_start_loc, dtype=torch.int32)),
-            seq_lens=to_dev(torch.tensor(ends, dtype=torch.int32)),
-            slot_mapping=to_dev(slot_mapping), block_tables=to_dev(block_tables),
-            query_start_loc_cpu=query_start_loc, seq_lens_cpu=ends,
-            all_slots_valid=bool((slot_mapping >= 0).all()))
-        sample_rows = torch.tensor([query_start_loc[i + 1] - 1 for i in sample_seqs])
-        return StepInput(to_dev(torch.tensor(input_ids, dtype=torch.long)), to_dev(positions),
-                         context, sample_seqs, to_dev(sample_rows.long()))
+            query_start_loc=to_dev(np.asarray(host.query_start_loc, dtype=np.int32)),
+            seq_lens=to_dev(np.asarray(host.seq_lens, dtype=np.int32)),
+            slot_mapping=to_dev(host.slot_mapping), block_tables=to_dev(host.block_tables),
+            query_start_loc_cpu=host.query_start_loc, seq_lens_cpu=host.seq_lens,
+            all_slots_valid=bool((host.slot_mapping >= 0).all()))
+        if paged:
+            context.paged = self._paged_metadata(host, context)
+        return StepInput(to_dev(host.input_ids), to_dev(host.positions), context,
+                         host.sample_seqs, sample_rows, host)
 
-    def _block_tables(self, seqs: list[Sequence], ends: list[int]) -> torch.Tensor:
-        """[num_seqs, max blocks needed] int32, each row the blocks covering its first `end`
-        tokens, padded with 0."""
-        needed = [-(-end // self.block_size) for end in ends]
-        table = torch.zeros(len(seqs), max(needed), dtype=torch.int32)
-        for i, (seq, n) in enumerate(zip(seqs, needed, strict=True)):
-            if len(seq.block_table) < n:
-                raise ValueError(f"sequence {seq.request_id} needs {n} blocks for "
-                                 f"{ends[i]} tokens but its block_table has "
-                                 f"{len(seq.block_table)}")
-            if ends[i] > seq.num_tokens:
-                raise ValueError(f"sequence {seq.request_id} schedules tokens up to "
-                                 f"{ends[i]} but has {seq.num_tokens}")
-            table[i, :n] = torch.tensor(seq.block_table[:n], dtype=torch.int32)
-        return table
+    def _paged_metadata(self, host: HostBatch, context: ForwardContext) -> PagedMetadata:
+        nd, qsl = host.num_decodes, host.query_start_loc
+        prefill_q = [e - s for s, e in zip(qsl[nd:-1], qsl[nd + 1:], strict=True)]
+        prefill_k = host.seq_lens[nd:] if host.prefill_kv_slots is not None else prefill_q
+        cu = [np.asarray([0, *accumulate(x)], dtype=np.int32) for x in (prefill_q, prefill_k)]
+        kv_slots = host.prefill_kv_slots
+        return PagedMetadata(
+            num_decodes=nd, decode_seq_lens=context.seq_lens[:nd],
+            decode_block_tables=context.block_tables[:nd],
+            prefill_cu_q=self._to_device(cu[0]), prefill_cu_k=self._to_device(cu[1]),
+            prefill_max_q=max(prefill_q, default=0), prefill_max_k=max(prefill_k, default=0),
+            prefill_kv_slots=None if kv_slots is None else self._to_device(kv_slots))
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, non_blocking=True)
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def _generators(self, seqs: list[Sequence]) -> list[torch.Generator | None]:
         """Per-request generators for seeded, non-greedy requests, kept across steps."""
@@ -196,12 +258,3 @@ class ModelRunner:
                 self._seeded[seq.seq_id] = (seq, self._generator(params.seed))
             generators.append(self._seeded[seq.seq_id][1])
         return generators
-
-
-def token_positions(starts: list[int], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position of every new token and the index of the sequence it belongs to (CPU, int64)."""
-    counts = torch.tensor(num_new)
-    seq_index = torch.repeat_interleave(torch.arange(len(num_new)), counts)
-    first_row = torch.tensor([0, *accumulate(num_new)][:-1])
-    offsets = torch.arange(int(counts.sum())) - first_row[seq_index]
-    return torch.tensor(starts)[seq_index] + offsets, seq_index

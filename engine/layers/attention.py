@@ -1,4 +1,6 @@
-"""Attention over a paged KV cache: store the step's K/V by slot, then SDPA.
+"""Attention over a paged KV cache, and the ``sdpa`` backend (the CPU reference).
+
+The ``sdpa`` backend stores the step's K/V by slot, then runs SDPA.
 
 Decodes (one new token) of a step share one SDPA call over their gathered, padded KV;
 each prefill chunk gets its own call with a bottom-right aligned causal mask, which SDPA
@@ -14,18 +16,18 @@ from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from engine.layers.context import DecodeBatch, ForwardContext, get_forward_context
+from engine.layers.varlen_attention import paged_forward
 
-BACKENDS = ("sdpa",)
+BACKENDS = ("sdpa", "torch", "flash_attn")
 
 
 class Attention(nn.Module):
     """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim].
 
     The runner assigns ``k_cache`` / ``v_cache`` ([num_blocks, block_size, num_kv_heads,
-    head_dim]); until then (profiling) attention only sees each sequence's new tokens.
+    head_dim]) and ``backend``; until the cache exists (profiling) attention only sees each
+    sequence's new tokens.
     """
-
-    backend = "sdpa"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
@@ -39,9 +41,17 @@ class Attention(nn.Module):
         self.gqa = num_heads != num_kv_heads
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.backend = "sdpa"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
+        if self.backend != "sdpa":
+            return paged_forward(self.backend, q, k, v, self.k_cache, self.v_cache, ctx,
+                                 self.scale).flatten(1)
+        return self._forward_sdpa(q, k, v, ctx)
+
+    def _forward_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      ctx: ForwardContext) -> torch.Tensor:
         out = torch.empty_like(q)
         if ctx.slot_mapping is None or self.k_cache.numel() == 0:
             for start, end, _ in ctx.spans(q.shape[0]):

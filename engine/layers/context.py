@@ -22,6 +22,27 @@ class DecodeBatch:
 
 
 @dataclass
+class PagedMetadata:
+    """The varlen backends' view of a step: decodes first, then prefill chunks.
+
+    Rows ``[0, num_decodes)`` are one-token steps (paged decode kernel, reading KV lengths and
+    blocks from device tensors, so a CUDA graph can replay it); the remaining rows are prefill
+    chunks for varlen flash attention. ``prefill_kv_slots`` lists, sequence after sequence, the
+    cache slots of every key a chunk attends to; None when no chunk has computed tokens
+    before it, so the chunks attend to their own new K/V directly.
+    """
+
+    num_decodes: int
+    decode_seq_lens: torch.Tensor | None = None     # [num_decodes] int32
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, width] int32
+    prefill_cu_q: torch.Tensor | None = None        # [P + 1] int32, rows from num_decodes
+    prefill_cu_k: torch.Tensor | None = None        # [P + 1] int32
+    prefill_max_q: int = 0
+    prefill_max_k: int = 0
+    prefill_kv_slots: torch.Tensor | None = None    # [sum of key lengths] int64
+
+
+@dataclass
 class ForwardContext:
     """How a flattened batch of T tokens splits into sequences, and where their KV lives.
 
@@ -42,6 +63,7 @@ class ForwardContext:
     query_start_loc_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
     all_slots_valid: bool = False
+    paged: PagedMetadata | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.layers import fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -13,6 +15,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.use_fused(x):
+            from engine.layers.fused_kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)[0]
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -21,5 +27,9 @@ class RMSNorm(nn.Module):
     def forward_with_residual(self, x: torch.Tensor,
                               residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual): the pre-norm decoder's residual stream."""
+        if fused.use_fused(x):
+            from engine.layers.fused_kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         x = x + residual
         return self(x), x

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.layers import fused
+
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
@@ -62,6 +64,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [T, heads, head_dim]; positions: [T]."""
+        if fused.use_fused(q):
+            from engine.layers.fused_kernels import rotary
+
+            return (rotary(q, self.cos_cache, self.sin_cache, positions),
+                    rotary(k, self.cos_cache, self.sin_cache, positions))
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -43,9 +43,12 @@ class Sampler:
     def _exponential(self, probs: torch.Tensor, greedy_rows: list[bool],
                      generators: list[torch.Generator | None]) -> torch.Tensor:
         """Exp(1) noise; greedy rows draw nothing, so they never shift other rows' streams."""
-        noise = torch.ones_like(probs)
         random_rows = [i for i, greedy in enumerate(greedy_rows) if not greedy]
         shared = [i for i in random_rows if generators[i] is None]
+        if len(shared) == len(probs):  # the common case: the same draws, with no scatter
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        noise = torch.ones_like(probs)
         if shared:
             draws = torch.empty(len(shared), probs.shape[-1], device=probs.device)
             rows = torch.tensor(shared, device=probs.device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.layers.attention import store_kv
 from engine.layers.sampler import Sampler
 from engine.loader import read_model_config
@@ -124,12 +124,12 @@ def test_bfloat16_mixed_batch_on_cuda_is_close_to_hf(hf_saved: tuple) -> None:
 
 
 def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "float32",
-                    atol: float = ATOL) -> None:
+                    atol: float = ATOL, **engine_args: object) -> None:
     """Step 1: A's first chunk (ends mid-block) + C's whole prefill.
     Step 2: A's last chunk + B (prefix hit on A's computed blocks) + C's first decode.
     Step 3: decodes of A, B and C."""
     runner = make_runner(path, bs, num_blocks=3 * (2 * bs + 9) // bs + 16, device=device,
-                         dtype=dtype)
+                         dtype=dtype, **engine_args)
     blocks = Blocks(runner.kv_cache.shape[2], bs)
     a = Sequence(tokens(2 * bs + 9, seed=1), GREEDY)
     c = Sequence(tokens(bs + 5, seed=3), GREEDY)
@@ -146,8 +146,8 @@ def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "
     plan = schedule(blocks, (a, a.num_tokens - chunk), (b, b.num_uncomputed_tokens), (c, 1))
     step = runner.prepare_inputs(plan.scheduled)
     shared = {blk * bs + off for blk in a.block_table[:hit_blocks] for off in range(bs)}
-    assert not shared & set(step.context.slot_mapping.tolist())  # the hit is not rewritten
-    assert step.input_ids.numel() == a.num_tokens - chunk + 6 + 1
+    assert not shared & set(step.host.slot_mapping.tolist())  # the hit is not rewritten
+    assert step.host.num_tokens == a.num_tokens - chunk + 6 + 1
     assert check_step(runner, hf, plan, atol) == [a, b, c]
     finish_step(plan, {a.seq_id: 5, b.seq_id: 6, c.seq_id: 7})
 
@@ -261,8 +261,9 @@ def test_runner_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="needs 3 blocks"):
         runner.execute_model(StepPlan([Scheduled(seq, 10)]))
     assert runner.execute_model(StepPlan()) == []
-    with pytest.raises(NotImplementedError, match="flash_attn"):
-        make_runner(None, 4, attention_backend="flash_attn")
+    for backend in ("flash_attn", "torch"):
+        with pytest.raises(ConfigError, match=f"attention_backend='{backend}'.*need CUDA"):
+            make_runner(None, 4, attention_backend=backend)
     fresh = ModelRunner(runner.model_config, runner.config, "cpu")
     with pytest.raises(RuntimeError, match="allocate_kv_cache"):
         fresh.execute_model(StepPlan([Scheduled(seq, 1)]))

@@ -1,0 +1,89 @@
+"""Fused Triton kernels (RMSNorm, RoPE, SiLU-and-mul) against the layers' torch code.
+
+Without a GPU they run under TRITON_INTERPRET=1 in float32; on a GPU also in bfloat16, where
+the kernels round where torch rounds, so the results agree to the last bit or one bf16 ulp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from engine.layers import fused  # noqa: E402
+from engine.layers.activation import SiluAndMul  # noqa: E402
+from engine.layers.fused_kernels import rms_norm, rotary, silu_and_mul  # noqa: E402
+from engine.layers.norm import RMSNorm  # noqa: E402
+from engine.layers.rotary import RotaryEmbedding  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers' own forward is the reference: never let them take the fused path here."""
+    monkeypatch.setattr(fused, "ENABLED", False)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    if actual.dtype == torch.bfloat16:
+        torch.testing.assert_close(actual.float(), expected.float(), atol=1e-2, rtol=1e-2)
+    else:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_and_without_residual(dtype: torch.dtype) -> None:
+    norm = RMSNorm(96, eps=1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(randn(96, dtype=dtype, seed=1))
+    x, residual = randn(7, 96, dtype=dtype, seed=2), randn(7, 96, dtype=dtype, seed=3)
+    close(rms_norm(x, norm.weight, 1e-6)[0], norm(x))
+    out, summed = rms_norm(x, norm.weight, 1e-6, residual)
+    expected, expected_sum = norm.forward_with_residual(x, residual)
+    close(out, expected)
+    close(summed, expected_sum)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_over_heads_of_a_strided_qkv_view(dtype: torch.dtype) -> None:
+    """Qwen3's q_norm/k_norm: one norm per head of a [T, heads, head_dim] slice of qkv."""
+    qkv = randn(5, 3 * 4 * 16, dtype=dtype, seed=4)
+    k = qkv[:, 64:128].view(5, 4, 16)
+    norm = RMSNorm(16).to(DEVICE, dtype)
+    close(rms_norm(k, norm.weight, 1e-6)[0], norm(k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_equals_the_reference(dtype: torch.dtype) -> None:
+    rope = RotaryEmbedding(32, 512, 10000.0).to(DEVICE)
+    qkv = randn(6, (4 + 2 + 2) * 32, dtype=dtype, seed=5)
+    q, k = qkv[:, :128].view(6, 4, 32), qkv[:, 128:192].view(6, 2, 32)
+    positions = torch.tensor([0, 1, 7, 100, 511, 3], device=DEVICE)
+    expected_q, expected_k = rope(positions, q, k)
+    close(rotary(q, rope.cos_cache, rope.sin_cache, positions), expected_q)
+    close(rotary(k, rope.cos_cache, rope.sin_cache, positions), expected_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_equals_the_reference(dtype: torch.dtype) -> None:
+    x = randn(9, 2 * 1500, dtype=dtype, seed=6)  # 1500 > one 1024-wide block: two programs
+    close(silu_and_mul(x), SiluAndMul()(x))
+
+
+def test_layers_take_the_fused_path_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "ENABLED", True)
+    assert fused.use_fused(torch.zeros(1, device=DEVICE)) == CUDA
+    assert not fused.use_fused(torch.zeros(1))

@@ -1,0 +1,188 @@
+"""The CUDA attention backends: Triton kernels against references, the paged path against HF.
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 and varlen flash attention is
+replaced by an SDPA reference, so the step layout (decodes first, prefix gather, cu_seqlens,
+graph padding rows) is checked on the CPU; on a GPU everything runs for real.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from engine.layers import varlen_attention  # noqa: E402
+from engine.layers.attention import store_kv  # noqa: E402
+from engine.layers.triton_kernels import paged_decode, store_kv_triton  # noqa: E402
+from engine.sequence import SamplingParams  # noqa: E402
+from tests.engine import test_model_runner as runner_tests  # noqa: E402
+from tests.engine.hf_tiny import hf_logits, hf_model, save_hf  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture
+def torch_backend(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The `torch` backend; on the CPU with the SDPA stand-in for varlen flash attention."""
+    if not CUDA:
+        monkeypatch.setattr(varlen_attention, "torch_varlen", lambda: varlen_attention.sdpa_varlen)
+        monkeypatch.setattr("engine.model_runner.resolve_backend", lambda *a: "torch")
+    return "torch"
+
+
+# -- kernels -----------------------------------------------------------------------------------
+
+def random_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return tuple(torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
+
+
+def test_store_kv_kernel_equals_index_copy() -> None:
+    k_cache, v_cache = random_cache(8, 4, 2, 16, torch.float32, seed=0)
+    qkv = torch.randn(5, 3 * 2 * 16, device=DEVICE)  # K and V are strided views, like qkv_proj
+    k, v = qkv[:, 32:64].view(5, 2, 16), qkv[:, 64:].view(5, 2, 16)
+    slots = torch.tensor([3, -1, 17, 0, 31], device=DEVICE)
+    expected = k_cache.clone(), v_cache.clone()
+    store_kv(k, v, *expected, slots)
+    store_kv_triton(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected[0]) and torch.equal(v_cache, expected[1])
+
+
+@pytest.mark.parametrize(("block_size", "heads", "kv_heads"), [(1, 4, 4), (16, 4, 2), (64, 8, 2)])
+def test_paged_decode_matches_gathered_sdpa(block_size: int, heads: int, kv_heads: int) -> None:
+    lens = [1, 7, 70, 0, 129]  # 0: a CUDA-graph padding row, must come out finite
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, v_cache = random_cache(num_blocks, block_size, kv_heads, 32, torch.float32, 1)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(2)).tolist()
+    width = max(-(-n // block_size) for n in lens)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        for j in range(-(-n // block_size)):
+            tables[i, j] = order.pop()
+    q = torch.randn(len(lens), heads, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = paged_decode(q, k_cache, v_cache, tables.to(DEVICE), seq_lens, 32 ** -0.5)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+            continue
+        blocks = tables[i, : -(-n // block_size)].long().to(DEVICE)
+        k, v = (c[blocks].flatten(0, 1)[:n].transpose(0, 1) for c in (k_cache, v_cache))
+        ref = F.scaled_dot_product_attention(q[i][:, None], k, v, scale=32 ** -0.5,
+                                             enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_paged_decode_bfloat16_full_size_heads() -> None:
+    """Qwen3-0.6B's attention shape (16 heads over 8 KV heads of 128) in bf16."""
+    k_cache, v_cache = random_cache(300, 16, 8, 128, torch.bfloat16, seed=4)
+    lens = [1000, 17, 2048 - 1]
+    tables = torch.randperm(300)[: 3 * 64].view(3, 64).repeat(1, 2).int().cuda()
+    q = torch.randn(3, 16, 128, device="cuda", dtype=torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = paged_decode(q, k_cache, v_cache, tables, seq_lens, 128 ** -0.5)
+    for i, n in enumerate(lens):
+        blocks = tables[i, : -(-n // 16)].long()
+        k, v = (c[blocks].flatten(0, 1)[:n].transpose(0, 1).float() for c in (k_cache, v_cache))
+        ref = F.scaled_dot_product_attention(q[i].float()[:, None], k, v, scale=128 ** -0.5,
+                                             enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[i].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+# -- the paged path end to end -----------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_torch_backend_mixed_batch_matches_hf(hf_saved: tuple, block_size: int,
+                                              torch_backend: str) -> None:
+    """Chunked prefill (a chunk ending mid-block), a prefix hit and decodes in one step."""
+    runner_tests.run_mixed_batch(*hf_saved, block_size, DEVICE, attention_backend=torch_backend)
+
+
+hf_saved = runner_tests.hf_saved
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_llm_on_the_torch_backend_generates_like_hf(tmp_path: object, torch_backend: str,
+                                                    enforce_eager: bool) -> None:
+    """The real scheduler with chunked prefill and prefix hits; on a GPU with CUDA graphs."""
+    from engine.llm import LLM
+
+    hf = hf_model("qwen3")
+    path = save_hf(hf, tmp_path / "qwen3")
+    prefix = runner_tests.tokens(30, seed=40)
+    prompts = [prefix + runner_tests.tokens(3 + i, seed=50 + i) for i in range(4)]
+    prompts.append(runner_tests.tokens(70, seed=60))
+    llm = LLM(str(path), dtype="float32", device=DEVICE, block_size=4, max_num_seqs=3,
+              max_num_batched_tokens=32, max_model_len=256, num_gpu_blocks_override=200,
+              attention_backend=torch_backend, enforce_eager=enforce_eager)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6,
+                                                   ignore_eos=True))
+    assert llm.model_runner.cuda_graphs_enabled == (CUDA and not enforce_eager)
+    if llm.model_runner.cuda_graphs_enabled:
+        assert llm.model_runner.graphs.replays > 0
+    assert sum(o.metrics.num_cached_tokens for o in outputs) > 0
+    for prompt, output in zip(prompts, outputs, strict=True):
+        ids = list(prompt)
+        for _ in range(6):
+            ids.append(int(hf_logits(hf, ids)[-1].argmax()))
+        assert output.output_token_ids == ids[len(prompt):]
+
+
+# -- host-side step layout ---------------------------------------------------------------------
+
+def test_block_table_rows_follow_growth_and_preemption() -> None:
+    from engine.sequence import Sequence
+    from engine.step_input import BlockTables
+
+    tables = BlockTables(block_size=4)
+    seq = Sequence(list(range(10)))
+    seq.block_table = [7, 3]
+    assert tables.row(seq).tolist() == [7, 3]
+    seq.block_table += [9] * 40  # grows past the row's capacity
+    assert tables.row(seq).tolist() == [7, 3] + [9] * 40
+    seq.block_table.clear()
+    seq.num_preemptions += 1  # preempted and re-admitted with other blocks, same length
+    seq.block_table += [1, 2] + [5] * 40
+    assert tables.row(seq).tolist() == [1, 2] + [5] * 40
+    tables.retain([])
+    assert tables.row(seq).tolist() == [1, 2] + [5] * 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and varlen_attention.flash_attn_available()),
+                    reason="needs a CUDA GPU and the flash-attn package")
+def test_flash_attn_backend_mixed_batch_matches_hf(hf_saved: tuple) -> None:
+    """flash_attn_with_kvcache pages by 256-token blocks, so only block_size 256 runs it."""
+    runner_tests.run_mixed_batch(*hf_saved, 256, DEVICE, dtype="bfloat16", atol=0.25,
+                                 attention_backend="flash_attn")
+
+
+def test_backend_choice_and_its_errors() -> None:
+    from engine.config import ConfigError
+    from engine.model_runner import resolve_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, 16) == "sdpa"
+    assert resolve_backend("auto", cuda, 16) == "torch"  # flash_attn pages by 256 only
+    assert resolve_backend("sdpa", cuda, 16) == "sdpa"
+    with pytest.raises(ConfigError, match="attention_backend='torch'.*need CUDA"):
+        resolve_backend("torch", cpu, 16)
+    if varlen_attention.flash_attn_available():
+        assert resolve_backend("auto", cuda, 256) == "flash_attn"
+        with pytest.raises(ConfigError, match="block_size=16 is invalid.*multiple of 256"):
+            resolve_backend("flash_attn", cuda, 16)
+    else:
+        assert resolve_backend("auto", cuda, 256) == "torch"
+        with pytest.raises(ConfigError, match="flash_attn package is not installed"):
+            resolve_backend("flash_attn", cuda, 256)
