@@ -106,3 +106,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows:
         _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, n, x.stride(0), BLOCK=block)
     return out
+
+
+@triton.jit
+def _gumbel_argmax_kernel(logits_ptr, inv_temp_ptr, seed_ptr, out_ptr, vocab, stride,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    inv_temp = tl.load(inv_temp_ptr + row)
+    seed = tl.load(seed_ptr + row)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_col = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + lanes
+        mask = cols < vocab
+        x = tl.load(logits_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        gumbel = -tl.log(-tl.log(tl.rand(seed, cols)))
+        score = tl.where(mask, x * inv_temp + gumbel, float("-inf"))
+        better = score > best
+        best = tl.where(better, score, best)
+        best_col = tl.where(better, cols, best_col)
+    lane = tl.argmax(best, 0)
+    tl.store(out_ptr + row, tl.sum(tl.where(lanes == lane, best_col, 0), 0))
+
+
+def gumbel_argmax(logits: torch.Tensor, inv_temperature: torch.Tensor,
+                  seeds: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """One token per row, drawn from softmax(logits * inv_temperature) by the Gumbel-max
+    trick, the noise from Philox keyed by the row's seed: one pass over the logits."""
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    if rows:
+        _gumbel_argmax_kernel[(rows,)](logits, inv_temperature, seeds, out, vocab,
+                                       logits.stride(0), BLOCK=block)
+    return out.long()

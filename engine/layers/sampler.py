@@ -3,13 +3,19 @@
 Random rows draw by the exponential race: argmax_j p_j / E_j with E_j ~ Exp(1) picks j with
 probability p_j. Rows whose request has its own generator draw from it, so a seeded request
 samples the same tokens whatever batch it runs in; the other rows share the engine generator.
+On CUDA, steps without top-k / top-p take one fused pass instead (Gumbel-max, the same law:
+argmax_j logit_j / T + G_j with G_j ~ Gumbel), its Philox noise keyed by one seed per row
+drawn from the same generators.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.layers import fused
 from engine.sequence import SamplingParams
+
+SEED_RANGE = 1 << 31
 
 
 class Sampler:
@@ -23,11 +29,27 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if all(greedy_rows):
             return greedy
-        probs = self._probs(logits, params)
-        noise = self._exponential(probs, greedy_rows, generators or [None] * len(params))
-        sampled = probs.div_(noise).argmax(dim=-1)
+        generators = generators or [None] * len(params)
         is_greedy = torch.tensor(greedy_rows, device=logits.device)
+        if fused.use_fused(logits) and not any(_filters(p, logits.shape[-1]) for p in params):
+            return torch.where(is_greedy, greedy, self._gumbel(logits, params, generators))
+        probs = self._probs(logits, params)
+        noise = self._exponential(probs, greedy_rows, generators)
+        sampled = probs.div_(noise).argmax(dim=-1)
         return torch.where(is_greedy, greedy, sampled)
+
+    def _gumbel(self, logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        from engine.layers.fused_kernels import gumbel_argmax
+
+        device = logits.device
+        seeds = torch.randint(SEED_RANGE, (len(params),), device=device,
+                              generator=self.generator)
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                seeds[i] = torch.randint(SEED_RANGE, (1,), device=device, generator=gen)[0]
+        inv_temp = torch.tensor([1.0 / (p.temperature or 1.0) for p in params], device=device)
+        return gumbel_argmax(logits, inv_temp, seeds)
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         device, vocab = logits.device, logits.shape[-1]
@@ -57,6 +79,10 @@ class Sampler:
             if generators[i] is not None:
                 noise[i].exponential_(generator=generators[i])
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _filters(params: SamplingParams, vocab: int) -> bool:
+    return 0 < params.top_k < vocab or params.top_p < 1
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,

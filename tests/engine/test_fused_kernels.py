@@ -87,3 +87,45 @@ def test_layers_take_the_fused_path_only_on_cuda(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(fused, "ENABLED", True)
     assert fused.use_fused(torch.zeros(1, device=DEVICE)) == CUDA
     assert not fused.use_fused(torch.zeros(1))
+
+
+def test_gumbel_argmax_samples_the_tempered_softmax() -> None:
+    from engine.layers.fused_kernels import gumbel_argmax
+
+    rows = 100_000 if CUDA else 300  # the interpreter runs ~20 ms per program
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, 3.0, -2.0, 1.5] * 3, device=DEVICE)
+    logits = logits[None, :].expand(rows, -1).contiguous()  # 24 columns: two blocks of 16
+    seeds = torch.arange(rows, device=DEVICE) * 7919 + 1
+    inv_temp = torch.full((rows,), 1 / 0.7, device=DEVICE)
+    tokens = gumbel_argmax(logits, inv_temp, seeds, block=16)
+    assert torch.equal(tokens, gumbel_argmax(logits, inv_temp, seeds, block=16))
+    freq = torch.bincount(tokens % 8, minlength=8).float().cpu() / rows
+    expected = torch.softmax(logits[0, :8].cpu() / 0.7, 0)
+    atol = 0.006 if CUDA else 0.1  # ~4 sigma of a frequency near 0.4
+    torch.testing.assert_close(freq, expected, atol=atol, rtol=0)
+    assert set((tokens // 8).tolist()) == {0, 1, 2}  # columns of both blocks are drawn
+    greedy = gumbel_argmax(logits[:50], torch.full((50,), 1e4, device=DEVICE), seeds[:50], 16)
+    assert set(greedy.tolist()) <= {5, 13, 21}  # a tiny temperature takes the best logit
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_sampler_fused_path_keeps_seeded_requests_batch_independent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.layers.sampler import Sampler
+    from engine.sequence import SamplingParams
+
+    monkeypatch.setattr(fused, "ENABLED", True)
+    logits = randn(4, 151_936, dtype=torch.float32, seed=7)
+    seeded, hot, greedy = (SamplingParams(temperature=0.8, seed=5),
+                           SamplingParams(temperature=0.8), SamplingParams(temperature=0.0))
+
+    def draw(rows: list[int], params: list[SamplingParams]) -> list[int]:
+        gens = [torch.Generator("cuda").manual_seed(5) if p.seed else None for p in params]
+        return Sampler(torch.Generator("cuda").manual_seed(0))(logits[rows], params,
+                                                                gens).tolist()
+
+    alone = draw([0], [seeded])
+    mixed = draw([1, 0, 2, 3], [hot, seeded, greedy, hot])
+    assert mixed[1] == alone[0]
+    assert mixed[2] == int(logits[2].argmax())
