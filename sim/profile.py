@@ -3,15 +3,30 @@
 A profile is one JSON file in `sim/profiles/`, keyed by hardware, model, dtype and attention
 backend (`<hardware>__<model>__<dtype>__<backend>.json`):
 
-    {"format": "kvtwin-profile/1",
+    {"format": "kvtwin-profile/2",
      "key": {"hardware": ..., "model": ..., "dtype": ..., "backend": ...},
-     "meta": {device name, torch version, date, command, ...},
+     "meta": {device name, torch version, date, command, attention_backend,
+              cuda_graphs_enabled, ...},
      "buckets": [CUDA-graph batch sizes] or null when steps ran eagerly,
      "memory": {"total_bytes", "non_torch_bytes", "cuda_graph_bytes",
                 "activation": [[max_num_batched_tokens, peak activation bytes], ...]},
      "samples": {"prefill_tokens": [...], "prefill_attn": [...], "decode_seqs": [...],
-                 "decode_ctx": [...], "num_seqs": [...], "seconds": [...]},
-     "fit": {"decode_coef": [...], "mixed_coef": [...], "holdout": {...}}}
+                 "decode_ctx": [...], "num_seqs": [...],
+                 "seconds": [...],       # what the sim predicts: the whole engine step for
+                                         # "engine" rows, the forward pass for "synthetic" ones
+                 "exec_seconds": [...],  # ModelRunner.execute_model alone
+                 "source": ["synthetic" | "engine", ...]},
+     "fit": {"decode": {"terms": [...], "coef": [...]}, "mixed": {...},
+             "host_decode": {...} | null, "host_mixed": {...} | null, "holdout": {...}}}
+
+"synthetic" rows are steps built directly and timed through `execute_model`; "engine" rows are
+real `LLMEngine.step` calls (schedule + records + execute_model + update_from_output), the
+duration a replay measures. The fit: device time (execute_model) per step kind from both
+sources, plus host overhead (step minus execute_model) from the engine rows.
+
+Version-1 files (`kvtwin-profile/1`: synthetic rows only, `fit.decode_coef` / `mixed_coef`
+over the fixed terms `sim.step_time.DECODE_TERMS` / `MIXED_TERMS`, no host term) still load
+and predict exactly as before; saving writes version 2.
 """
 
 from __future__ import annotations
@@ -27,14 +42,22 @@ import numpy as np
 from sim.features import FEATURES, StepFeatures
 from sim.step_time import (
     DECODE_TERMS,
+    HOST_DECODE_TERMS,
+    HOST_MIXED_TERMS,
     MIXED_TERMS,
     CalibratedStepTime,
+    LinearTerms,
+    decode_terms,
     design_matrix,
     fit_nonnegative,
+    mixed_terms,
 )
 
-FORMAT = "kvtwin-profile/1"
+FORMAT = "kvtwin-profile/2"
+FORMAT_V1 = "kvtwin-profile/1"
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+SOURCES = ("synthetic", "engine")
+KINDS = ("decode", "mixed")
 
 
 def slug(text: str) -> str:
@@ -57,11 +80,16 @@ class ProfileKey:
 @dataclass
 class Profile:
     key: ProfileKey
-    samples: dict[str, list[float]]
+    samples: dict[str, list[Any]]
     buckets: list[int] | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.samples.get("seconds", []))
+        self.samples.setdefault("exec_seconds", list(self.samples.get("seconds", [])))
+        self.samples.setdefault("source", ["synthetic"] * n)
 
     @property
     def name(self) -> str:
@@ -73,6 +101,14 @@ class Profile:
     @property
     def seconds(self) -> np.ndarray:
         return np.asarray(self.samples["seconds"], dtype=np.float64)
+
+    @property
+    def exec_seconds(self) -> np.ndarray:
+        return np.asarray(self.samples["exec_seconds"], dtype=np.float64)
+
+    @property
+    def source(self) -> np.ndarray:
+        return np.asarray(self.samples["source"], dtype=object)
 
     def activation_bytes(self, max_num_batched_tokens: int) -> int:
         """Peak activation, interpolated linearly in tokens between measured points."""
@@ -91,21 +127,17 @@ class Profile:
 
     def fit_step_time(self, holdout: float = 0.2, seed: int = 0) -> CalibratedStepTime:
         """Fit on all samples; report the error of a fit on the rest on a held-out share."""
-        f, t = self.features(), self.seconds
-        test = np.random.default_rng(seed).random(len(t)) < holdout
-        held = _fit(f, t, ~test, self.buckets, self.name)
-        model = _fit(f, t, np.ones(len(t), dtype=bool), self.buckets, self.name)
-        self.fit = {"decode_coef": model.decode_coef.tolist(),
-                    "mixed_coef": model.mixed_coef.tolist(),
-                    "holdout": _errors(held.predict(_subset(f, test)), t[test])}
+        data = FitData(self.features(), self.seconds, self.exec_seconds, self.source)
+        test = np.random.default_rng(seed).random(len(data)) < holdout
+        held = fit_model(data.subset(~test), self.buckets, self.name)
+        model = fit_model(data, self.buckets, self.name)
+        self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, data.subset(test))}
         return model
 
     def step_time(self) -> CalibratedStepTime:
         if not self.fit:
             return self.fit_step_time()
-        return CalibratedStepTime(np.asarray(self.fit["decode_coef"]),
-                                  np.asarray(self.fit["mixed_coef"]), self.buckets,
-                                  source=f"profile {self.name}")
+        return model_from_fit(self.fit, self.buckets, f"profile {self.name}")
 
     # -- files --------------------------------------------------------------------------------
 
@@ -123,9 +155,11 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         data = json.loads(Path(path).read_text())
+        if data.get("format") == FORMAT_V1:
+            data = upgrade_v1(data)
         if data.get("format") != FORMAT:
             raise ValueError(f"{path}: format={data.get('format')!r} is invalid: must be "
-                             f"{FORMAT!r}")
+                             f"{FORMAT!r} or {FORMAT_V1!r}")
         return cls(ProfileKey(**data["key"]), data["samples"], data.get("buckets"),
                    data.get("memory", {}), data.get("meta", {}), data.get("fit", {}))
 
@@ -135,28 +169,146 @@ def find_profile(key: ProfileKey, directory: Path = PROFILE_DIR) -> Profile | No
     return Profile.load(path) if path.is_file() else None
 
 
-def _subset(f: StepFeatures, mask: np.ndarray) -> StepFeatures:
-    return StepFeatures(*(getattr(f, name)[mask] for name in FEATURES))
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 profile as version 2: the same samples (synthetic) and the same fit."""
+    fit = dict(data.get("fit") or {})
+    if "decode_coef" in fit:
+        fit["decode"] = {"terms": list(DECODE_TERMS), "coef": fit.pop("decode_coef")}
+        fit["mixed"] = {"terms": list(MIXED_TERMS), "coef": fit.pop("mixed_coef")}
+        fit.update(host_decode=None, host_mixed=None)
+    meta = {**(data.get("meta") or {}), "upgraded_from": FORMAT_V1}
+    return {**data, "format": FORMAT, "fit": fit, "meta": meta}
 
 
-def _fit(f: StepFeatures, t: np.ndarray, mask: np.ndarray, buckets: list[int] | None,
-         name: str) -> CalibratedStepTime:
-    sub, ts = _subset(f, mask), t[mask]
-    decode = sub.is_decode_only
-    coefs = []
-    for rows, terms in ((decode, DECODE_TERMS), (~decode, MIXED_TERMS)):
-        if rows.sum() < len(terms):
-            raise ValueError(f"profile {name}: {int(rows.sum())} samples for "
-                             f"{len(terms)} terms; measure more steps")
-        x = design_matrix(_subset(sub, rows), terms, buckets if terms is DECODE_TERMS else None)
-        coefs.append(fit_nonnegative(x, ts[rows]))
-    return CalibratedStepTime(coefs[0], coefs[1], buckets, source=f"profile {name}")
+# -- the fit ------------------------------------------------------------------------------------
+
+@dataclass
+class FitData:
+    features: StepFeatures
+    seconds: np.ndarray       # the target: whole engine step, or forward pass (synthetic)
+    exec_seconds: np.ndarray  # execute_model alone
+    source: np.ndarray        # "synthetic" | "engine"
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    def subset(self, mask: np.ndarray) -> FitData:
+        f = StepFeatures(*(getattr(self.features, name)[mask] for name in FEATURES))
+        return FitData(f, self.seconds[mask], self.exec_seconds[mask], self.source[mask])
+
+    def kind(self, kind: str) -> FitData:
+        decode = self.features.is_decode_only
+        return self.subset(decode if kind == "decode" else ~decode)
+
+
+def fit_model(data: FitData, buckets: list[int] | None, name: str) -> CalibratedStepTime:
+    """Device time per kind from every row's execute_model time; host overhead per kind
+    from the engine rows (their step time minus execute_model)."""
+    decode, mixed = data.kind("decode"), data.kind("mixed")
+    d_terms = decode_terms(buckets, int(decode.features.decode_seqs.max(initial=1)),
+                           int(decode.features.decode_ctx.max(initial=0)))
+    m_terms = mixed_terms(int(mixed.features.num_tokens.max(initial=1)),
+                          int(mixed.features.decode_ctx.max(initial=0)))
+    return CalibratedStepTime(
+        fit_device(decode, d_terms, buckets, name), fit_device(mixed, m_terms, None, name),
+        buckets, source=f"profile {name}", decode_terms=d_terms, mixed_terms=m_terms,
+        host_decode=fit_host(decode, HOST_DECODE_TERMS),
+        host_mixed=fit_host(mixed, HOST_MIXED_TERMS))
+
+
+def fit_device(data: FitData, terms: tuple[str, ...], buckets: list[int] | None,
+               name: str) -> np.ndarray:
+    if len(data) < len(terms):
+        raise ValueError(f"profile {name}: {len(data)} samples for {len(terms)} terms; "
+                         "measure more steps")
+    x = design_matrix(data.features, terms, buckets)
+    return fit_nonnegative(x, data.exec_seconds, source_weights(data.source))
+
+
+def source_weights(source: np.ndarray) -> np.ndarray:
+    """Each source present carries the same total weight, however many rows it has."""
+    weights = np.ones(len(source))
+    for name in SOURCES:
+        rows = source == name
+        if rows.any():
+            weights[rows] = len(source) / (rows.sum() * len(set(source)))
+    return weights
+
+
+def fit_host(data: FitData, terms: tuple[str, ...]) -> LinearTerms | None:
+    """Host overhead of engine steps; None without enough engine rows (version-1 style)."""
+    engine = data.subset(data.source == "engine")
+    if len(engine) < 4 * len(terms):
+        return None
+    x = design_matrix(engine.features, terms, None)
+    host = np.maximum(engine.seconds - engine.exec_seconds, 1e-7)
+    return LinearTerms(terms, fit_nonnegative(x, host))
+
+
+def model_to_fit(model: CalibratedStepTime) -> dict[str, Any]:
+    def host(h: LinearTerms | None) -> dict[str, Any] | None:
+        return None if h is None else h.to_dict()
+    return {"decode": LinearTerms(model.decode_terms, model.decode_coef).to_dict(),
+            "mixed": LinearTerms(model.mixed_terms, model.mixed_coef).to_dict(),
+            "host_decode": host(model.host_decode), "host_mixed": host(model.host_mixed)}
+
+
+def model_from_fit(fit: dict[str, Any], buckets: list[int] | None,
+                   source: str) -> CalibratedStepTime:
+    for part in ("decode", "mixed"):
+        if not isinstance(fit.get(part), dict):
+            raise ValueError(f"{source}: fit.{part} is missing: refit the profile")
+    decode = LinearTerms.from_dict(fit["decode"], f"{source}: fit.decode")
+    mixed = LinearTerms.from_dict(fit["mixed"], f"{source}: fit.mixed")
+    hosts = [LinearTerms.from_dict(fit[k], f"{source}: fit.{k}") if fit.get(k) else None
+             for k in ("host_decode", "host_mixed")]
+    return CalibratedStepTime(decode.coef, mixed.coef, buckets, source,
+                              decode_terms=decode.terms, mixed_terms=mixed.terms,
+                              host_decode=hosts[0], host_mixed=hosts[1])
+
+
+# -- held-out error -----------------------------------------------------------------------------
+
+def holdout_errors(model: CalibratedStepTime, test: FitData) -> dict[str, Any]:
+    """Relative error on held-out rows: all, by source and by kind. Engine rows are judged
+    on the whole step (what a replay measures), synthetic rows on the forward pass."""
+    predicted = model.predict(test.features)
+    device = _device_only(model).predict(test.features)
+    engine = test.source == "engine"
+    pred = np.where(engine, predicted, device)
+    out = _errors(pred, test.seconds)
+    out["by_source"] = {s: _errors(pred[test.source == s], test.seconds[test.source == s])
+                        for s in SOURCES}
+    decode = test.features.is_decode_only
+    out["by_kind"] = {"decode": _errors(pred[decode], test.seconds[decode]),
+                      "mixed": _errors(pred[~decode], test.seconds[~decode])}
+    return out
+
+
+def _device_only(model: CalibratedStepTime) -> CalibratedStepTime:
+    return CalibratedStepTime(model.decode_coef, model.mixed_coef, model.buckets, model.source,
+                              decode_terms=model.decode_terms, mixed_terms=model.mixed_terms)
 
 
 def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     if len(measured) == 0:
         return {"n": 0}
-    pct = 100 * np.abs(predicted - measured) / measured
-    return {"n": int(len(measured)), "median_abs_pct_err": float(np.median(pct)),
-            "p90_abs_pct_err": float(np.percentile(pct, 90)),
-            "max_abs_pct_err": float(pct.max())}
+    pct = 100 * (predicted - measured) / measured
+    return {"n": int(len(measured)), "median_abs_pct_err": float(np.median(np.abs(pct))),
+            "p90_abs_pct_err": float(np.percentile(np.abs(pct), 90)),
+            "max_abs_pct_err": float(np.abs(pct).max()),
+            "mean_signed_pct_err": float(pct.mean())}
+
+
+def format_holdout(holdout: dict[str, Any]) -> str:
+    """One line per group: n, median / p90 / max |error| and the mean signed error."""
+    def line(label: str, e: dict[str, Any]) -> str:
+        if not e.get("n"):
+            return f"  {label:<10} n=0"
+        return (f"  {label:<10} n={e['n']:<5} median {e['median_abs_pct_err']:.1f} %  "
+                f"p90 {e['p90_abs_pct_err']:.1f} %  max {e['max_abs_pct_err']:.1f} %  "
+                f"bias {e.get('mean_signed_pct_err', float('nan')):+.1f} %")
+    rows = [line("all", holdout)]
+    rows += [line(k, v) for k, v in (holdout.get("by_source") or {}).items()]
+    rows += [line(k, v) for k, v in (holdout.get("by_kind") or {}).items()]
+    return "held-out step-time error (|predicted - measured| / measured):\n" + "\n".join(rows)

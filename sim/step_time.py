@@ -44,46 +44,132 @@ def padded_batch(decode_seqs: np.ndarray, buckets: list[int] | None) -> np.ndarr
 
 # -- calibrated -------------------------------------------------------------------------------
 
+# Version-1 profiles' terms (still read, and the defaults of CalibratedStepTime).
 DECODE_TERMS = ("const", "padded_batch", "decode_ctx")
 MIXED_TERMS = ("const", "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx",
                "num_seqs")
+# Host overhead per step (scheduling, records, applying the output): what engine steps add to
+# ModelRunner.execute_model.
+HOST_DECODE_TERMS = ("const", "num_seqs")
+HOST_MIXED_TERMS = ("const", "num_seqs", "prefill_tokens")
+
+
+CTX_KNOTS = (1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+def decode_terms(buckets: list[int] | None, max_batch: int,
+                 max_ctx: int = 0) -> tuple[str, ...]:
+    """Decode-only steps: graph bucket and summed context, each convex piecewise linear
+    (hinge terms at knots below the largest measured value), and mean context per sequence
+    (long single-sequence attention)."""
+    knots = [k for k in (4, 16, 64, 128) if k < max_batch]
+    return ("const", "padded_batch", *(f"padded_batch>{k}" for k in knots), "decode_ctx",
+            *_ctx_hinges(max_ctx), "mean_ctx")
+
+
+def mixed_terms(max_tokens: int, max_ctx: int = 0) -> tuple[str, ...]:
+    """Mixed / prefill steps: tokens (hinges: flat while weight-bound, then compute-bound),
+    prefill attention pairs, decodes and their context (hinges), sequences."""
+    knots = [k for k in (64, 256, 1024, 4096) if k < max_tokens]
+    return ("const", "num_tokens", *(f"num_tokens>{k}" for k in knots), "prefill_attn",
+            "decode_seqs", "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx", "num_seqs")
+
+
+def _ctx_hinges(max_ctx: int) -> list[str]:
+    return [f"decode_ctx>{k}" for k in CTX_KNOTS if 2 * k < max_ctx]
+
+
+def term_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.ndarray:
+    """One column of the design matrix. `name>k` is the hinge max(0, name - k)."""
+    if ">" in term:
+        name, knot = term.split(">")
+        return np.maximum(term_column(f, name, buckets) - float(knot), 0.0)
+    if term == "const":
+        return np.ones(len(f))
+    if term == "padded_batch":
+        return padded_batch(f.decode_seqs, buckets).astype(np.float64)
+    if term == "num_tokens":
+        return f.num_tokens.astype(np.float64)
+    if term == "mean_ctx":
+        return f.decode_ctx / np.maximum(f.decode_seqs, 1).astype(np.float64)
+    if term == "prefill_seqs":
+        return (f.num_seqs - f.decode_seqs).astype(np.float64)
+    if not hasattr(f, term):
+        raise ValueError(f"step-time term {term!r} is invalid: not a feature of StepFeatures")
+    return getattr(f, term).astype(np.float64)
 
 
 def design_matrix(f: StepFeatures, terms: tuple[str, ...],
                   buckets: list[int] | None) -> np.ndarray:
-    cols = {
-        "const": np.ones(len(f)),
-        "padded_batch": padded_batch(f.decode_seqs, buckets).astype(np.float64),
-    }
-    return np.stack([cols[t] if t in cols else getattr(f, t).astype(np.float64)
-                     for t in terms], axis=1)
+    return np.stack([term_column(f, t, buckets) for t in terms], axis=1)
+
+
+@dataclass
+class LinearTerms:
+    """t = sum_i coef[i] * term_i(step), summed term by term (so a run of steps and single
+    steps give bit-identical results)."""
+
+    terms: tuple[str, ...]
+    coef: np.ndarray
+
+    def predict(self, f: StepFeatures, buckets: list[int] | None) -> np.ndarray:
+        total = np.zeros(len(f))
+        for term, c in zip(self.terms, self.coef, strict=True):
+            if c != 0.0:
+                total = total + c * term_column(f, term, buckets)
+        return total
+
+    def to_dict(self) -> dict[str, list]:
+        return {"terms": list(self.terms), "coef": [float(c) for c in self.coef]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list], what: str) -> LinearTerms:
+        terms, coef = tuple(data.get("terms", ())), np.asarray(data.get("coef", ()), float)
+        if len(terms) != len(coef) or not terms:
+            raise ValueError(f"{what}: terms and coef must be non-empty lists of one length "
+                             f"(got {len(terms)} terms, {len(coef)} coef)")
+        return cls(terms, coef)
 
 
 @dataclass
 class CalibratedStepTime:
-    """t = decode_coef . [1, padded batch, context] on decode-only (graph) steps,
-    t = mixed_coef . [1, prefill tokens, prefill attention, decodes, context, seqs] otherwise.
-    """
+    """Device time (`decode_coef` over `decode_terms` on decode-only (graph) steps,
+    `mixed_coef` over `mixed_terms` otherwise) plus host overhead (`host_decode` /
+    `host_mixed`, zero when absent: version-1 profiles timed the forward pass alone)."""
 
     decode_coef: np.ndarray
     mixed_coef: np.ndarray
     buckets: list[int] | None
     source: str
     kind: str = "calibrated"
+    decode_terms: tuple[str, ...] = DECODE_TERMS
+    mixed_terms: tuple[str, ...] = MIXED_TERMS
+    host_decode: LinearTerms | None = None
+    host_mixed: LinearTerms | None = None
 
     def predict(self, features: StepFeatures, first_step: int = 0) -> np.ndarray:
-        decode = design_matrix(features, DECODE_TERMS, self.buckets) @ self.decode_coef
-        mixed = design_matrix(features, MIXED_TERMS, None) @ self.mixed_coef
+        decode = self._part(features, self.decode_terms, self.decode_coef, self.host_decode)
+        mixed = self._part(features, self.mixed_terms, self.mixed_coef, self.host_mixed)
         return np.where(features.is_decode_only, decode, mixed)
 
+    def _part(self, f: StepFeatures, terms: tuple[str, ...], coef: np.ndarray,
+              host: LinearTerms | None) -> np.ndarray:
+        device = LinearTerms(terms, coef).predict(f, self.buckets)
+        return device if host is None else device + host.predict(f, None)
 
-def fit_nonnegative(x: np.ndarray, seconds: np.ndarray) -> np.ndarray:
-    """Non-negative least squares on relative error (rows weighted by 1 / t)."""
+
+def fit_nonnegative(x: np.ndarray, seconds: np.ndarray,
+                    weights: np.ndarray | None = None) -> np.ndarray:
+    """Non-negative least squares on relative error (rows weighted by 1 / t, times
+    `weights`)."""
     from scipy.optimize import nnls
 
     w = 1.0 / np.maximum(seconds, 1e-9)
-    coef, _ = nnls(x * w[:, None], seconds * w)
-    return coef
+    if weights is not None:
+        w = w * np.sqrt(weights)
+    scale = np.maximum(np.abs(x * w[:, None]).max(axis=0), 1e-30)  # conditioning
+    coef, _ = nnls(x * w[:, None] / scale, seconds * w, maxiter=50 * x.shape[1])
+    return coef / scale
 
 
 # -- roofline ---------------------------------------------------------------------------------

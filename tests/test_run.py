@@ -152,6 +152,30 @@ def test_real_mode_refuses_a_large_model_on_the_cpu(tmp_path: Path) -> None:
     assert "the CPU engine is for the tiny models" in result.stderr
 
 
+def test_bench_mode_prints_the_table_and_writes_bench_json(tmp_path: Path) -> None:
+    result = run_py("mode=bench", "model=tiny_qwen3", "engine=cpu_tiny", "workload=nanovllm_bench",
+                    "workload.params.n=4", "workload.params.max_input_len=120",
+                    "workload.params.max_output_len=100", "+bench.hf_requests=2",
+                    "+bench.peers=generate", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "kvtwin / peer = output tok/s" in result.stdout
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["command"].startswith("python run.py progress=false mode=bench")
+    assert bench["workload"]["params"] == {"n": 4, "max_input_len": 120, "max_output_len": 100,
+                                           "seed": 0}
+    assert bench["kvtwin"]["output_tokens"] == bench["workload"]["output_tokens"]
+    assert list(bench["peers"]) == ["generate"] and bench["peers"]["generate"]["num_requests"] == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["mode"] == "bench"
+    assert summary["bench"]["ratios"]["generate"] > 0
+
+
+def test_bench_mode_names_an_unknown_bench_option(tmp_path: Path) -> None:
+    result = run_py("mode=bench", "model=tiny_qwen3", "engine=cpu_tiny", "+bench.peer=generate",
+                    f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0 and "bench.peer='generate' is invalid" in result.stderr
+
+
 def test_ctrl_c_keeps_the_run_folder_and_says_where(tmp_path: Path) -> None:
     import signal
     import time

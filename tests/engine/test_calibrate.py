@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from engine.calibrate import (
     CalibrationGrid,
+    EngineWorkload,
     StepShape,
+    StepTap,
     calibrate,
     catalog_stem,
     config_from_args,
+    engine_workloads,
+    graph_info,
     parse_args,
 )
 from engine.config import EngineConfig
+from engine.llm import LLMEngine
 from engine.memory import estimate_activation_bytes
 from sim.catalog import load_hardware, load_model
-from sim.features import StepFeatures
+from sim.features import FEATURES, StepFeatures
 from sim.memory_model import predict_memory
-from sim.profile import Profile, ProfileKey, find_profile
+from sim.profile import FORMAT_V1, Profile, ProfileKey, find_profile
 from sim.simulator import Simulator
+from sim.step_time import DECODE_TERMS, MIXED_TERMS, design_matrix
 from workloads.trace_requests import TraceRequest
 
 MODEL = load_model("tiny_qwen3")
@@ -30,11 +38,14 @@ GRID = CalibrationGrid(prefill_chunks=(8, 32, 96), prefill_contexts=(0, 64),
                        prefill_seqs=(1, 2), decode_batches=(1, 4, 8, 16),
                        decode_contexts=(16, 128), mixed_decodes=(2, 8), mixed_chunks=(16, 64),
                        repeats=2, passes=2, warmup=2)
+WORKLOADS = [EngineWorkload("batch", 64, (8, 64), (2, 24)),
+             EngineWorkload("chat", 48, (48, 200), (2, 16), "lognormal", 200)]
 
 
 @pytest.fixture(scope="module")
 def profile() -> Profile:
-    return calibrate("tiny_qwen3", CONFIG, hardware="cpu", samples=GRID, time_budget_s=60)
+    return calibrate("tiny_qwen3", CONFIG, hardware="cpu", samples=GRID, time_budget_s=60,
+                     workloads=WORKLOADS, engine_passes=1, verbose=False)
 
 
 def expected_features(shape: StepShape) -> tuple[int, ...]:
@@ -44,24 +55,33 @@ def expected_features(shape: StepShape) -> tuple[int, ...]:
             shape.num_seqs)
 
 
+def rows(profile: Profile, source: str) -> np.ndarray:
+    return profile.source == source
+
+
 def test_profile_key_and_samples(profile: Profile) -> None:
     assert profile.key == ProfileKey("cpu", "tiny_qwen3", "float32", "sdpa")
     assert profile.key.filename == "cpu__tiny_qwen3__float32__sdpa.json"
     shapes = GRID.runnable(CONFIG, 512)
-    assert len(shapes) == 12 + 8 + 8 and len(profile.seconds) == len(shapes)
-    measured = sorted(zip(*(profile.samples[f] for f in (
-        "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx", "num_seqs")),
-        strict=True))
+    synthetic = rows(profile, "synthetic")
+    assert len(shapes) == 12 + 8 + 8 and synthetic.sum() == len(shapes)
+    measured = sorted(zip(*(np.asarray(profile.samples[f])[synthetic] for f in FEATURES),
+                          strict=True))
     assert measured == sorted(expected_features(s) for s in shapes)
     assert (profile.seconds > 0).all() and profile.buckets is None
 
 
-def test_grid_leaves_out_steps_the_config_cannot_run() -> None:
-    small = EngineConfig(max_model_len=100, max_num_seqs=6, max_num_batched_tokens=64)
-    shapes = GRID.runnable(small, num_blocks=40)
-    assert shapes and all(s.max_len <= 100 and s.num_seqs <= 6 and s.num_tokens <= 64
-                          and s.blocks(16) <= 40 for s in shapes)
-    assert len(shapes) < len(GRID.shapes())
+def test_engine_steps_are_timed_as_a_replay_times_them(profile: Profile) -> None:
+    """Engine rows: one per LLMEngine.step, the whole step (>= its execute_model), both
+    decode-only and mixed steps, each workload's requests all served."""
+    engine = rows(profile, "engine")
+    assert engine.sum() > 50
+    assert (profile.seconds[engine] >= profile.exec_seconds[engine]).all()
+    assert (profile.seconds[~engine] == profile.exec_seconds[~engine]).all()
+    decode = profile.features().is_decode_only
+    assert (engine & decode).any() and (engine & ~decode).any()
+    assert profile.meta["engine_steps"] == engine.sum()
+    assert [w["name"] for w in profile.meta["engine_workloads"]] == ["batch", "chat"]
 
 
 def test_fit_predicts_its_own_samples(profile: Profile) -> None:
@@ -70,7 +90,21 @@ def test_fit_predicts_its_own_samples(profile: Profile) -> None:
     assert np.median(rel) < 0.25, f"median relative error {np.median(rel):.2f}"
     holdout = profile.fit["holdout"]
     assert holdout["n"] > 0 and holdout["median_abs_pct_err"] >= 0
-    assert len(profile.fit["decode_coef"]) == 3 and len(profile.fit["mixed_coef"]) == 6
+    assert set(holdout["by_source"]) == {"synthetic", "engine"}
+    assert set(holdout["by_kind"]) == {"decode", "mixed"}
+    assert profile.fit["decode"]["terms"][:2] == ["const", "padded_batch"]
+    assert "num_tokens" in profile.fit["mixed"]["terms"]
+    assert profile.fit["host_decode"] is not None and profile.fit["host_mixed"] is not None
+
+
+def test_host_overhead_is_added_to_the_device_time(profile: Profile) -> None:
+    model = profile.step_time()
+    one = StepFeatures.from_columns(dict(prefill_tokens=[0], prefill_attn=[0],
+                                         decode_seqs=[8], decode_ctx=[800], num_seqs=[8]))
+    host = model.host_decode.predict(one, None)[0]
+    assert host > 0
+    from sim.profile import _device_only
+    assert model.predict(one)[0] == pytest.approx(_device_only(model).predict(one)[0] + host)
 
 
 def test_slower_steps_take_longer(profile: Profile) -> None:
@@ -93,15 +127,18 @@ def test_memory_terms_and_meta(profile: Profile) -> None:
     assert memory["total_bytes"] == int(CONFIG.cpu_memory_gib * (1 << 30))
     assert memory["non_torch_bytes"] == 0 and memory["cuda_graph_bytes"] == 0
     meta = profile.meta
-    for key in ("device", "torch_version", "date", "command", "dtype", "backend"):
+    for key in ("device", "torch_version", "date", "command", "dtype", "backend",
+                "attention_backend", "load_average"):
         assert meta[key], key
+    assert meta["attention_backend"] == "sdpa" and meta["cuda_graphs_enabled"] is False
     assert "formula" in meta["activation"]
-    assert meta["points_measured"] == meta["points_planned"] == len(profile.seconds)
+    assert meta["points_measured"] == meta["points_planned"] == rows(profile, "synthetic").sum()
 
 
 def test_round_trip_and_use_in_the_sim(profile: Profile, tmp_path) -> None:
     path = profile.save(tmp_path)
     assert path.name == "cpu__tiny_qwen3__float32__sdpa.json"
+    assert json.loads(path.read_text())["format"] == "kvtwin-profile/2"
     loaded = Profile.load(path)
     assert loaded.to_dict() == profile.to_dict()
     features = profile.features()
@@ -113,6 +150,74 @@ def test_round_trip_and_use_in_the_sim(profile: Profile, tmp_path) -> None:
     assert result.steps.to_frame().end_s.iloc[-1] > 0
 
 
+def test_version_1_profiles_load_and_predict_as_before(profile: Profile, tmp_path) -> None:
+    """A kvtwin-profile/1 file: synthetic rows only, decode_coef / mixed_coef over the fixed
+    terms, no host overhead; it predicts exactly the version-1 formula."""
+    synthetic = rows(profile, "synthetic")
+    samples = {k: list(np.asarray(profile.samples[k])[synthetic]) for k in (*FEATURES, "seconds")}
+    samples = {k: [float(x) if k == "seconds" else int(x) for x in v] for k, v in samples.items()}
+    decode, mixed = [1e-3, 2e-5, 1e-7], [1e-3, 4e-6, 2e-8, 0.0, 1e-7, 2e-5]
+    v1 = {"format": FORMAT_V1, "key": vars(profile.key), "meta": {}, "buckets": [1, 2, 4, 8],
+          "memory": profile.memory, "samples": samples,
+          "fit": {"decode_coef": decode, "mixed_coef": mixed, "holdout": {"n": 0}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(v1))
+    old = Profile.load(path)
+    f = old.features()
+    dec = design_matrix(f, DECODE_TERMS, [1, 2, 4, 8]) @ np.array(decode)
+    mix = design_matrix(f, MIXED_TERMS, None) @ np.array(mixed)
+    expected = np.where(f.is_decode_only, dec, mix)
+    assert np.allclose(old.step_time().predict(f), expected, rtol=1e-12, atol=0)
+    assert old.meta["upgraded_from"] == FORMAT_V1 and (old.source == "synthetic").all()
+    assert Profile.load(old.save(tmp_path / "v2")).to_dict() == old.to_dict()
+
+
+def test_grid_leaves_out_steps_the_config_cannot_run() -> None:
+    small = EngineConfig(max_model_len=100, max_num_seqs=6, max_num_batched_tokens=64)
+    shapes = GRID.runnable(small, num_blocks=40)
+    assert shapes and all(s.max_len <= 100 and s.num_seqs <= 6 and s.num_tokens <= 64
+                          and s.blocks(16) <= 40 for s in shapes)
+    assert len(shapes) < len(GRID.shapes())
+
+
+def test_default_grid_scales_with_the_config() -> None:
+    gpu = CalibrationGrid.for_config(EngineConfig(max_model_len=32768))
+    assert gpu.decode_contexts[-1] == 32768 and gpu.decode_batches[-1] == 256
+    assert gpu.prefill_chunks[-1] == 8192 and 96 in gpu.decode_batches  # off-bucket sizes
+    cpu = CalibrationGrid.for_config(EngineConfig(max_model_len=2048, max_num_seqs=16,
+                                                  max_num_batched_tokens=2048), passes=5)
+    assert cpu.decode_contexts[-1] == 2048 and cpu.decode_batches[-1] == 16
+    assert cpu.passes == 5 and max(cpu.prefill_contexts) < 2048
+
+
+def test_engine_workloads_fit_the_config() -> None:
+    config = EngineConfig(max_model_len=32768, max_num_seqs=256)
+    workloads = engine_workloads(config, num_blocks=40_000)
+    assert workloads[0].num_requests > config.max_num_seqs  # the batch fills up
+    for w in workloads:
+        lens = w.prompt_lens(np.random.default_rng(0))
+        assert lens.min() >= 1 and lens.max() + w.output[1] <= config.max_model_len
+        assert w.num_requests * w.mean_prompt <= 64 * config.max_num_batched_tokens
+    tiny = engine_workloads(EngineConfig(max_model_len=256, max_num_seqs=4,
+                                         max_num_batched_tokens=256), num_blocks=20)
+    assert all(w.num_requests >= 1 for w in tiny)
+
+
+def test_step_tap_records_every_step_and_restores_the_engine() -> None:
+    engine = LLMEngine(MODEL, CONFIG)
+    schedule, execute = engine.scheduler.schedule, engine.model_runner.execute_model
+    tap = StepTap(engine)
+    engine.add_request(list(range(3, 40)))
+    while engine.has_unfinished():
+        engine.step()
+    tap.close()
+    assert len(tap.outs) == len(tap.exec_s) == len(engine.step_durations) > 1
+    assert all(e <= d for e, d in zip(tap.exec_s, engine.step_durations, strict=True))
+    assert engine.scheduler.schedule == schedule
+    assert engine.model_runner.execute_model == execute
+    assert graph_info(engine) == (False, None, "none (eager; buckets null)")
+
+
 def test_memory_model_uses_the_profile(profile: Profile) -> None:
     config = EngineConfig(dtype="float32", max_model_len=256, max_num_batched_tokens=192)
     prediction = predict_memory(MODEL, load_hardware("l4_24gb"), config, profile)
@@ -122,7 +227,20 @@ def test_memory_model_uses_the_profile(profile: Profile) -> None:
 
 def test_time_budget_too_small_for_a_fit() -> None:
     with pytest.raises(ValueError, match="measure more steps"):
-        calibrate("tiny_qwen3", CONFIG, hardware="cpu", samples=GRID, time_budget_s=0.0)
+        calibrate("tiny_qwen3", CONFIG, hardware="cpu", samples=GRID, time_budget_s=0.0,
+                  workloads=WORKLOADS, verbose=False)
+
+
+def test_a_short_budget_trims_the_grid_and_still_fits(capsys) -> None:
+    grid = CalibrationGrid.for_config(CONFIG, repeats=1, passes=10_000, warmup=1)
+    profile = calibrate("tiny_qwen3", CONFIG, hardware="cpu", samples=grid, time_budget_s=1.5,
+                        workloads=WORKLOADS[:1], engine_passes=1)
+    meta = profile.meta
+    assert meta["calibration_wall_s"] < 1.5 + 1.5  # the last shape and the fit may overrun
+    assert meta["points_measured"] == meta["points_planned"]  # every shape, fewer passes
+    out = capsys.readouterr().out
+    assert "[calibrate" in out and "time budget reached in pass" in out
+    assert "held-out step-time error" in out
 
 
 def test_shipped_cpu_profile() -> None:
@@ -130,7 +248,10 @@ def test_shipped_cpu_profile() -> None:
     assert shipped is not None, "sim/profiles/cpu__tiny_qwen3__float32__sdpa.json is missing"
     assert shipped.fit["holdout"]["n"] >= 50
     assert shipped.fit["holdout"]["median_abs_pct_err"] < 25
+    assert shipped.fit["holdout"]["by_source"]["engine"]["n"] >= 50
     assert len(shipped.memory["activation"]) >= 3
+    assert shipped.meta["attention_backend"] == "sdpa"
+    assert shipped.meta["cuda_graphs_enabled"] is False
     assert (shipped.step_time().predict(shipped.features()) > 0).all()
 
 
@@ -138,7 +259,42 @@ def test_catalog_stem_and_cli_config() -> None:
     assert catalog_stem("Tiny-Qwen3") == "tiny_qwen3"
     assert catalog_stem("no-such-model") is None
     args = parse_args(["--model", "tiny_qwen3", "--hardware", "cpu", "--dtype", "float32",
-                       "--device", "cpu"])
+                       "--device", "cpu", "--cpu-memory-gib", "0.25"])
     config = config_from_args(args, MODEL)
     assert config.max_model_len == 2048 and config.dtype == "float32"
+    assert config.enforce_eager is False and config.cpu_memory_gib == 0.25
     config.validate(MODEL)
+    gpu = config_from_args(parse_args(["--model", "qwen3_0_6b", "--hardware", "h100_80gb"]),
+                           load_model("qwen3_0_6b"))
+    assert gpu.max_model_len == 32768 and gpu.attention_backend == "auto"
+
+
+def test_a_failing_engine_phase_or_step_does_not_sink_the_calibration(monkeypatch,
+                                                                     capsys) -> None:
+    """One GPU command is all a calibration gets: an engine workload that raises leaves a
+    synthetic-only profile, and a synthetic step that raises is left out."""
+    import engine.calibrate as cal
+
+    def broken_workload(engine, requests):
+        engine.add_request(requests[0][0])
+        engine.step()
+        raise RuntimeError("kernel failed")
+
+    real_time_step = cal.time_step
+
+    def flaky_time_step(engine, out, repeats):
+        if len(out.scheduled) == 2:
+            raise RuntimeError("no kernel for two sequences")
+        return real_time_step(engine, out, repeats)
+
+    monkeypatch.setattr(cal, "run_offline", broken_workload)
+    monkeypatch.setattr(cal, "time_step", flaky_time_step)
+    profile = calibrate("tiny_qwen3", CONFIG, hardware="cpu", samples=GRID, time_budget_s=30,
+                        workloads=WORKLOADS, engine_passes=1)
+    assert (profile.source == "synthetic").all()
+    assert profile.fit["host_decode"] is None and profile.fit["host_mixed"] is None
+    assert not (profile.features().num_seqs == 2).any()
+    assert profile.meta["points_measured"] < profile.meta["points_planned"]
+    out = capsys.readouterr().out
+    assert "engine steps not measured (RuntimeError: kernel failed)" in out
+    assert "left out a step of 2 sequences" in out

@@ -1,0 +1,295 @@
+"""How accurate is kvtwin: re-predict committed validation points, compare, tabulate.
+
+A validation set (`tests/data/validation/<set>/`, written by `reports.collect_validation`)
+holds, per point, the configuration, the trace and what the real engine measured. Here the
+twin re-predicts every point from those files (the profile in `sim/profiles/` that matches
+it), and each quantity is compared with the measurement:
+
+- start / no-start and `num_blocks`: exact;
+- peak KV blocks in use, preemptions: relative error;
+- TTFT, TPOT, E2E at p50 / p90 / p99: relative error of the percentile values.
+
+`GATES` is the one table of thresholds, per validation set; the accuracy-gate tests and the
+README table both read it. A set without an entry uses `TARGETS` (issue 7's targets). Where a
+target is missed, set the gate at the measured level with a margin, and say why in its note.
+
+    python -m reports.accuracy tests/data/validation/cpu_tiny_qwen3 [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+VALIDATION_DIR = ROOT / "tests" / "data" / "validation"
+INDEX = "index.json"
+LATENCIES = ("ttft", "tpot", "e2e")
+PERCENTILES = ("p50", "p90", "p99")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """|error| <= limit (percent; 0 means exact). `target` is issue 7's; `note` says why a
+    limit differs from it."""
+
+    limit: float
+    target: float
+    note: str = ""
+
+
+def _targets() -> dict[str, Gate]:
+    gates = {"starts": Gate(0, 0), "num_blocks": Gate(0, 0),
+             "kv_blocks_used_peak": Gate(2, 2), "total_preemptions": Gate(5, 5)}
+    for name in LATENCIES:
+        gates.update({f"{name}_{p}": Gate(3 if p == "p50" else 5, 3 if p == "p50" else 5)
+                      for p in PERCENTILES})
+    return gates
+
+
+TARGETS: dict[str, Gate] = _targets()
+
+CPU_NOTE = ("CPU engine on the shared 2-core dev machine, where other jobs' load moves "
+            "step times: the same point replayed twice two minutes apart differed by up to "
+            "100 % (E2E p90, chat at 70 %); gate = the committed run's error (2026-11-21) + "
+            "a margin")
+
+
+H100_NOTE = ("targets missed: the calibrated step model underpredicts (held-out bias -8 %, "
+             "from fitting relative error), mispredicts mixed prefill+decode steps (held-out "
+             "p90 41 %) and overpredicts prefix-hit prefill (shared_prefix +30-50 %); gate = "
+             "the committed run's error (2026-11-21) + a margin, so a regression still fails")
+
+
+def _measured(limits: dict[str, float], note: str) -> dict[str, Gate]:
+    """TARGETS with some limits set to a measured level (each carries `note`)."""
+    return {q: Gate(limits[q], g.target, note) if q in limits else g
+            for q, g in TARGETS.items()}
+
+
+# The thresholds, per validation set (the folder name under tests/data/validation). Where a
+# set misses a target, its limit is the measured error plus a margin, and the note says why.
+GATES: dict[str, dict[str, Gate]] = {
+    # Committed H100 run (2026-11-21, 46 points): start / no-start and num_blocks exact
+    # everywhere; largest |error| TTFT 300 / 212 / 132, TPOT 37 / 29 / 28, E2E 35 / 40 / 33 %
+    # at p50 / p90 / p99 (shared_prefix at 0.1 sets the TTFT maxima; elsewhere <= 48 %),
+    # peak KV blocks 17 %, preemptions 100 % (2 vs 1).
+    "h100_qwen3_0_6b": _measured(
+        {"ttft_p50": 320, "ttft_p90": 240, "ttft_p99": 150, "tpot_p50": 45, "tpot_p90": 35,
+         "tpot_p99": 35, "e2e_p50": 45, "e2e_p90": 45, "e2e_p99": 40,
+         "kv_blocks_used_peak": 25, "total_preemptions": 120}, H100_NOTE),
+    # Committed run's largest |error| (README, "How accurate is kvtwin"): TTFT 22 / 68 / 76,
+    # TPOT 47 / 49 / 57, E2E 37 / 48 / 47 % at p50 / p90 / p99; peak KV blocks 33 %,
+    # preemptions 12.5 % (8 vs 9 and 7 vs 8).
+    "cpu_tiny_qwen3": _measured(
+        {"ttft_p50": 30, "ttft_p90": 85, "ttft_p99": 95, "tpot_p50": 60, "tpot_p90": 60,
+         "tpot_p99": 70, "e2e_p50": 50, "e2e_p90": 60, "e2e_p99": 60,
+         "kv_blocks_used_peak": 40, "total_preemptions": 20}, CPU_NOTE),
+}
+
+
+def gates_for(set_name: str) -> dict[str, Gate]:
+    return GATES.get(set_name, TARGETS)
+
+
+# -- reading a set ------------------------------------------------------------------------------
+
+@dataclass
+class ValidationSet:
+    path: Path
+    index: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        return list(self.index["points"])
+
+    def point(self, point_id: str) -> dict[str, Any]:
+        for p in self.points:
+            if p["id"] == point_id:
+                return p
+        raise KeyError(f"{self.name}: no point {point_id!r}")
+
+    def trace(self, point: dict[str, Any]):
+        from workloads import read_trace
+
+        return read_trace(self.path / point["trace"])
+
+
+def find_sets(root: Path = VALIDATION_DIR) -> list[ValidationSet]:
+    return [load_set(p.parent) for p in sorted(Path(root).glob(f"*/{INDEX}"))]
+
+
+def load_set(path: Path) -> ValidationSet:
+    index = json.loads((Path(path) / INDEX).read_text())
+    if index.get("format") != "kvtwin-validation/1":
+        raise ValueError(f"{path / INDEX}: format={index.get('format')!r} is invalid: must be "
+                         "'kvtwin-validation/1'")
+    return ValidationSet(Path(path), index)
+
+
+# -- re-predicting ------------------------------------------------------------------------------
+
+def repredict(vset: ValidationSet, point: dict[str, Any]) -> dict[str, Any]:
+    """The twin's prediction for a committed point, from its config and trace alone."""
+    return _repredict(str(vset.path), point["id"])
+
+
+@cache
+def _repredict(path: str, point_id: str) -> dict[str, Any]:
+    from engine.config import EngineConfig
+    from sim.twin import setup_twin, simulate, trace_requests
+
+    vset = load_set(Path(path))
+    point = vset.point(point_id)
+    config = EngineConfig.from_kwargs(**point["engine"])
+    setup = setup_twin(point["model"], point["hardware"], config, point["predictor"])
+    run = simulate(setup, trace_requests(vset.trace(point), setup.model))
+    return {"starts": setup.memory.starts, "num_blocks": setup.memory.num_blocks,
+            "error_type": setup.memory.error_type, "predictor": setup.predictor,
+            "profile": setup.profile.name if setup.profile else None,
+            "metrics": run.metrics if setup.memory.starts else None}
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def pct_err(predicted: float | None, measured: float | None, count: bool = False) -> float:
+    """Signed percent error; counts divide by max(measured, 1). NaN when either is missing."""
+    if predicted is None or measured is None:
+        return math.nan
+    if count:
+        return 100.0 * (predicted - measured) / max(abs(measured), 1.0)
+    if measured == 0:
+        return 0.0 if predicted == 0 else math.inf
+    return 100.0 * (predicted - measured) / measured
+
+
+def metric_key(quantity: str) -> str:
+    """ttft_p50 -> ttft_p50_s (summarize's key); other quantities are keys already."""
+    name, _, pct = quantity.rpartition("_")
+    return f"{quantity}_s" if name in LATENCIES and pct in PERCENTILES else quantity
+
+
+def point_errors(point: dict[str, Any], predicted: dict[str, Any]) -> dict[str, float]:
+    """Every gated quantity's error (percent; starts and num_blocks as absolute mismatch)."""
+    real = point["real"]
+    errors = {"starts": 0.0 if predicted["starts"] == real["starts"] else math.inf,
+              "num_blocks": _blocks_error(predicted["num_blocks"], real.get("num_blocks"))}
+    measured, sim = real.get("metrics"), predicted.get("metrics")
+    if not (measured and sim and real["starts"] and predicted["starts"]):
+        return errors
+    for quantity in TARGETS:
+        if quantity in errors:
+            continue
+        key = metric_key(quantity)
+        counted = quantity in ("kv_blocks_used_peak", "total_preemptions")
+        errors[quantity] = pct_err(sim.get(key), measured.get(key), count=counted)
+    return errors
+
+
+def _blocks_error(predicted: int, measured: int | None) -> float:
+    if measured is None:
+        return math.nan  # the engine's error message gave no count
+    return float(abs(predicted - measured))
+
+
+def violations(errors: dict[str, float], gates: dict[str, Gate]) -> list[str]:
+    """One line per quantity whose |error| exceeds its gate (NaN: not applicable)."""
+    out = []
+    for quantity, err in errors.items():
+        gate = gates.get(quantity)
+        if gate is None or math.isnan(err):
+            continue
+        if abs(err) > gate.limit + 1e-9:
+            unit = "" if quantity in ("starts", "num_blocks") else " %"
+            out.append(f"{quantity}: error {err:+.2f}{unit} exceeds the gate {gate.limit:g}"
+                       f"{unit}" + (f" ({gate.note})" if gate.note else ""))
+    return out
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+def errors_frame(vset: ValidationSet) -> pd.DataFrame:
+    """One row per point: its label, configuration and every quantity's error."""
+    rows = []
+    for point in vset.points:
+        errors = point_errors(point, repredict(vset, point))
+        rows.append({"point": point["id"], "workload": point["workload_label"],
+                     "block_size": point["engine"]["block_size"],
+                     "max_model_len": point["engine"]["max_model_len"],
+                     "gpu_memory_utilization": point["engine"]["gpu_memory_utilization"],
+                     "starts": point["real"]["starts"], **{f"err_{k}": v
+                                                            for k, v in errors.items()}})
+    return pd.DataFrame(rows)
+
+
+def error_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per workload (load level): points, then the largest |error| over its points of each
+    latency metric x percentile, peak KV blocks and preemptions; a last row over all."""
+    columns = [f"err_{m}_{p}" for m in LATENCIES for p in PERCENTILES] + \
+        ["err_kv_blocks_used_peak", "err_total_preemptions"]
+    started = frame[frame["starts"]]
+    groups = [(label, g) for label, g in started.groupby("workload", sort=False)]
+    rows = [_group_row(label, g, columns) for label, g in groups + [("all", started)]]
+    return pd.DataFrame(rows)
+
+
+def _group_row(label: str, group: pd.DataFrame, columns: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"workload": label, "points": len(group)}
+    for c in columns:
+        values = group[c].abs() if c in group else pd.Series(dtype=float)
+        row[c.removeprefix("err_")] = float(values.max()) if values.notna().any() else math.nan
+    return row
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The error table as README markdown: max |error| in percent."""
+    head = ["workload", "points"] + [c for c in table.columns if c not in ("workload", "points")]
+    lines = ["| " + " | ".join(h.replace("_", " ") for h in head) + " |",
+             "| " + " | ".join("---" for _ in head) + " |"]
+    for _, row in table.iterrows():
+        cells = [str(row["workload"]), str(int(row["points"]))]
+        cells += ["–" if pd.isna(row[c]) else f"{row[c]:.1f}" for c in head[2:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def exact_summary(frame: pd.DataFrame) -> str:
+    """The exact quantities over all points: start verdicts and num_blocks."""
+    starts = int((frame["err_starts"] == 0).sum())
+    blocks = frame["err_num_blocks"].dropna()
+    return (f"start / no-start correct at {starts}/{len(frame)} points; num_blocks exact at "
+            f"{int((blocks == 0).sum())}/{len(blocks)} points with a measured count")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reports.accuracy",
+                                description="Re-predict a validation set; print its errors.")
+    p.add_argument("set", type=Path, help="tests/data/validation/<set>")
+    p.add_argument("--markdown", action="store_true", help="the README table")
+    p.add_argument("--points", action="store_true", help="every point's errors too")
+    args = p.parse_args(argv)
+    vset = load_set(args.set)
+    frame = errors_frame(vset)
+    if args.points:
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+    table = error_table(frame)
+    print(markdown(table) if args.markdown else table.to_string(index=False,
+                                                                 float_format="{:.2f}".format))
+    print(exact_summary(frame))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Accuracy gates: the twin re-predicts every committed validation point, on the CPU.
+
+Each set under tests/data/validation/<set>/ was collected from mode=both sweeps by
+`python -m reports.collect_validation`: per point the configuration, the trace and what the
+real engine measured. The twin re-runs each point from those files with the committed profile
+in sim/profiles/, and every quantity must stay within its gate in `reports.accuracy.GATES`
+(start / no-start and num_blocks exact; peak KV blocks, preemptions and TTFT / TPOT / E2E at
+p50 / p90 / p99 within their percent limits). A regression in the simulator, the scheduler,
+the memory model or a profile fails here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from reports.accuracy import (
+    GATES,
+    INDEX,
+    TARGETS,
+    VALIDATION_DIR,
+    error_table,
+    errors_frame,
+    find_sets,
+    gates_for,
+    markdown,
+    point_errors,
+    repredict,
+    violations,
+)
+from reports.collect_validation import blocks_in_error, expand_steps
+
+SETS = find_sets()
+POINTS = [pytest.param(vset, point, id=f"{vset.name}-{point['id']}-{point['workload_label']}")
+          for vset in SETS for point in vset.points]
+H100 = VALIDATION_DIR / "h100_qwen3_0_6b"
+
+
+def describe(point: dict) -> str:
+    e = point["engine"]
+    return (f"{point['id']} ({point['workload_label']}, block_size={e['block_size']}, "
+            f"max_model_len={e['max_model_len']}, "
+            f"gpu_memory_utilization={e['gpu_memory_utilization']})")
+
+
+@pytest.mark.skipif(not POINTS, reason="no validation data committed under "
+                                       "tests/data/validation/")
+@pytest.mark.parametrize(("vset", "point"), POINTS)
+def test_point_is_within_its_gates(vset, point) -> None:
+    predicted = repredict(vset, point)
+    problems = violations(point_errors(point, predicted), gates_for(vset.name))
+    assert not problems, f"{vset.name} {describe(point)}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("vset", SETS, ids=[s.name for s in SETS])
+def test_the_set_is_predicted_with_its_own_profile(vset) -> None:
+    """Every started point was measured with the attention backend its profile is keyed by."""
+    for point in vset.points:
+        predicted = repredict(vset, point)
+        assert predicted["predictor"]["kind"] == "calibrated", describe(point)
+        backend = point["real"].get("attention_backend")
+        if backend:
+            assert predicted["profile"].endswith(f"__{backend}"), \
+                f"{describe(point)}: measured with {backend}, predicted with {predicted['profile']}"
+
+
+def test_h100_validation_set() -> None:
+    if not (H100 / INDEX).is_file():
+        pytest.skip("no H100 validation data committed yet: run the GPU sweep, then "
+                    "python -m reports.collect_validation tests/data/validation/h100_qwen3_0_6b "
+                    "<sweep folders> (see README, 'How accurate is kvtwin')")
+    vset = next(s for s in SETS if s.path == H100)
+    grid = {(p["engine"]["block_size"], p["engine"]["max_model_len"],
+             p["engine"]["gpu_memory_utilization"]) for p in vset.points}
+    assert len(grid) >= 36, f"{len(grid)} of the 36 engine configurations are committed"
+
+
+def test_every_gate_table_is_complete() -> None:
+    for name, gates in GATES.items():
+        assert set(gates) == set(TARGETS), name
+        for quantity, gate in gates.items():
+            assert gate.limit >= 0 and gate.target == TARGETS[quantity].target, (name, quantity)
+            assert gate.limit <= gate.target or gate.note, \
+                f"{name}.{quantity}: a gate above its target must say why in its note"
+
+
+def test_cpu_set_exercises_every_gate() -> None:
+    """The CPU set is collected like the H100 one; it must hold points that cannot start
+    (both start-up errors), points that preempt, and several load levels."""
+    vset = next((s for s in SETS if s.name == "cpu_tiny_qwen3"), None)
+    assert vset is not None, "tests/data/validation/cpu_tiny_qwen3 is missing"
+    real = [p["real"] for p in vset.points]
+    assert {r["error_type"] for r in real if not r["starts"]} == {
+        "NoCacheMemoryError", "MaxModelLenTooLargeError"}
+    assert any((r["metrics"] or {}).get("total_preemptions", 0) > 0 for r in real)
+    labels = {p["workload_label"] for p in vset.points if p["real"]["starts"]}
+    assert len(labels) >= 5, labels
+
+
+def test_error_table_covers_every_load_level() -> None:
+    vset = next((s for s in SETS if s.name == "cpu_tiny_qwen3"), None)
+    if vset is None:
+        pytest.skip("no CPU validation set")
+    frame = errors_frame(vset)
+    table = error_table(frame)
+    assert table["workload"].iloc[-1] == "all"
+    assert set(table["workload"]) - {"all"} == set(frame.loc[frame["starts"], "workload"])
+    assert table.iloc[-1]["points"] == int(frame["starts"].sum())
+    text = markdown(table)
+    assert text.count("\n") == len(table) + 1 and "ttft p50" in text
+
+
+def test_committed_steps_expand_to_step_records() -> None:
+    for vset in SETS:
+        steps = pd.read_parquet(vset.path / "steps.parquet")
+        for point in vset.points:
+            compact = steps[steps["point"] == point["id"]].reset_index(drop=True)
+            if compact.empty:
+                assert not point["real"]["starts"]
+                continue
+            frame = expand_steps(compact, point["real"]["num_blocks"])
+            assert len(frame) == point["real"]["metrics"]["num_steps"]
+            assert frame["num_blocks_used"].max() == \
+                point["real"]["metrics"]["kv_blocks_used_peak"]
+            assert (frame["end_s"] >= frame["start_s"]).all()
+
+
+def test_start_up_errors_give_num_blocks() -> None:
+    assert blocks_in_error("No available memory for the cache blocks (num_blocks=-77). "
+                           "Try increasing") == -77
+    assert blocks_in_error("... KV cache memory (0.00 GiB, 87 blocks of 16 tokens) ...") == 87
+    assert blocks_in_error("CUDA out of memory") is None
+
+
+def test_errors_are_signed_and_skip_what_does_not_apply() -> None:
+    point = {"real": {"starts": True, "num_blocks": 100,
+                      "metrics": {"ttft_p50_s": 2.0, "total_preemptions": 0,
+                                  "kv_blocks_used_peak": 50}}}
+    predicted = {"starts": True, "num_blocks": 100,
+                 "metrics": {"ttft_p50_s": 2.1, "total_preemptions": 1,
+                             "kv_blocks_used_peak": 50}}
+    errors = point_errors(point, predicted)
+    assert errors["ttft_p50"] == pytest.approx(5.0) and errors["num_blocks"] == 0
+    assert errors["total_preemptions"] == 100.0  # a count: divided by max(measured, 1)
+    assert math.isnan(errors["tpot_p90"])  # not measured: not gated
+    assert violations(errors, TARGETS) == [
+        "total_preemptions: error +100.00 % exceeds the gate 5 %",
+        "ttft_p50: error +5.00 % exceeds the gate 3 %"]
