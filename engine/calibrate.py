@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, graph_buckets
 from engine.llm import LLMEngine, ModelSource
 from engine.memory import estimate_activation_bytes
 from engine.replay import device_name
@@ -49,7 +49,6 @@ from engine.sequence import SamplingParams, Sequence
 from sim.catalog import catalog_key, load_model
 from sim.features import FEATURES, features_of
 from sim.profile import PROFILE_DIR, Profile, ProfileKey, format_holdout, slug
-from sim.step_time import graph_buckets
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 Log = Callable[[str], None]
@@ -498,7 +497,7 @@ def graph_info(engine: LLMEngine) -> tuple[bool, list[int] | None, str]:
     if captured:  # DecodeGraphs.graphs: {batch size: CUDAGraph}
         return True, sorted(int(b) for b in captured), "captured: ModelRunner.graphs.graphs"
     return True, graph_buckets(engine.config.max_num_seqs), \
-        "sim.step_time.graph_buckets(max_num_seqs) (the runner lists no batch sizes)"
+        "engine.config.graph_buckets(max_num_seqs) (the runner lists no batch sizes)"
 
 
 # -- calibrate -------------------------------------------------------------------------------

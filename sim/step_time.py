@@ -26,12 +26,6 @@ class StepTimeModel(Protocol):
         ...
 
 
-def graph_buckets(max_num_seqs: int) -> list[int]:
-    """CUDA-graph batch sizes captured for decode: 1, 2, 4, 8, then every 16."""
-    small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
-    return small + list(range(16, max_num_seqs + 16, 16))
-
-
 def padded_batch(decode_seqs: np.ndarray, buckets: list[int] | None) -> np.ndarray:
     """Batch size the graph replays: the smallest bucket that holds the decodes."""
     if not buckets:

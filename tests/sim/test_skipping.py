@@ -7,9 +7,9 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, graph_buckets
 from sim.simulator import Simulator
-from sim.step_time import CalibratedStepTime, graph_buckets
+from sim.step_time import CalibratedStepTime
 from workloads.trace_requests import TraceRequest
 
 STEP_TIME = CalibratedStepTime(
