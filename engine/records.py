@@ -6,7 +6,8 @@ started, or simulated time.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any
 
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -36,7 +37,7 @@ class RequestRecord:
                    seq.status is SequenceStatus.REJECTED)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(zip(REQUEST_FIELDS, _request_values(self), strict=True))
 
 
 @dataclass
@@ -66,4 +67,11 @@ class StepRecord:
                    len(out.preempted))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(zip(STEP_FIELDS, _step_values(self), strict=True))
+
+
+# Shallow: every field is a scalar (dataclasses.asdict would deep-copy each one).
+REQUEST_FIELDS = tuple(f.name for f in fields(RequestRecord))
+STEP_FIELDS = tuple(f.name for f in fields(StepRecord))
+_request_values = attrgetter(*REQUEST_FIELDS)
+_step_values = attrgetter(*STEP_FIELDS)

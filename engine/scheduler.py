@@ -22,7 +22,7 @@ def is_prefilling(seq: Sequence) -> bool:
     return seq.num_output_tokens == 0 or seq.num_uncomputed_tokens > 1
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     """`seq` computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)."""
 
@@ -33,7 +33,7 @@ class ScheduledSequence:
     is_decode: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
@@ -53,8 +53,11 @@ class SchedulerOutput:
 
     def add(self, seq: Sequence, num_new_tokens: int, admitted: bool = False) -> None:
         """An admission is always a prefill, even a one-token recompute after a prefix hit."""
-        samples = num_new_tokens == seq.num_uncomputed_tokens
-        is_decode = not admitted and num_new_tokens == 1 and not is_prefilling(seq)
+        uncomputed = seq.num_uncomputed_tokens
+        samples = num_new_tokens == uncomputed
+        # not is_prefilling(seq), with the count at hand
+        is_decode = not admitted and num_new_tokens == 1 and uncomputed <= 1 and \
+            seq.num_output_tokens > 0
         self.scheduled.append(ScheduledSequence(
             seq, num_new_tokens, seq.num_computed_tokens, samples, is_decode))
         self.num_batched_tokens += num_new_tokens

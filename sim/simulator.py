@@ -7,44 +7,54 @@ asks the Scheduler for a plan, advances time by the predicted duration and appli
 outcome with `Scheduler.update_from_output`, exactly as `LLMEngine.step` does.
 
 Event skipping: while every running sequence decodes and nothing can change the batch (no
-admission possible, no finish, no failed allocation, no admissible arrival), steps keep their
-composition. `sim.skipping` advances such runs in bulk with the same block bookkeeping in the
-same order, so the records are identical to single-stepping (a tested property).
+admission possible, no failed allocation, no admissible arrival), steps keep their composition
+up to the first step in which a sequence finishes. `sim.skipping` advances such runs in bulk
+with the same block bookkeeping in the same order, and runs their finishing step through the
+Scheduler, so the records are identical to single-stepping (a tested property).
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import simpy
 
 from engine.config import EngineConfig
 from engine.records import RequestRecord, StepRecord
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SamplingParams, Sequence
 from sim.features import features_of
+from sim.skipping import memoised_durations, plan_decode_run
 from sim.step_log import StepLog
 from sim.step_time import StepTimeModel
 from workloads.trace_requests import TraceRequest
 
 TokenFn = Callable[[int, int, int], list[int]]  # (request index, position, count) -> ids
 
+FAKE_PERIOD = 100_000
+# 7919 is prime to the period, so position p of request i gets the token at (p + shift(i)) in
+# one table: 1000 + (i * 1_000_003 + p * 7919) % period == _FAKE[(p + shift(i)) % period].
+_FAKE = [1000 + q * 7919 % FAKE_PERIOD for q in range(FAKE_PERIOD)]
+_UNSTRIDE = pow(7919, -1, FAKE_PERIOD)
+
 
 def fake_tokens(index: int, position: int, count: int = 1) -> list[int]:
-    """Stand-in samples for `count` positions, distinct per request, with no randomness."""
-    if count == 1:
-        return [1000 + (index * 1_000_003 + position * 7919) % 100_000]
-    positions = np.arange(position, position + count, dtype=np.int64)
-    return (1000 + (index * 1_000_003 + positions * 7919) % 100_000).tolist()
+    """Stand-in samples for `count` positions, distinct per request, with no randomness:
+    1000 + (index * 1_000_003 + position * 7919) % 100_000 (as table slices)."""
+    start = (position + index * 1_000_003 * _UNSTRIDE) % FAKE_PERIOD
+    tokens = _FAKE[start:start + count]
+    while len(tokens) < count:  # wrapped around the period
+        tokens += _FAKE[:count - len(tokens)]
+    return tokens
 
 
 @dataclass
 class SimResult:
     requests: list[RequestRecord]
     steps: StepLog
-    sequences: list[Sequence]
     scheduler: Scheduler
     stats: dict[str, int] = field(default_factory=dict)
 
@@ -63,32 +73,47 @@ class Simulator:
         self.env = simpy.Environment()
         self.clock = 0.0  # authoritative time; SimPy's clock follows it
         self.steps = StepLog()
-        self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0}
+        self.decode_durations = memoised_durations(step_time)
+        self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0, "decode_runs": 0}
 
     def run(self, requests: list[TraceRequest]) -> SimResult:
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
-        self.seqs = [self._sequence(requests[i]) for i in order]
-        self.index = {s.seq_id: order[k] for k, s in enumerate(self.seqs)}
+        """Sequences are made when their request arrives and dropped, as records, when they
+        finish: only the live ones hold their tokens."""
+        self.order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+        self.requests = [requests[i] for i in self.order]
+        self.arrivals = [float(r.arrival_s) for r in self.requests]
+        self.records: list[RequestRecord | None] = [None] * len(requests)
+        self.index: dict[int, int] = {}  # live seq_id -> index of its request in `requests`
+        self._position: dict[int, int] = {}  # live seq_id -> arrival order
         self.cursor = 0
-        self.wake = self.env.event()
-        self.env.process(self._arrivals())
-        done = self.env.process(self._engine())
-        self.env.run(until=done)
-        records = [RequestRecord.from_sequence(s) for s in self.seqs]
-        return SimResult(records, self.steps, self.seqs, self.scheduler, dict(self.stats))
+        with gc_paused():
+            self.wake = self.env.event()
+            self.env.process(self._arrivals())
+            done = self.env.process(self._engine())
+            self.env.run(until=done)
+        assert all(r is not None for r in self.records), "a request never finished"
+        return SimResult(self.records, self.steps, self.scheduler, dict(self.stats))
 
-    @staticmethod
-    def _sequence(req: TraceRequest) -> Sequence:
+    def _sequence(self, position: int) -> Sequence:
+        req = self.requests[position]
         params = SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True)
-        return Sequence(req.prompt_token_ids, params, req.request_id, float(req.arrival_s))
+        seq = Sequence(req.prompt_token_ids, params, req.request_id, self.arrivals[position])
+        self.index[seq.seq_id] = self.order[position]
+        self._position[seq.seq_id] = position
+        return seq
+
+    def _record(self, seq: Sequence) -> None:
+        """Keep a finished (or rejected) sequence as its record only."""
+        self.records[self._position.pop(seq.seq_id)] = RequestRecord.from_sequence(seq)
+        del self.index[seq.seq_id]
 
     # -- processes -----------------------------------------------------------------------------
 
     def _arrivals(self) -> Iterator[simpy.Event]:
         """Wake the engine at each arrival; the engine decides what it admits."""
-        for seq in self.seqs:
-            if seq.times.arrival > self.env.now:
-                yield self.env.timeout(seq.times.arrival - self.env.now)
+        for arrival in self.arrivals:
+            if arrival > self.env.now:
+                yield self.env.timeout(arrival - self.env.now)
             if not self.wake.triggered:
                 self.wake.succeed()
 
@@ -96,11 +121,11 @@ class Simulator:
         while True:
             self.admit_arrivals(self.clock)
             if not self.scheduler.has_unfinished():
-                if self.cursor == len(self.seqs):
+                if self.cursor == len(self.arrivals):
                     return
                 yield from self._idle()
                 continue
-            run = self._skippable_run() if self.skip else None
+            run = plan_decode_run(self) if self.skip else None
             if run is not None:
                 yield from run.apply()
             else:
@@ -114,33 +139,37 @@ class Simulator:
 
     def admit_arrivals(self, now: float) -> int:
         """Add every request that has arrived by `now`; returns how many were accepted."""
-        accepted = 0
-        while self.cursor < len(self.seqs) and self.seqs[self.cursor].times.arrival <= now:
-            seq = self.seqs[self.cursor]
+        accepted, arrivals = 0, self.arrivals
+        while self.cursor < len(arrivals) and arrivals[self.cursor] <= now:
+            seq = self._sequence(self.cursor)
             self.cursor += 1
             if self.scheduler.add_request(seq):
                 accepted += 1
             else:
                 seq.times.finish = seq.times.arrival
+                self._record(seq)
         return accepted
 
     @property
     def next_arrival(self) -> float:
-        return self.seqs[self.cursor].times.arrival if self.cursor < len(self.seqs) \
-            else float("inf")
+        return self.arrivals[self.cursor] if self.cursor < len(self.arrivals) else float("inf")
 
     def _single_step(self) -> Iterator[simpy.Event]:
         start = self.clock
         out = self.scheduler.schedule(start)
         if out.is_empty:
             raise RuntimeError("the scheduler planned an empty step with work pending")
-        record = StepRecord.from_output(len(self.steps), start, out, self.scheduler)
         duration = float(self.step_time.predict(features_of(out), len(self.steps))[0])
-        end = start + duration
+        yield from self.run_step(out, start, start + duration)
+
+    def run_step(self, out: SchedulerOutput, start: float, end: float) -> Iterator[simpy.Event]:
+        """Run a step the Scheduler planned at `start`: it ends at `end`, then is applied."""
+        record = StepRecord.from_output(len(self.steps), start, out, self.scheduler)
         yield from self.advance_to(end)
         sampled = [self.token_fn(self.index[i.seq.seq_id], i.seq.num_tokens, 1)[0]
                    if i.samples else None for i in out.scheduled]
-        self.scheduler.update_from_output(out, sampled, end)
+        for seq in self.scheduler.update_from_output(out, sampled, end):
+            self._record(seq)
         record.end_s = end
         self.steps.append(record)
         self.stats["single_steps"] += 1
@@ -154,12 +183,14 @@ class Simulator:
         if self.on_progress is not None:
             self.on_progress(self.cursor)
 
-    def _skippable_run(self):  # -> DecodeRun | None (import cycle kept local)
-        from sim.skipping import plan_decode_run
-
-        return plan_decode_run(self)
-
-
-def durations_to_ends(start: float, durations: np.ndarray) -> np.ndarray:
-    """Step end times by sequential addition, exactly as stepping one at a time does."""
-    return np.add.accumulate(np.concatenate(([start], durations)))[1:]
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: each full collection would walk every token of every sequence,
+    and a run creates no garbage cycles worth collecting while it lasts."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -1,8 +1,10 @@
-"""Per-step records kept as columns, so runs of skipped steps append in bulk."""
+"""Per-step records kept compactly: single steps as rows, a run of skipped decode steps as a
+few numbers and arrays, expanded into columns once, in `to_frame`."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from operator import attrgetter
 
 import numpy as np
 import pandas as pd
@@ -11,43 +13,95 @@ from engine.records import StepRecord
 
 COLUMNS = tuple(f.name for f in fields(StepRecord))
 FLOAT_COLUMNS = ("start_s", "end_s")
+_ROW = attrgetter(*COLUMNS)
+
+
+@dataclass
+class DecodeRunSteps:
+    """Steps in which the same `num_seqs` sequences decode one token each.
+
+    Step j of the run starts when step j-1 ends. The waiting queue and the blocks in use grow
+    by one at each entry of `waiting_added` and `blocks_taken` (run-relative steps, sorted).
+    """
+
+    start_s: float
+    end_s: np.ndarray
+    num_seqs: int
+    num_waiting: int
+    waiting_added: list[int]
+    num_blocks_used: int
+    blocks_taken: list[int]
+    num_blocks: int
+
+    def __len__(self) -> int:
+        return len(self.end_s)
 
 
 class StepLog:
+    """Segments in order: a single step (one row) or a decode run (many steps). Each keeps
+    its column values at its first step; `to_frame` repeats them over the segment's steps and
+    adds what grows within a run."""
+
     def __init__(self) -> None:
-        self._chunks: list[dict[str, np.ndarray] | list[StepRecord]] = []
-        self._rows: list[StepRecord] = []
+        self._lengths: list[int] = []
+        self._values: list[tuple] = []  # per segment, one value per column
+        self._is_run: list[bool] = []
+        self._run_ends: list[np.ndarray] = []
+        self._waiting_added: list[int] = []  # steps at which a run's waiting queue grew
+        self._blocks_taken: list[int] = []   # steps at which a run took a block
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
     def append(self, record: StepRecord) -> None:
-        self._rows.append(record)
-        self._len += 1
+        self._add(1, _ROW(record), False)
 
-    def extend(self, columns: dict[str, np.ndarray]) -> None:
-        """Append many steps at once; `columns` holds one array per StepRecord field."""
-        self._flush_rows()
-        n = len(columns["step"])
-        assert all(len(columns[c]) == n for c in COLUMNS), "ragged step columns"
-        self._chunks.append({c: np.asarray(columns[c]) for c in COLUMNS})
-        self._len += n
+    def add_decode_run(self, run: DecodeRunSteps) -> None:
+        first = self._len
+        self._waiting_added.extend([first + j for j in run.waiting_added])
+        self._blocks_taken.extend([first + j for j in run.blocks_taken])
+        self._run_ends.append(run.end_s)
+        n, used = run.num_seqs, run.num_blocks_used
+        at_start = StepRecord(
+            step=first, start_s=run.start_s, end_s=0.0, num_batched_tokens=n,
+            num_prefill_tokens=0, num_prefill_seqs=0, num_decode_seqs=n, num_running=n,
+            num_waiting=run.num_waiting, num_blocks_used=used,
+            num_blocks_free=run.num_blocks - used, num_preempted=0)
+        self._add(len(run), _ROW(at_start), True)
 
-    def _flush_rows(self) -> None:
-        if self._rows:
-            self._chunks.append(self._rows)  # converted once, in to_frame
-            self._rows = []
+    def _add(self, length: int, values: tuple, is_run: bool) -> None:
+        self._lengths.append(length)
+        self._values.append(values)
+        self._is_run.append(is_run)
+        self._len += length
 
     def to_frame(self) -> pd.DataFrame:
-        self._flush_rows()
-        if not self._chunks:
-            return pd.DataFrame({c: np.array([], dtype=float if c in FLOAT_COLUMNS else np.int64)
-                                 for c in COLUMNS})
-        chunks = [_columns(ch) if isinstance(ch, list) else ch for ch in self._chunks]
-        frame = pd.DataFrame({c: np.concatenate([ch[c] for ch in chunks]) for c in COLUMNS})
-        return frame.astype({c: float if c in FLOAT_COLUMNS else np.int64 for c in COLUMNS})
+        """One column per StepRecord field, in bulk."""
+        lengths = np.array(self._lengths, dtype=np.int64)
+        first = np.cumsum(lengths) - lengths
+        values = {c: np.array(v, dtype=float if c in FLOAT_COLUMNS else np.int64)
+                  for c, v in zip(COLUMNS, zip(*self._values, strict=True), strict=True)} \
+            if self._values else {c: np.zeros(0, dtype=np.int64) for c in COLUMNS}
+        cols = {c: np.repeat(values[c], lengths) for c in COLUMNS if c not in FLOAT_COLUMNS}
+        cols["step"] += np.arange(self._len) - np.repeat(first, lengths)
+        cols["num_waiting"] += self._grown(self._waiting_added, first, lengths)
+        taken = self._grown(self._blocks_taken, first, lengths)
+        cols["num_blocks_used"] += taken
+        cols["num_blocks_free"] -= taken
+        cols["end_s"] = np.repeat(values["end_s"], lengths).astype(float)
+        if self._run_ends:
+            in_run = np.repeat(np.array(self._is_run), lengths)
+            cols["end_s"][in_run] = np.concatenate(self._run_ends)
+        cols["start_s"] = np.empty(self._len)
+        cols["start_s"][1:] = cols["end_s"][:-1]  # within a run, a step starts as one ends
+        cols["start_s"][first] = values["start_s"]
+        return pd.DataFrame({c: cols[c] for c in COLUMNS}, copy=False)
 
-
-def _columns(rows: list[StepRecord]) -> dict[str, np.ndarray]:
-    return {c: np.array([getattr(r, c) for r in rows]) for c in COLUMNS}
+    def _grown(self, added: list[int], first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Per step: how many entries of `added` its segment has at or before it."""
+        if not added:
+            return np.zeros(self._len, dtype=np.int64)
+        counts = np.cumsum(np.bincount(np.array(added, dtype=np.int64), minlength=self._len))
+        before = np.concatenate(([0], counts))[first]  # counted in earlier segments
+        return counts - np.repeat(before, lengths)

@@ -15,7 +15,7 @@ from sim.capacity import CapacityPlan, plan_capacity
 from sim.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
 from sim.memory_model import MemoryPrediction, predict_memory
 from sim.profile import Profile, ProfileKey, find_profile, slug
-from sim.simulator import Simulator
+from sim.simulator import Simulator, gc_paused
 from sim.step_log import StepLog
 from sim.step_time import RooflineStepTime, StepTimeModel
 from workloads import TokenSpec, Trace, iter_requests
@@ -120,9 +120,10 @@ def simulate(setup: TwinSetup, requests: list[TraceRequest], skip: bool = True,
                        summarize(empty, _empty_steps(), num_blocks=0))
     sim = Simulator(cfg, memory.num_blocks, setup.step_time,
                     setup.model.eos_token_ids(), skip=skip, on_progress=on_progress)
-    result = sim.run(requests)
-    reqs, steps = requests_frame(result.requests), result.steps.to_frame()
-    metrics = summarize(reqs, steps, num_blocks=memory.num_blocks)
+    with gc_paused():  # a full collection would walk every prompt token of `requests`
+        result = sim.run(requests)
+        reqs, steps = requests_frame(result.requests), result.steps.to_frame()
+        metrics = summarize(reqs, steps, num_blocks=memory.num_blocks)
     return TwinRun(setup, capacity, reqs, steps, metrics, result.stats)
 
 
