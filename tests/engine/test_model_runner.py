@@ -190,22 +190,30 @@ def test_greedy_generation_matches_hf(hf_saved: tuple) -> None:
 @pytest.mark.parametrize("kind", ["qwen3", "llama3"])
 def test_llm_engine_generates_like_hf(kind: str, tmp_path: Path) -> None:
     """The real scheduler (chunked prefill, prefix hits) driving this runner, end to end."""
+    generate_like_hf(hf_model(kind), tmp_path / kind, max_tokens=5, device="cpu")
+
+
+def generate_like_hf(hf: object, path: Path, max_tokens: int,
+                     **engine_args: object) -> object:
+    """LLM.generate (chunked prefill, prefix hits) on HF's saved weights == HF greedy; returns
+    the engine for further checks."""
     from engine.llm import LLM
 
-    hf = hf_model(kind)
-    path = save_hf(hf, tmp_path / kind)
+    save_hf(hf, path)
     prefix = tokens(30, seed=40)
     prompts = [prefix + tokens(3 + i, seed=50 + i) for i in range(4)] + [tokens(70, seed=60)]
-    llm = LLM(str(path), dtype="float32", device="cpu", block_size=4, max_num_seqs=3,
-              max_num_batched_tokens=32, max_model_len=256, num_gpu_blocks_override=200)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5,
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_seqs=3,
+              max_num_batched_tokens=32, max_model_len=256, num_gpu_blocks_override=200,
+              **engine_args)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                                    ignore_eos=True))
     assert sum(o.metrics.num_cached_tokens for o in outputs) > 0
     for prompt, output in zip(prompts, outputs, strict=True):
         ids = list(prompt)
-        for _ in range(5):
+        for _ in range(max_tokens):
             ids.append(int(hf_logits(hf, ids)[-1].argmax()))
         assert output.output_token_ids == ids[len(prompt):]
+    return llm
 
 
 # -- runner plumbing ---------------------------------------------------------------------------
