@@ -33,10 +33,11 @@ class SchedulerOutputLike(Protocol):
 @dataclass
 class StepInput:
     """One step's flattened batch on the device; `sample_rows[j]` is the token row scheduled
-    item `sample_seqs[j]` samples from (its last new token)."""
+    item `sample_seqs[j]` samples from (its last new token). A step that replays a CUDA graph
+    has no input tensors here: the graph's static buffers take `host`'s arrays."""
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
+    input_ids: torch.Tensor | None
+    positions: torch.Tensor | None
     context: ForwardContext
     sample_seqs: list[int]
     sample_rows: torch.Tensor
