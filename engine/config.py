@@ -148,6 +148,8 @@ class EngineConfig:
     dtype: str = "bfloat16"
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    # LLM.generate schedules step N+1 while the device runs step N (engine/lookahead.py).
+    async_scheduling: bool = True
     device: str = "auto"
     seed: int = 0
     # Forces the KV cache size (like vLLM's num_gpu_blocks_override); startup checks still apply.

@@ -61,8 +61,8 @@ class DecodeGraphs:
                 return bs if bs in self.graphs else None
         return None
 
-    def run(self, batch: HostBatch, bucket: int) -> torch.Tensor:
-        """Hidden states [n, hidden] of a decode-only batch of n <= bucket sequences."""
+    def load(self, batch: HostBatch, bucket: int) -> None:
+        """Copy a decode-only batch of n <= bucket sequences into the static buffers."""
         n = batch.num_tokens
         width = batch.block_tables.shape[1]
         _load(self.input_ids[:n], batch.input_ids)
@@ -72,10 +72,17 @@ class DecodeGraphs:
         _load(self.block_tables[:n, :width], batch.block_tables)
         self.slot_mapping[n:bucket].fill_(-1)
         self.seq_lens[n:bucket].zero_()
+
+    def replay(self, bucket: int, n: int) -> torch.Tensor:
+        """Hidden states [n, hidden] of the loaded batch."""
         self.graphs[bucket].replay()
         self.replays += 1
         return self.hidden[:n]
 
+    def run(self, batch: HostBatch, bucket: int) -> torch.Tensor:
+        self.load(batch, bucket)
+        return self.replay(bucket, batch.num_tokens)
+
 
 def _load(buffer: torch.Tensor, host: np.ndarray) -> None:
-    buffer.copy_(torch.from_numpy(host), non_blocking=True)
+    buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, GiB, ModelConfig, graph_buckets
+from engine.lookahead import Lookahead
 from engine.memory import (
     MemoryTerms,
     bytes_per_block,
@@ -20,7 +22,7 @@ from engine.memory import (
 )
 from engine.model_runner import ModelRunner
 from engine.records import RequestRecord, StepRecord
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SamplingParams, Sequence
 
 ModelSource = ModelConfig | dict[str, Any] | str | Path
@@ -75,6 +77,7 @@ class LLMEngine:
         self.finished: list[Sequence] = []
         self.step_durations: list[float] = []  # step k ends at start_s + step_durations[k]
         self.record_s = 0.0  # time spent building and storing step records
+        self._steps_in_flight = 0  # planned, not yet recorded (async scheduling)
         self._t0 = time.perf_counter()
 
     # -- start-up ------------------------------------------------------------------------------
@@ -160,23 +163,38 @@ class LLMEngine:
         simulator computes from the replayed duration, so the two agree exactly.
         """
         start = self.now() if start is None else start
-        out = self.scheduler.schedule(start)
-        if out.is_empty:
+        planned = self.plan_step(start)
+        if planned is None:
             return []
-        r0 = time.perf_counter()
-        record = StepRecord.from_output(len(self.step_records), start, out, self.scheduler)
-        self.record_s += time.perf_counter() - r0
+        out, record = planned
         sampled = self.model_runner.execute_model(out)
         duration = self.now() - start
-        end = start + duration
-        finished = self.scheduler.update_from_output(out, sampled, end)
+        finished = self.scheduler.update_from_output(out, sampled, start + duration)
+        self.finish_step(record, duration, finished)
+        return finished
+
+    def plan_step(self, start: float) -> tuple[SchedulerOutput, StepRecord] | None:
+        """Schedule a step and snapshot its record (None: nothing to run)."""
+        out = self.scheduler.schedule(start)
+        if out.is_empty:
+            return None
         r0 = time.perf_counter()
-        record.end_s = end
+        record = StepRecord.from_output(self._next_step_index(), start, out, self.scheduler)
+        self.record_s += time.perf_counter() - r0
+        return out, record
+
+    def _next_step_index(self) -> int:
+        return len(self.step_records) + self._steps_in_flight
+
+    def finish_step(self, record: StepRecord, duration: float,
+                    finished: list[Sequence]) -> None:
+        """Store a step's record: it ends at start_s + duration (that float sum)."""
+        r0 = time.perf_counter()
+        record.end_s = record.start_s + duration
         self.step_records.append(record)
         self.step_durations.append(duration)
         self.finished.extend(finished)
         self.record_s += time.perf_counter() - r0
-        return finished
 
     def request_records(self) -> list[RequestRecord]:
         seqs = self.finished + list(self.scheduler.running) + list(self.scheduler.waiting)
@@ -194,7 +212,11 @@ class LLM(LLMEngine):
             raise ValueError(f"sampling_params has {len(params)} entries for "
                              f"{len(prompt_token_ids)} prompts")
         seqs = [self.add_request(p, sp) for p, sp in zip(prompt_token_ids, params, strict=True)]
-        self._run_to_completion(len(seqs), use_tqdm)
+        gc.freeze()  # as replay does: no full collection over the model's objects mid-run
+        try:
+            self._run_to_completion(len(seqs), use_tqdm)
+        finally:
+            gc.unfreeze()
         return [_to_output(s) for s in seqs]
 
     def _run_to_completion(self, total: int, use_tqdm: bool) -> None:
@@ -202,6 +224,8 @@ class LLM(LLMEngine):
 
         with tqdm(total=total, desc="generate", disable=not use_tqdm) as bar:
             bar.update(total - sum(1 for _ in self._pending()))
+            if self.config.async_scheduling:
+                Lookahead(self).run(lambda finished: bar.update(len(finished)))
             while self.has_unfinished():
                 bar.update(len(self.step()))
 

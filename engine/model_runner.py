@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -14,6 +15,7 @@ from engine.config import ConfigError, EngineConfig, ModelConfig, graph_buckets
 from engine.cuda_graphs import DecodeGraphs
 from engine.layers.attention import Attention
 from engine.layers.context import ForwardContext, PagedMetadata, dense_context, forward_context
+from engine.layers.host import to_device
 from engine.layers.sampler import Sampler
 from engine.layers.varlen_attention import (
     FLASH_ATTN_BLOCK_MULTIPLE,
@@ -42,6 +44,42 @@ class StepInput:
     sample_seqs: list[int]
     sample_rows: torch.Tensor
     host: HostBatch
+
+
+InputFill = Callable[[torch.Tensor], None]
+
+
+class LaunchedStep:
+    """A step queued on the device. `tokens` (device) holds one token per sampling item,
+    in `sample_seqs` order; `sampled()` waits for them and returns one per scheduled item
+    (None where the step ends mid-prefill)."""
+
+    def __init__(self, num_scheduled: int, sample_seqs: list[int], tokens: torch.Tensor):
+        self.num_scheduled = num_scheduled
+        self.sample_seqs = sample_seqs
+        self.tokens = tokens
+        self._read = _read_back(tokens)
+
+    def sampled(self) -> list[int | None]:
+        out: list[int | None] = [None] * self.num_scheduled
+        for i, token in zip(self.sample_seqs, self._read(), strict=True):
+            out[i] = token
+        return out
+
+
+def _read_back(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying `tokens` to pinned host memory; the returned call waits for the copy."""
+    if tokens.device.type != "cuda":
+        return tokens.tolist
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> list[int]:
+        done.synchronize()
+        return host.tolist()
+    return wait
 
 
 def resolve_backend(name: str, device: torch.device, block_size: int) -> str:
@@ -184,25 +222,41 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return []
-        step = self.prepare_inputs(scheduled)
-        logits = self.compute_step_logits(step)
-        seqs = [scheduled[i].seq for i in step.sample_seqs]
-        tokens = self.sampler(logits, [s.sampling_params for s in seqs], self._generators(seqs))
-        sampled: list[int | None] = [None] * len(scheduled)
-        for i, token in zip(step.sample_seqs, tokens.tolist(), strict=True):
-            sampled[i] = token
-        self.block_tables.retain([item.seq for item in scheduled])
-        return sampled
+        return self.launch(scheduled, self.build_host(scheduled)).sampled()
+
+    def build_host(self, scheduled: list[ScheduledLike]) -> HostBatch:
+        """The step's flattened batch on the host (numpy; no device work)."""
+        return build_host_batch(scheduled, self.block_tables,
+                                gather_prefix=self.attention_backend != "sdpa")
 
     @torch.inference_mode()
-    def compute_step_logits(self, step: StepInput) -> torch.Tensor:
-        """Run the model on the step; float32 logits of the sampling rows [len(sample_seqs), V]."""
+    def launch(self, scheduled: list[ScheduledLike], host: HostBatch,
+               fill: InputFill | None = None) -> LaunchedStep:
+        """Queue the step's forward pass and sampling on the device without waiting for them;
+        the tokens come back through `LaunchedStep.sampled()`."""
+        step = self.upload(host)
+        logits = self.compute_step_logits(step, fill)
+        seqs = [scheduled[i].seq for i in step.sample_seqs]
+        tokens = self.sampler(logits, [s.sampling_params for s in seqs], self._generators(seqs))
+        self.block_tables.retain([item.seq for item in scheduled])
+        return LaunchedStep(len(scheduled), step.sample_seqs, tokens)
+
+    @torch.inference_mode()
+    def compute_step_logits(self, step: StepInput,
+                            fill: InputFill | None = None) -> torch.Tensor:
+        """Run the model on the step; float32 logits of the sampling rows [len(sample_seqs), V].
+        `fill` writes device-resident token ids into the step's input ids first."""
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute_model()")
         bucket = self._graph_bucket(step.host)
         if bucket is not None:
-            hidden = self.graphs.run(step.host, bucket)
+            self.graphs.load(step.host, bucket)
+            if fill is not None:
+                fill(self.graphs.input_ids)
+            hidden = self.graphs.replay(bucket, step.host.num_tokens)
         else:
+            if fill is not None:
+                fill(step.input_ids)
             with forward_context(step.context):
                 hidden = self.model(step.input_ids, step.positions)
         return self.model.compute_logits(hidden[step.sample_rows])
@@ -213,10 +267,13 @@ class ModelRunner:
         return self.graphs.bucket(host.num_decodes)
 
     def prepare_inputs(self, scheduled: list[ScheduledLike]) -> StepInput:
-        paged = self.attention_backend != "sdpa"
-        host = build_host_batch(scheduled, self.block_tables, gather_prefix=paged)
+        return self.upload(self.build_host(scheduled))
+
+    def upload(self, host: HostBatch) -> StepInput:
+        """The device side of a host batch (nothing to copy for a graph-replay step: the
+        graph's own buffers take the inputs)."""
         sample_rows = self._to_device(np.asarray(host.sample_rows, dtype=np.int64))
-        if self._graph_bucket(host) is not None:  # the graph's own buffers take the inputs
+        if self._graph_bucket(host) is not None:
             return StepInput(None, None, ForwardContext(), host.sample_seqs, sample_rows, host)
         to_dev = self._to_device
         context = ForwardContext(
@@ -225,7 +282,7 @@ class ModelRunner:
             slot_mapping=to_dev(host.slot_mapping), block_tables=to_dev(host.block_tables),
             query_start_loc_cpu=host.query_start_loc, seq_lens_cpu=host.seq_lens,
             all_slots_valid=bool((host.slot_mapping >= 0).all()))
-        if paged:
+        if self.attention_backend != "sdpa":
             context.paged = self._paged_metadata(host, context)
         return StepInput(to_dev(host.input_ids), to_dev(host.positions), context,
                          host.sample_seqs, sample_rows, host)
@@ -244,7 +301,7 @@ class ModelRunner:
             prefill_kv_slots=None if kv_slots is None else self._to_device(kv_slots))
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        return to_device(array, self.device)
 
     def _generators(self, seqs: list[Sequence]) -> list[torch.Generator | None]:
         """Per-request generators for seeded, non-greedy requests, kept across steps."""

@@ -177,7 +177,8 @@ class PrefixCache:
         A table is the prefix hit (blocks published with their hash) then blocks only `seq`
         holds.
         """
-        num_full = num_tokens // self.block_size
+        known = seq.num_tokens - seq.num_pending_tokens  # a pending token's id is unknown
+        num_full = min(num_tokens, known) // self.block_size
         contents, table, published = seq.block_content_ids, seq.block_table, self.published
         i = len(contents)
         while i < num_full and published[table[i]] is not None:

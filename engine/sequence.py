@@ -67,6 +67,8 @@ class Sequence:
         self.num_computed_tokens = 0       # tokens whose KV is (or is being) written
         self.num_cached_tokens = 0         # prefix-cache hit at the latest admission
         self.num_preemptions = 0
+        # Sampled on the device but not read back yet (async scheduling): the last tokens.
+        self.num_pending_tokens = 0
         self.finish_reason: str | None = None
         self.times = RequestTimes(arrival=arrival)
 

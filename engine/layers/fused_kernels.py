@@ -109,34 +109,47 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, inv_temp_ptr, seed_ptr, out_ptr, vocab, stride,
-                          BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def _gumbel_argmax_kernel(logits_ptr, inv_temp_ptr, noise_ptr, seed_ptr, best_ptr, col_ptr,
+                          vocab, stride, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, chunk): the best score of CHUNK columns and its column."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
     inv_temp = tl.load(inv_temp_ptr + row)
+    noise = tl.load(noise_ptr + row)
     seed = tl.load(seed_ptr + row)
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_col = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab, BLOCK):
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
         cols = start + lanes
         mask = cols < vocab
         x = tl.load(logits_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
         gumbel = -tl.log(-tl.log(tl.rand(seed, cols)))
-        score = tl.where(mask, x * inv_temp + gumbel, float("-inf"))
+        score = tl.where(mask, x * inv_temp + noise * gumbel, float("-inf"))
         better = score > best
         best = tl.where(better, score, best)
         best_col = tl.where(better, cols, best_col)
     lane = tl.argmax(best, 0)
-    tl.store(out_ptr + row, tl.sum(tl.where(lanes == lane, best_col, 0), 0))
+    out = row * tl.num_programs(1) + chunk
+    tl.store(best_ptr + out, tl.max(best, 0))
+    tl.store(col_ptr + out, tl.sum(tl.where(lanes == lane, best_col, 0), 0))
 
 
 def gumbel_argmax(logits: torch.Tensor, inv_temperature: torch.Tensor,
-                  seeds: torch.Tensor, block: int = 1024) -> torch.Tensor:
+                  seeds: torch.Tensor, block: int = 1024, noise: torch.Tensor | None = None,
+                  chunk: int | None = None) -> torch.Tensor:
     """One token per row, drawn from softmax(logits * inv_temperature) by the Gumbel-max
-    trick, the noise from Philox keyed by the row's seed: one pass over the logits."""
+    trick, the noise from Philox keyed by the row's seed and scaled by `noise` (0: the
+    row's argmax). The vocabulary is split into chunks, each reduced by its own program, so
+    a few rows still fill the GPU; the chunks' winners are then compared."""
     rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    chunk = chunk or 4 * block
+    num_chunks = triton.cdiv(vocab, chunk)
+    if noise is None:
+        noise = torch.ones(rows, device=logits.device)
+    best = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
+    cols = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
     if rows:
-        _gumbel_argmax_kernel[(rows,)](logits, inv_temperature, seeds, out, vocab,
-                                       logits.stride(0), BLOCK=block)
-    return out.long()
+        _gumbel_argmax_kernel[(rows, num_chunks)](logits, inv_temperature, noise, seeds, best,
+                                                  cols, vocab, logits.stride(0), CHUNK=chunk,
+                                                  BLOCK=block)
+    return cols.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1).long()

@@ -10,9 +10,11 @@ drawn from the same generators.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.layers import fused
+from engine.layers.host import to_device
 from engine.sequence import SamplingParams
 
 SEED_RANGE = 1 << 31
@@ -24,22 +26,25 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-        """logits: [N, vocab] (float32) -> sampled token ids [N]."""
+        """logits: [N, vocab] (float32) -> sampled token ids [N]. Host lists reach the device
+        through pinned copies, so a call queues work without waiting for the device."""
         greedy_rows = [p.greedy for p in params]
-        greedy = logits.argmax(dim=-1)
         if all(greedy_rows):
-            return greedy
+            return logits.argmax(dim=-1)
         generators = generators or [None] * len(params)
-        is_greedy = torch.tensor(greedy_rows, device=logits.device)
         if fused.use_fused(logits) and not any(_filters(p, logits.shape[-1]) for p in params):
-            return torch.where(is_greedy, greedy, self._gumbel(logits, params, generators))
+            return self._gumbel(logits, params, generators)
         probs = self._probs(logits, params)
         noise = self._exponential(probs, greedy_rows, generators)
         sampled = probs.div_(noise).argmax(dim=-1)
-        return torch.where(is_greedy, greedy, sampled)
+        if not any(greedy_rows):
+            return sampled
+        is_greedy = to_device(np.asarray(greedy_rows), logits.device)
+        return torch.where(is_greedy, logits.argmax(dim=-1), sampled)
 
     def _gumbel(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Greedy rows take the same pass with no noise and temperature 1."""
         from engine.layers.fused_kernels import gumbel_argmax
 
         device = logits.device
@@ -48,18 +53,21 @@ class Sampler:
         for i, gen in enumerate(generators):
             if gen is not None:
                 seeds[i] = torch.randint(SEED_RANGE, (1,), device=device, generator=gen)[0]
-        inv_temp = torch.tensor([1.0 / (p.temperature or 1.0) for p in params], device=device)
-        return gumbel_argmax(logits, inv_temp, seeds)
+        scale = np.array([[1.0 / (p.temperature or 1.0), 0.0 if p.greedy else 1.0]
+                          for p in params], dtype=np.float32)
+        scale = to_device(np.ascontiguousarray(scale.T), device)
+        return gumbel_argmax(logits, scale[0], seeds, noise=scale[1])
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         device, vocab = logits.device, logits.shape[-1]
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        temps = to_device(np.array([p.temperature or 1.0 for p in params],
+                                   dtype=np.float32), device)
         logits = logits.float() / temps[:, None]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(p < 1 for p in top_p):
-            logits = apply_top_k_top_p(logits, torch.tensor(top_k, device=device),
-                                       torch.tensor(top_p, device=device))
+            logits = apply_top_k_top_p(logits, to_device(np.array(top_k), device),
+                                       to_device(np.array(top_p, np.float32), device))
         return logits.softmax(dim=-1)
 
     def _exponential(self, probs: torch.Tensor, greedy_rows: list[bool],
@@ -73,7 +81,7 @@ class Sampler:
         noise = torch.ones_like(probs)
         if shared:
             draws = torch.empty(len(shared), probs.shape[-1], device=probs.device)
-            rows = torch.tensor(shared, device=probs.device)
+            rows = to_device(np.array(shared), probs.device)
             noise[rows] = draws.exponential_(generator=self.generator)
         for i in random_rows:
             if generators[i] is not None:

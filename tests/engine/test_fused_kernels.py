@@ -108,6 +108,22 @@ def test_gumbel_argmax_samples_the_tempered_softmax() -> None:
     assert set(greedy.tolist()) <= {5, 13, 21}  # a tiny temperature takes the best logit
 
 
+def test_gumbel_argmax_is_independent_of_the_vocab_split_and_noise_free_rows_are_greedy(
+) -> None:
+    from engine.layers.fused_kernels import gumbel_argmax
+
+    rows = 40
+    logits = randn(rows, 100, dtype=torch.float32, seed=3).to(DEVICE)
+    seeds = torch.arange(rows, device=DEVICE) * 31 + 7
+    inv_temp = torch.full((rows,), 1.0, device=DEVICE)
+    noise = torch.tensor([0.0, 1.0] * (rows // 2), device=DEVICE)
+    one_chunk = gumbel_argmax(logits, inv_temp, seeds, block=16, noise=noise, chunk=112)
+    seven = gumbel_argmax(logits, inv_temp, seeds, block=16, noise=noise, chunk=16)
+    assert torch.equal(one_chunk, seven)  # Philox noise is keyed by column, not by program
+    assert torch.equal(seven[0::2], logits[0::2].argmax(dim=1))
+    assert not torch.equal(seven[1::2], logits[1::2].argmax(dim=1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_sampler_fused_path_keeps_seeded_requests_batch_independent(
