@@ -3,14 +3,17 @@
 Two kinds of samples, both keyed by `sim.features.features_of` of the step that ran:
 
 - engine steps: real `LLMEngine.step` calls on a few generated offline workloads (decode
-  batches shrinking from max_num_seqs to 1 over short to long contexts, chunked prefills mixed
-  with decodes). A step's duration is measured exactly as `engine.replay` measures it
-  (schedule + records + execute_model + update_from_output, loop included), and
-  `ModelRunner.execute_model` is timed inside it, so the host overhead is known per step.
+  batches shrinking from max_num_seqs, a quarter and a sixteenth of it to 1 over short to
+  long and mixed contexts, chunked prefills mixed with decodes, shared prefixes). A step's
+  duration is measured as `engine.replay` measures it (schedule + records + execute_model +
+  update_from_output, loop included), and `ModelRunner.execute_model` is timed inside it, so
+  the host overhead is known per step; on CUDA the device is synchronised after
+  execute_model, so a step that samples nothing does not leave its kernels to the next one.
 - synthetic steps: built directly (Sequences with real block tables from the engine's own
   BlockManager) over a grid of compositions (prefill chunk x context x sequences, decode batch
-  x context, mixed), timed through `execute_model`: they reach the corners of the grid
-  (largest batches, longest contexts) that short workloads do not.
+  x context, mixed, decode batches with one long sequence), timed through `execute_model`:
+  they reach the corners of the grid (largest batches, longest contexts) that short workloads
+  do not.
 
 The fit (`sim.profile`) is device time per step kind from both, plus host overhead from the
 engine steps. A time budget bounds the whole run (start-up included): the grid is measured
@@ -47,12 +50,13 @@ from engine.replay import device_name
 from engine.scheduler import SchedulerOutput
 from engine.sequence import SamplingParams, Sequence
 from sim.catalog import catalog_key, load_model
-from sim.features import FEATURES, features_of
+from sim.features import EXTRA_FEATURES, FEATURES, features_of
 from sim.profile import PROFILE_DIR, Profile, ProfileKey, format_holdout, slug
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 Log = Callable[[str], None]
 MAX_ENGINE_ROWS = 4000  # engine steps kept in the profile (a seeded subsample beyond)
+COLUMNS = (*FEATURES, *EXTRA_FEATURES)  # what each sample records
 
 # Ladders the default grid takes from, cut to what the configuration can run.
 PREFILL_CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -62,6 +66,10 @@ DECODE_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160
 DECODE_CONTEXTS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 MIXED_DECODES = (1, 4, 16, 64, 128, 256, 512)
 MIXED_CHUNKS = (16, 128, 512, 2048, 8192)
+# Decode batches with one long sequence among short ones: the paged decode kernel's time
+# follows the longest sequence, which uniform batches cannot tell from the summed context.
+SKEWED_BATCHES = (2, 4, 8, 16, 32, 64, 128)
+SKEWED_CONTEXTS = ((256, 2048), (512, 4096), (1024, 8192), (1024, 32768))
 
 
 def stamp(started: float) -> Log:
@@ -109,6 +117,8 @@ class CalibrationGrid:
     decode_contexts: tuple[int, ...] = (16, 64, 128, 256, 384, 640, 1024)
     mixed_decodes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 48)
     mixed_chunks: tuple[int, ...] = (16, 64, 128, 256, 512)
+    skewed_batches: tuple[int, ...] = ()
+    skewed_contexts: tuple[tuple[int, int], ...] = ()  # (short, long) decode contexts
     repeats: int = 3  # back-to-back executions per pass
     passes: int = 3
     warmup: int = 3
@@ -125,7 +135,9 @@ class CalibrationGrid:
             decode_batches=_ladder(DECODE_BATCHES, seqs),
             decode_contexts=_ladder(DECODE_CONTEXTS, length),
             mixed_decodes=tuple(b for b in MIXED_DECODES if b < seqs) or (1,),
-            mixed_chunks=tuple(q for q in MIXED_CHUNKS if q < tokens) or (1,))
+            mixed_chunks=tuple(q for q in MIXED_CHUNKS if q < tokens) or (1,),
+            skewed_batches=tuple(b for b in SKEWED_BATCHES if b <= seqs),
+            skewed_contexts=tuple(c for c in SKEWED_CONTEXTS if c[1] <= length))
         return dataclasses.replace(grid, **overrides)
 
     def shapes(self) -> list[StepShape]:
@@ -137,7 +149,10 @@ class CalibrationGrid:
                            (n,) * b)
                  for i, (b, q, n) in enumerate(itertools.product(
                      self.mixed_decodes, self.mixed_chunks, self.decode_contexts))]
-        return prefill + decode + mixed
+        skewed = [StepShape(decodes=(long,) + (short,) * (b - 1))
+                  for b, (short, long) in itertools.product(self.skewed_batches,
+                                                            self.skewed_contexts)]
+        return prefill + decode + mixed + skewed
 
     def runnable(self, config: EngineConfig, num_blocks: int) -> list[StepShape]:
         return [s for s in self.shapes()
@@ -247,7 +262,7 @@ class _Failures:
 
 def synthetic_columns(rows: list[dict[str, int]], samples: list[list[float]]) -> dict[str, list]:
     done = [i for i in range(len(rows)) if samples[i]]
-    columns: dict[str, list] = {f: [rows[i][f] for i in done] for f in FEATURES}
+    columns: dict[str, list] = {f: [rows[i][f] for i in done] for f in COLUMNS}
     columns["seconds"] = [statistics.median(samples[i]) for i in done]
     columns["exec_seconds"] = list(columns["seconds"])
     columns["source"] = ["synthetic"] * len(done)
@@ -286,7 +301,7 @@ def _time_shape(engine: LLMEngine, builder: StepBuilder, shape: StepShape,
     finally:
         builder.release(out)
     feats = features_of(out)
-    return {f: int(getattr(feats, f)[0]) for f in FEATURES}, seconds
+    return {f: int(getattr(feats, f)[0]) for f in COLUMNS}, seconds
 
 
 # -- engine steps ----------------------------------------------------------------------------
@@ -295,7 +310,8 @@ def _time_shape(engine: LLMEngine, builder: StepBuilder, shape: StepShape,
 class EngineWorkload:
     """Offline requests. Prompt lengths: uniform over `prompt` (inclusive), or lognormal
     with `prompt` = (median, p99), cut to [1, max_prompt]; output lengths uniform over
-    `output` (inclusive)."""
+    `output` (inclusive). With `prefix_groups`, each prompt starts with one of that many
+    shared prefixes of `prefix_len` tokens (prefix-cache hits, decodes sharing blocks)."""
 
     name: str
     num_requests: int
@@ -303,12 +319,21 @@ class EngineWorkload:
     output: tuple[int, int]
     dist: str = "uniform"
     max_prompt: int = 1 << 30
+    prefix_groups: int = 0
+    prefix_len: int = 0
 
     def requests(self, rng: np.random.Generator, vocab: int) -> list[tuple[list[int], int]]:
         lens = self.prompt_lens(rng)
         outs = rng.integers(self.output[0], self.output[1] + 1, self.num_requests)
-        return [(rng.integers(3, vocab, int(n)).tolist(), int(o))
-                for n, o in zip(lens, outs, strict=True)]
+        prefixes = [rng.integers(3, vocab, self.prefix_len).tolist()
+                    for _ in range(self.prefix_groups)]
+        return [(self._prompt(rng, vocab, int(n), prefixes, i), int(o))
+                for i, (n, o) in enumerate(zip(lens, outs, strict=True))]
+
+    def _prompt(self, rng: np.random.Generator, vocab: int, n: int,
+                prefixes: list[list[int]], i: int) -> list[int]:
+        head = prefixes[i % len(prefixes)][:n - 1] if prefixes else []
+        return head + rng.integers(3, vocab, n - len(head)).tolist()
 
     def prompt_lens(self, rng: np.random.Generator) -> np.ndarray:
         a, b = self.prompt
@@ -342,10 +367,24 @@ def engine_workloads(config: EngineConfig, num_blocks: int) -> list[EngineWorklo
     plans = [("full batch, short prompts", seqs + seqs // 2, (16, length // 16), "uniform"),
              ("chat-like prompts, full batch churn", 3 * seqs, chat, "lognormal"),
              ("few long prompts", max(2, seqs // 16), (length // 4, length // 2), "uniform"),
-             ("one longest context", 2, (length * 3 // 4, length - out), "uniform")]
-    return [_sized(EngineWorkload(name, n, _span(span, length - out), (2, out), dist,
-                                  length - out), kv_tokens, 64 * budget)
-            for name, n, span, dist in plans]
+             ("one longest context", 2, (length * 3 // 4, length - out), "uniform"),
+             ("chat-like prompts, quarter batch", max(2, seqs // 4), chat, "lognormal"),
+             ("chat-like prompts, 1/16 batch", max(2, seqs // 16), chat, "lognormal")]
+    workloads = [_sized(EngineWorkload(name, n, _span(span, length - out), (2, out), dist,
+                                       length - out), kv_tokens, 64 * budget)
+                 for name, n, span, dist in plans]
+    return workloads + [_sized(shared_prefix_workload(seqs, length, out), kv_tokens,
+                               64 * budget)]
+
+
+def shared_prefix_workload(seqs: int, length: int, out: int) -> EngineWorkload:
+    """Moderate batches over 4 shared prefixes: chunks with cached prefixes mixed with
+    decodes, and decodes reading the same blocks (online serving's prefix sharing, which the
+    other workloads' random prompts never hit)."""
+    prefix = max(1, min(1024, length // 4))
+    span = _span((prefix + 16, prefix + 512), length - out)
+    return EngineWorkload("shared prefixes, half batch", max(2, seqs // 2), span, (2, out),
+                          "uniform", length - out, prefix_groups=4, prefix_len=prefix)
 
 
 def _span(span: tuple[int, int], limit: int) -> tuple[int, int]:
@@ -369,6 +408,7 @@ class StepTap:
         self.outs: list[SchedulerOutput] = []
         self.exec_s: list[float] = []
         schedule, execute = engine.scheduler.schedule, engine.model_runner.execute_model
+        sync = device_sync(engine.device)
 
         def tapped_schedule(*args: Any, **kwargs: Any) -> SchedulerOutput:
             out = schedule(*args, **kwargs)
@@ -379,6 +419,7 @@ class StepTap:
         def tapped_execute(out: Any) -> Any:
             t0 = time.perf_counter()
             sampled = execute(out)
+            sync()  # a step that samples nothing would leave its kernels to the next one
             self.exec_s.append(time.perf_counter() - t0)
             return sampled
 
@@ -388,6 +429,13 @@ class StepTap:
     def close(self) -> None:
         del self.engine.scheduler.schedule
         del self.engine.model_runner.execute_model
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (a no-op off CUDA, where steps are synchronous)."""
+    if device.type != "cuda":
+        return lambda: None
+    return lambda: torch.cuda.synchronize(device)
 
 
 def run_offline(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
@@ -437,7 +485,7 @@ def safe_engine_steps(engine: LLMEngine, workloads: list[EngineWorkload], seed: 
         _say(log, f"engine steps not measured ({type(err).__name__}: {err}); the profile "
              "will have synthetic steps only and no host-overhead term")
         drain(engine)
-        return {**{f: [] for f in FEATURES}, "seconds": [], "exec_seconds": [], "source": []}
+        return {**{f: [] for f in COLUMNS}, "seconds": [], "exec_seconds": [], "source": []}
 
 
 def drain(engine: LLMEngine) -> None:
@@ -457,7 +505,7 @@ def engine_columns(tap: StepTap, durations: list[float], seed: int) -> dict[str,
     if len(keep) > MAX_ENGINE_ROWS:
         keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_ENGINE_ROWS, replace=False))
     feats = [features_of(tap.outs[i]) for i in keep]
-    columns: dict[str, list] = {f: [int(getattr(x, f)[0]) for x in feats] for f in FEATURES}
+    columns: dict[str, list] = {f: [int(getattr(x, f)[0]) for x in feats] for f in COLUMNS}
     columns["seconds"] = [float(durations[i]) for i in keep]
     columns["exec_seconds"] = [float(tap.exec_s[i]) for i in keep]
     columns["source"] = ["engine"] * len(keep)

@@ -14,6 +14,8 @@ import numpy as np
 from engine.scheduler import SchedulerOutput
 
 FEATURES = ("prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx", "num_seqs")
+# Measured since kvtwin-profile/3; None where unknown (older profiles' samples).
+EXTRA_FEATURES = ("decode_max_ctx", "prefill_gather")
 
 
 @dataclass
@@ -23,6 +25,12 @@ class StepFeatures:
     decode_seqs: np.ndarray     # decoding sequences (one token each)
     decode_ctx: np.ndarray      # keys the decodes attend to, summed
     num_seqs: np.ndarray        # sequences in the batch
+    # The paged decode kernel walks each sequence's keys in one program: the longest decode
+    # bounds the kernel however short the others are.
+    decode_max_ctx: np.ndarray | None = None
+    # Keys gathered from the cache for the prefill chunks: all their keys once any chunk has
+    # a computed prefix (prefix hit, later chunk), else 0 (what the torch backend does).
+    prefill_gather: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.num_seqs)
@@ -38,33 +46,51 @@ class StepFeatures:
     def as_matrix(self) -> np.ndarray:
         return np.stack([getattr(self, f).astype(np.float64) for f in FEATURES], axis=1)
 
+    def subset(self, mask: np.ndarray) -> StepFeatures:
+        return StepFeatures(*(None if c is None else c[mask] for c in self._columns()))
+
+    def _columns(self) -> list[np.ndarray | None]:
+        return [getattr(self, f) for f in (*FEATURES, *EXTRA_FEATURES)]
+
     @classmethod
     def from_columns(cls, columns: dict[str, np.ndarray]) -> StepFeatures:
-        return cls(*(np.asarray(columns[f], dtype=np.int64) for f in FEATURES))
+        """The required FEATURES, and the EXTRA_FEATURES where `columns` has them."""
+        extra = [np.asarray(columns[f], dtype=np.int64) if f in columns else None
+                 for f in EXTRA_FEATURES]
+        return cls(*(np.asarray(columns[f], dtype=np.int64) for f in FEATURES), *extra)
 
 
 def features_of(out: SchedulerOutput) -> StepFeatures:
     """The features of one planned step (arrays of length 1)."""
-    prefill_tokens = prefill_attn = decode_seqs = decode_ctx = 0
+    prefill_tokens = prefill_attn = decode_seqs = decode_ctx = max_ctx = keys = 0
+    cached = False
     for item in out.scheduled:
         q, start = item.num_new_tokens, item.num_computed_tokens
         if item.is_decode:
             decode_seqs += 1
             decode_ctx += start + 1
+            max_ctx = max(max_ctx, start + 1)
         else:
             prefill_tokens += q
             prefill_attn += q * start + q * (q + 1) // 2
-    row = np.array((prefill_tokens, prefill_attn, decode_seqs, decode_ctx, len(out.scheduled)),
-                   dtype=np.int64)
-    return StepFeatures(row[0:1], row[1:2], row[2:3], row[3:4], row[4:5])
+            keys += start + q
+            cached = cached or start > 0
+    row = np.array((prefill_tokens, prefill_attn, decode_seqs, decode_ctx, len(out.scheduled),
+                    max_ctx, keys if cached else 0), dtype=np.int64)
+    return StepFeatures(*(row[i:i + 1] for i in range(len(row))))
 
 
-def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int) -> StepFeatures:
-    """`num_steps` decode steps of the same `num_seqs` sequences; context grows by one each."""
+def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int,
+                        max_ctx_start: int | None = None) -> StepFeatures:
+    """`num_steps` decode steps of the same `num_seqs` sequences; context grows by one each.
+    The longest context is unknown (None: a step-time term over it takes the mean) unless
+    `max_ctx_start` gives it at the first step."""
     steps = np.arange(num_steps, dtype=np.int64)
     zeros = np.zeros(num_steps, dtype=np.int64)
     seqs = np.full(num_steps, num_seqs, dtype=np.int64)
-    return StepFeatures(zeros, zeros.copy(), seqs, ctx_start + steps * num_seqs, seqs.copy())
+    longest = None if max_ctx_start is None else max_ctx_start + steps
+    return StepFeatures(zeros, zeros.copy(), seqs, ctx_start + steps * num_seqs, seqs.copy(),
+                        longest, zeros.copy())
 
 
 class DecodeDurations:
@@ -81,19 +107,24 @@ class DecodeDurations:
         self._predict = predict
         self._tables: dict[tuple[int, int], np.ndarray] = {}
 
-    def run(self, num_seqs: int, ctx_start: int, num_steps: int) -> np.ndarray:
-        """Durations of `decode_run_features(num_seqs, ctx_start, num_steps)`'s steps."""
+    def run(self, num_seqs: int, ctx_start: int, num_steps: int,
+            max_ctx_start: int | None = None) -> np.ndarray:
+        """Durations of `decode_run_features(num_seqs, ctx_start, num_steps, max_ctx_start)`'s
+        steps. The longest context grows by one a step, as q does: max - q keys its table."""
         r, q = ctx_start % num_seqs, ctx_start // num_seqs
-        table = self._tables.get((num_seqs, r))
+        key = (num_seqs, r, None if max_ctx_start is None else max_ctx_start - q)
+        table = self._tables.get(key)
         if table is None or len(table) < q + num_steps:
-            table = self._grow(num_seqs, r, table, q + num_steps)
+            table = self._grow(key, table, q + num_steps)
         return table[q:q + num_steps]
 
-    def _grow(self, n: int, r: int, table: np.ndarray | None, size: int) -> np.ndarray:
-        have = 0 if table is None else len(table)
+    def _grow(self, key: tuple[int, int, int | None], table: np.ndarray | None,
+              size: int) -> np.ndarray:
+        (n, r, offset), have = key, 0 if table is None else len(table)
         size = max(size, 2 * have, 256)
-        more = self._predict(decode_run_features(n, r + have * n, size - have), 0)
+        longest = None if offset is None else offset + have
+        more = self._predict(decode_run_features(n, r + have * n, size - have, longest), 0)
         table = more if table is None else np.concatenate((table, more))
         table.flags.writeable = False
-        self._tables[(n, r)] = table
+        self._tables[key] = table
         return table

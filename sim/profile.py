@@ -3,7 +3,7 @@
 A profile is one JSON file in `sim/profiles/`, keyed by hardware, model, dtype and attention
 backend (`<hardware>__<model>__<dtype>__<backend>.json`):
 
-    {"format": "kvtwin-profile/2",
+    {"format": "kvtwin-profile/3",
      "key": {"hardware": ..., "model": ..., "dtype": ..., "backend": ...},
      "meta": {device name, torch version, date, command, attention_backend,
               cuda_graphs_enabled, ...},
@@ -12,21 +12,28 @@ backend (`<hardware>__<model>__<dtype>__<backend>.json`):
                 "activation": [[max_num_batched_tokens, peak activation bytes], ...]},
      "samples": {"prefill_tokens": [...], "prefill_attn": [...], "decode_seqs": [...],
                  "decode_ctx": [...], "num_seqs": [...],
+                 "decode_max_ctx": [...], "prefill_gather": [...],  # since version 3
                  "seconds": [...],       # what the sim predicts: the whole engine step for
                                          # "engine" rows, the forward pass for "synthetic" ones
                  "exec_seconds": [...],  # ModelRunner.execute_model alone
                  "source": ["synthetic" | "engine", ...]},
      "fit": {"decode": {"terms": [...], "coef": [...]}, "mixed": {...},
-             "host_decode": {...} | null, "host_mixed": {...} | null, "holdout": {...}}}
+             "host_decode": {...} | null, "host_mixed": {...} | null, "holdout": {...},
+             "loss": "relative_to_fit"}}  # since version 3
 
 "synthetic" rows are steps built directly and timed through `execute_model`; "engine" rows are
 real `LLMEngine.step` calls (schedule + records + execute_model + update_from_output), the
 duration a replay measures. The fit: device time (execute_model) per step kind from both
 sources, plus host overhead (step minus execute_model) from the engine rows.
 
-Version-1 files (`kvtwin-profile/1`: synthetic rows only, `fit.decode_coef` / `mixed_coef`
-over the fixed terms `sim.step_time.DECODE_TERMS` / `MIXED_TERMS`, no host term) still load
-and predict exactly as before; saving writes version 2.
+Version 3 adds two sample columns (`sim.features.EXTRA_FEATURES`: the longest decode's
+context, the prefix keys gathered for prefill chunks), the terms over them, and a fit that is
+unbiased in seconds (`sim.step_time.fit_nonnegative`; `fit.loss` names it). Version-2 files
+(no such columns; fit relative to the measured time) and version-1 files (`kvtwin-profile/1`:
+synthetic rows only, `fit.decode_coef` / `mixed_coef` over the fixed terms
+`sim.step_time.DECODE_TERMS` / `MIXED_TERMS`, no host term) still load and predict exactly as
+before; a refit of their samples uses the version-3 loss over the version-2 terms; saving
+writes version 3.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from sim.features import FEATURES, StepFeatures
+from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from sim.step_time import (
     DECODE_TERMS,
     HOST_DECODE_TERMS,
     HOST_MIXED_TERMS,
+    IRLS_ITERATIONS,
     MIXED_TERMS,
     CalibratedStepTime,
     LinearTerms,
@@ -51,10 +59,13 @@ from sim.step_time import (
     design_matrix,
     fit_nonnegative,
     mixed_terms,
+    term_column,
 )
 
-FORMAT = "kvtwin-profile/2"
+FORMAT = "kvtwin-profile/3"
+FORMAT_V2 = "kvtwin-profile/2"
 FORMAT_V1 = "kvtwin-profile/1"
+LOSS = "relative_to_fit"  # fit_nonnegative's reweighting (version 2: relative to measured)
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 SOURCES = ("synthetic", "engine")
 KINDS = ("decode", "mixed")
@@ -96,7 +107,8 @@ class Profile:
         return self.key.filename.removesuffix(".json")
 
     def features(self) -> StepFeatures:
-        return StepFeatures.from_columns({f: np.asarray(self.samples[f]) for f in FEATURES})
+        names = [f for f in (*FEATURES, *EXTRA_FEATURES) if f in self.samples]
+        return StepFeatures.from_columns({f: np.asarray(self.samples[f]) for f in names})
 
     @property
     def seconds(self) -> np.ndarray:
@@ -125,13 +137,16 @@ class Profile:
 
     # -- fitting ------------------------------------------------------------------------------
 
-    def fit_step_time(self, holdout: float = 0.2, seed: int = 0) -> CalibratedStepTime:
-        """Fit on all samples; report the error of a fit on the rest on a held-out share."""
+    def fit_step_time(self, holdout: float = 0.2, seed: int = 0,
+                      iterations: int = IRLS_ITERATIONS) -> CalibratedStepTime:
+        """Fit on all samples; report the error of a fit on the rest on a held-out share.
+        `iterations`: fit_nonnegative's reweightings (0: version 2's loss)."""
         data = FitData(self.features(), self.seconds, self.exec_seconds, self.source)
         test = np.random.default_rng(seed).random(len(data)) < holdout
-        held = fit_model(data.subset(~test), self.buckets, self.name)
-        model = fit_model(data, self.buckets, self.name)
-        self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, data.subset(test))}
+        held = fit_model(data.subset(~test), self.buckets, self.name, iterations)
+        model = fit_model(data, self.buckets, self.name, iterations)
+        self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, data.subset(test)),
+                    "loss": LOSS if iterations else "relative_to_measured"}
         return model
 
     def step_time(self) -> CalibratedStepTime:
@@ -157,9 +172,9 @@ class Profile:
         data = json.loads(Path(path).read_text())
         if data.get("format") == FORMAT_V1:
             data = upgrade_v1(data)
-        if data.get("format") != FORMAT:
+        if data.get("format") not in (FORMAT, FORMAT_V2):
             raise ValueError(f"{path}: format={data.get('format')!r} is invalid: must be "
-                             f"{FORMAT!r} or {FORMAT_V1!r}")
+                             f"{FORMAT!r}, {FORMAT_V2!r} or {FORMAT_V1!r}")
         return cls(ProfileKey(**data["key"]), data["samples"], data.get("buckets"),
                    data.get("memory", {}), data.get("meta", {}), data.get("fit", {}))
 
@@ -170,14 +185,15 @@ def find_profile(key: ProfileKey, directory: Path = PROFILE_DIR) -> Profile | No
 
 
 def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 profile as version 2: the same samples (synthetic) and the same fit."""
+    """A version-1 profile as version 2 (which version 3 reads as it is): the same samples
+    (synthetic) and the same fit."""
     fit = dict(data.get("fit") or {})
     if "decode_coef" in fit:
         fit["decode"] = {"terms": list(DECODE_TERMS), "coef": fit.pop("decode_coef")}
         fit["mixed"] = {"terms": list(MIXED_TERMS), "coef": fit.pop("mixed_coef")}
         fit.update(host_decode=None, host_mixed=None)
     meta = {**(data.get("meta") or {}), "upgraded_from": FORMAT_V1}
-    return {**data, "format": FORMAT, "fit": fit, "meta": meta}
+    return {**data, "format": FORMAT_V2, "fit": fit, "meta": meta}
 
 
 # -- the fit ------------------------------------------------------------------------------------
@@ -193,36 +209,57 @@ class FitData:
         return len(self.seconds)
 
     def subset(self, mask: np.ndarray) -> FitData:
-        f = StepFeatures(*(getattr(self.features, name)[mask] for name in FEATURES))
-        return FitData(f, self.seconds[mask], self.exec_seconds[mask], self.source[mask])
+        return FitData(self.features.subset(mask), self.seconds[mask], self.exec_seconds[mask],
+                       self.source[mask])
 
     def kind(self, kind: str) -> FitData:
         decode = self.features.is_decode_only
         return self.subset(decode if kind == "decode" else ~decode)
 
 
-def fit_model(data: FitData, buckets: list[int] | None, name: str) -> CalibratedStepTime:
+def fit_model(data: FitData, buckets: list[int] | None, name: str,
+              iterations: int = IRLS_ITERATIONS) -> CalibratedStepTime:
     """Device time per kind from every row's execute_model time; host overhead per kind
-    from the engine rows (their step time minus execute_model)."""
+    from the engine rows (their step time minus execute_model). The terms over the
+    EXTRA_FEATURES are used where the samples have them (version 3)."""
     decode, mixed = data.kind("decode"), data.kind("mixed")
-    d_terms = decode_terms(buckets, int(decode.features.decode_seqs.max(initial=1)),
-                           int(decode.features.decode_ctx.max(initial=0)))
-    m_terms = mixed_terms(int(mixed.features.num_tokens.max(initial=1)),
-                          int(mixed.features.decode_ctx.max(initial=0)))
+    d_terms, m_terms = kind_terms(decode, mixed, buckets)
     return CalibratedStepTime(
-        fit_device(decode, d_terms, buckets, name), fit_device(mixed, m_terms, None, name),
+        fit_device(decode, d_terms, buckets, name, iterations),
+        fit_device(mixed, m_terms, None, name, iterations),
         buckets, source=f"profile {name}", decode_terms=d_terms, mixed_terms=m_terms,
-        host_decode=fit_host(decode, HOST_DECODE_TERMS),
-        host_mixed=fit_host(mixed, HOST_MIXED_TERMS))
+        host_decode=fit_host(decode, HOST_DECODE_TERMS, iterations),
+        host_mixed=fit_host(mixed, HOST_MIXED_TERMS, iterations))
+
+
+def kind_terms(decode: FitData, mixed: FitData,
+               buckets: list[int] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    d_terms = decode_terms(buckets, int(decode.features.decode_seqs.max(initial=1)),
+                           int(decode.features.decode_ctx.max(initial=0)),
+                           longest=informative(decode.features))
+    m_terms = mixed_terms(int(mixed.features.num_tokens.max(initial=1)),
+                          int(mixed.features.decode_ctx.max(initial=0)),
+                          extra=informative(mixed.features))
+    return d_terms, m_terms
+
+
+def informative(f: StepFeatures) -> bool:
+    """The samples measured the EXTRA_FEATURES, and they say more than the estimates from
+    the core features would (else their terms could not be told apart from those)."""
+    if any(getattr(f, name) is None for name in EXTRA_FEATURES):
+        return False
+    core = StepFeatures(*(getattr(f, name) for name in FEATURES))
+    return any((getattr(f, name) != term_column(core, name, None)).any()
+               for name in EXTRA_FEATURES)
 
 
 def fit_device(data: FitData, terms: tuple[str, ...], buckets: list[int] | None,
-               name: str) -> np.ndarray:
+               name: str, iterations: int = IRLS_ITERATIONS) -> np.ndarray:
     if len(data) < len(terms):
         raise ValueError(f"profile {name}: {len(data)} samples for {len(terms)} terms; "
                          "measure more steps")
     x = design_matrix(data.features, terms, buckets)
-    return fit_nonnegative(x, data.exec_seconds, source_weights(data.source))
+    return fit_nonnegative(x, data.exec_seconds, source_weights(data.source), iterations)
 
 
 def source_weights(source: np.ndarray) -> np.ndarray:
@@ -235,14 +272,15 @@ def source_weights(source: np.ndarray) -> np.ndarray:
     return weights
 
 
-def fit_host(data: FitData, terms: tuple[str, ...]) -> LinearTerms | None:
+def fit_host(data: FitData, terms: tuple[str, ...],
+             iterations: int = IRLS_ITERATIONS) -> LinearTerms | None:
     """Host overhead of engine steps; None without enough engine rows (version-1 style)."""
     engine = data.subset(data.source == "engine")
     if len(engine) < 4 * len(terms):
         return None
     x = design_matrix(engine.features, terms, None)
     host = np.maximum(engine.seconds - engine.exec_seconds, 1e-7)
-    return LinearTerms(terms, fit_nonnegative(x, host))
+    return LinearTerms(terms, fit_nonnegative(x, host, iterations=iterations))
 
 
 def model_to_fit(model: CalibratedStepTime) -> dict[str, Any]:
@@ -291,13 +329,17 @@ def _device_only(model: CalibratedStepTime) -> CalibratedStepTime:
 
 
 def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+    """|error| percentiles; bias as the mean and median signed error, and as the error of
+    the summed time (what queueing integrates: version 3 on)."""
     if len(measured) == 0:
         return {"n": 0}
     pct = 100 * (predicted - measured) / measured
     return {"n": int(len(measured)), "median_abs_pct_err": float(np.median(np.abs(pct))),
             "p90_abs_pct_err": float(np.percentile(np.abs(pct), 90)),
             "max_abs_pct_err": float(np.abs(pct).max()),
-            "mean_signed_pct_err": float(pct.mean())}
+            "mean_signed_pct_err": float(pct.mean()),
+            "median_signed_pct_err": float(np.median(pct)),
+            "total_time_pct_err": float(100 * (predicted.sum() / measured.sum() - 1))}
 
 
 def format_holdout(holdout: dict[str, Any]) -> str:
@@ -307,7 +349,8 @@ def format_holdout(holdout: dict[str, Any]) -> str:
             return f"  {label:<10} n=0"
         return (f"  {label:<10} n={e['n']:<5} median {e['median_abs_pct_err']:.1f} %  "
                 f"p90 {e['p90_abs_pct_err']:.1f} %  max {e['max_abs_pct_err']:.1f} %  "
-                f"bias {e.get('mean_signed_pct_err', float('nan')):+.1f} %")
+                f"bias {e.get('mean_signed_pct_err', float('nan')):+.1f} %  "
+                f"total time {e.get('total_time_pct_err', float('nan')):+.1f} %")
     rows = [line("all", holdout)]
     rows += [line(k, v) for k, v in (holdout.get("by_source") or {}).items()]
     rows += [line(k, v) for k, v in (holdout.get("by_kind") or {}).items()]

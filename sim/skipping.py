@@ -128,9 +128,13 @@ def _durations(sim: Simulator, seqs: list[Sequence], offset: int, k: int) -> np.
     """Durations of `k` decode steps of `seqs`, starting `offset` steps from now."""
     n = len(seqs)
     ctx = sum(s.num_computed_tokens + 1 for s in seqs) + offset * n
+    longest = None  # kept out of the memo's key unless the model reads it
+    if getattr(sim.step_time, "uses_longest_decode", False):
+        longest = max(s.num_computed_tokens + 1 for s in seqs) + offset
     if sim.decode_durations is not None:
-        return sim.decode_durations.run(n, ctx, k)
-    return sim.step_time.predict(decode_run_features(n, ctx, k), len(sim.steps) + offset)
+        return sim.decode_durations.run(n, ctx, k, longest)
+    return sim.step_time.predict(decode_run_features(n, ctx, k, longest),
+                                 len(sim.steps) + offset)
 
 
 @dataclass

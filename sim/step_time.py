@@ -51,22 +51,24 @@ HOST_MIXED_TERMS = ("const", "num_seqs", "prefill_tokens")
 CTX_KNOTS = (1024, 4096, 16384, 65536, 262144, 1048576)
 
 
-def decode_terms(buckets: list[int] | None, max_batch: int,
-                 max_ctx: int = 0) -> tuple[str, ...]:
+def decode_terms(buckets: list[int] | None, max_batch: int, max_ctx: int = 0,
+                 longest: bool = False) -> tuple[str, ...]:
     """Decode-only steps: graph bucket and summed context, each convex piecewise linear
     (hinge terms at knots below the largest measured value), and mean context per sequence
-    (long single-sequence attention)."""
+    (long single-sequence attention); with `longest`, the longest decode's context too."""
     knots = [k for k in (4, 16, 64, 128) if k < max_batch]
     return ("const", "padded_batch", *(f"padded_batch>{k}" for k in knots), "decode_ctx",
-            *_ctx_hinges(max_ctx), "mean_ctx")
+            *_ctx_hinges(max_ctx), "mean_ctx", *(("decode_max_ctx",) if longest else ()))
 
 
-def mixed_terms(max_tokens: int, max_ctx: int = 0) -> tuple[str, ...]:
+def mixed_terms(max_tokens: int, max_ctx: int = 0, extra: bool = False) -> tuple[str, ...]:
     """Mixed / prefill steps: tokens (hinges: flat while weight-bound, then compute-bound),
-    prefill attention pairs, decodes and their context (hinges), sequences."""
+    prefill attention pairs, decodes and their context (hinges), sequences; with `extra`,
+    the longest decode's context and the prefix keys gathered for prefill chunks."""
     knots = [k for k in (64, 256, 1024, 4096) if k < max_tokens]
     return ("const", "num_tokens", *(f"num_tokens>{k}" for k in knots), "prefill_attn",
-            "decode_seqs", "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx", "num_seqs")
+            "decode_seqs", "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx", "num_seqs",
+            *(("decode_max_ctx", "prefill_gather") if extra else ()))
 
 
 def _ctx_hinges(max_ctx: int) -> list[str]:
@@ -90,7 +92,19 @@ def term_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.nda
         return (f.num_seqs - f.decode_seqs).astype(np.float64)
     if not hasattr(f, term):
         raise ValueError(f"step-time term {term!r} is invalid: not a feature of StepFeatures")
-    return getattr(f, term).astype(np.float64)
+    column = getattr(f, term)
+    return _estimated(f, term) if column is None else column.astype(np.float64)
+
+
+def _estimated(f: StepFeatures, term: str) -> np.ndarray:
+    """An EXTRA_FEATURES column the steps lack (built from the five core features, as a
+    decode run without its longest context is): the longest decode as the mean one (a
+    uniform batch), gathered keys as one chunk's (its prefix from the attention pairs)."""
+    if term == "decode_max_ctx":
+        return np.ceil(f.decode_ctx / np.maximum(f.decode_seqs, 1))
+    q = np.maximum(f.prefill_tokens, 1).astype(np.float64)
+    prefix = np.maximum(f.prefill_attn / q - (q + 1) / 2, 0.0)
+    return np.where(prefix >= 0.5, f.prefill_tokens + np.rint(prefix), 0.0)
 
 
 def design_matrix(f: StepFeatures, terms: tuple[str, ...],
@@ -141,6 +155,12 @@ class CalibratedStepTime:
     host_decode: LinearTerms | None = None
     host_mixed: LinearTerms | None = None
 
+    @property
+    def uses_longest_decode(self) -> bool:
+        """Whether a decode step's time depends on its longest context (not only the sum)."""
+        return any(t.split(">")[0] == "decode_max_ctx" and c != 0.0
+                   for t, c in zip(self.decode_terms, self.decode_coef, strict=True))
+
     def predict(self, features: StepFeatures, first_step: int = 0) -> np.ndarray:
         decode = self._part(features, self.decode_terms, self.decode_coef, self.host_decode)
         mixed = self._part(features, self.mixed_terms, self.mixed_coef, self.host_mixed)
@@ -152,13 +172,28 @@ class CalibratedStepTime:
         return device if host is None else device + host.predict(f, None)
 
 
-def fit_nonnegative(x: np.ndarray, seconds: np.ndarray,
-                    weights: np.ndarray | None = None) -> np.ndarray:
-    """Non-negative least squares on relative error (rows weighted by 1 / t, times
-    `weights`)."""
+IRLS_ITERATIONS = 4
+
+
+def fit_nonnegative(x: np.ndarray, seconds: np.ndarray, weights: np.ndarray | None = None,
+                    iterations: int = IRLS_ITERATIONS) -> np.ndarray:
+    """Non-negative least squares on error relative to the fitted time, times `weights`:
+    iteratively reweighted, from rows weighted by 1 / measured. Dividing by the measured time
+    alone biases the fit low (a slow sample's error counts less than a fast one's); dividing
+    by the fit is the mean-unbiased choice (quasi-likelihood, variance proportional to t^2).
+    `iterations=0` is the relative-to-measured fit of kvtwin-profile/1 and /2."""
+    coef = _nnls_weighted(x, seconds, 1.0 / np.maximum(seconds, 1e-9), weights)
+    floor = 0.25 * max(float(seconds.min(initial=0.0)), 1e-9)  # keeps the weights finite
+    for _ in range(iterations):
+        fitted = np.maximum(x @ coef, floor)
+        coef = _nnls_weighted(x, seconds, 1.0 / fitted, weights)
+    return coef
+
+
+def _nnls_weighted(x: np.ndarray, seconds: np.ndarray, w: np.ndarray,
+                   weights: np.ndarray | None) -> np.ndarray:
     from scipy.optimize import nnls
 
-    w = 1.0 / np.maximum(seconds, 1e-9)
     if weights is not None:
         w = w * np.sqrt(weights)
     scale = np.maximum(np.abs(x * w[:, None]).max(axis=0), 1e-30)  # conditioning

@@ -23,11 +23,25 @@ from engine.config import EngineConfig
 from engine.llm import LLMEngine
 from engine.memory import estimate_activation_bytes
 from sim.catalog import load_hardware, load_model
-from sim.features import FEATURES, StepFeatures
+from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from sim.memory_model import predict_memory
-from sim.profile import FORMAT_V1, Profile, ProfileKey, find_profile
+from sim.profile import (
+    FORMAT,
+    FORMAT_V1,
+    LOSS,
+    PROFILE_DIR,
+    Profile,
+    ProfileKey,
+    find_profile,
+)
 from sim.simulator import Simulator
-from sim.step_time import DECODE_TERMS, MIXED_TERMS, design_matrix
+from sim.step_time import (
+    DECODE_TERMS,
+    MIXED_TERMS,
+    LinearTerms,
+    design_matrix,
+    fit_nonnegative,
+)
 from workloads.trace_requests import TraceRequest
 
 MODEL = load_model("tiny_qwen3")
@@ -138,7 +152,7 @@ def test_memory_terms_and_meta(profile: Profile) -> None:
 def test_round_trip_and_use_in_the_sim(profile: Profile, tmp_path) -> None:
     path = profile.save(tmp_path)
     assert path.name == "cpu__tiny_qwen3__float32__sdpa.json"
-    assert json.loads(path.read_text())["format"] == "kvtwin-profile/2"
+    assert json.loads(path.read_text())["format"] == FORMAT == "kvtwin-profile/3"
     loaded = Profile.load(path)
     assert loaded.to_dict() == profile.to_dict()
     features = profile.features()
@@ -172,6 +186,51 @@ def test_version_1_profiles_load_and_predict_as_before(profile: Profile, tmp_pat
     assert Profile.load(old.save(tmp_path / "v2")).to_dict() == old.to_dict()
 
 
+def test_version_3_measures_the_extra_features_and_fits_them(profile: Profile) -> None:
+    """Every row has the longest decode's context and the gathered prefill keys; the fit
+    has terms over them and is unbiased in seconds."""
+    assert all(len(profile.samples[f]) == len(profile.seconds) for f in EXTRA_FEATURES)
+    f = profile.features()
+    assert (f.decode_max_ctx * np.maximum(f.decode_seqs, 1) >= f.decode_ctx).all()
+    assert "decode_max_ctx" in profile.fit["decode"]["terms"]
+    assert {"decode_max_ctx", "prefill_gather"} <= set(profile.fit["mixed"]["terms"])
+    assert profile.fit["loss"] == LOSS
+    assert "total_time_pct_err" in profile.fit["holdout"]
+
+
+def test_version_2_profiles_load_and_predict_as_before() -> None:
+    """The committed H100 profile (kvtwin-profile/2, no extra columns): its stored fit
+    predicts term by term, and a refit with version 2's loss gives back the same fit."""
+    key = ProfileKey("h100_80gb", "qwen3_0_6b", "bfloat16", "torch")
+    committed = find_profile(key)
+    assert committed is not None
+    assert json.loads((PROFILE_DIR / key.filename).read_text())["format"] == "kvtwin-profile/2"
+    f, fit = committed.features(), committed.fit
+    assert f.decode_max_ctx is None and f.prefill_gather is None
+    dec = LinearTerms.from_dict(fit["decode"], "d").predict(f, committed.buckets)
+    mix = LinearTerms.from_dict(fit["mixed"], "m").predict(f, None)
+    hosts = [LinearTerms.from_dict(fit[k], k).predict(f, None)
+             for k in ("host_decode", "host_mixed")]
+    expected = np.where(f.is_decode_only, dec + hosts[0], mix + hosts[1])
+    assert np.array_equal(committed.step_time().predict(f), expected)
+    refit = committed.fit_step_time(iterations=0)
+    assert refit.decode_terms == tuple(fit["decode"]["terms"])
+    assert np.allclose(refit.predict(f), expected, rtol=1e-9, atol=0)
+
+
+def test_fit_is_unbiased_in_seconds() -> None:
+    """Multiplicative noise: weighting rows by 1 / measured fits low; by 1 / fitted, the
+    summed time comes out right."""
+    rng = np.random.default_rng(0)
+    x = np.stack([np.ones(4000), rng.integers(1, 100, 4000)], axis=1).astype(float)
+    truth = x @ np.array([1e-3, 5e-5])
+    seconds = truth * rng.lognormal(0.0, 0.3, len(truth)) / np.exp(0.3**2 / 2)
+    old = x @ fit_nonnegative(x, seconds, iterations=0)
+    new = x @ fit_nonnegative(x, seconds)
+    assert old.sum() / seconds.sum() - 1 < -0.05
+    assert abs(new.sum() / seconds.sum() - 1) < 0.01
+
+
 def test_grid_leaves_out_steps_the_config_cannot_run() -> None:
     small = EngineConfig(max_model_len=100, max_num_seqs=6, max_num_batched_tokens=64)
     shapes = GRID.runnable(small, num_blocks=40)
@@ -188,6 +247,9 @@ def test_default_grid_scales_with_the_config() -> None:
                                                   max_num_batched_tokens=2048), passes=5)
     assert cpu.decode_contexts[-1] == 2048 and cpu.decode_batches[-1] == 16
     assert cpu.passes == 5 and max(cpu.prefill_contexts) < 2048
+    skewed = [s for s in gpu.shapes() if len(set(s.decodes)) > 1]
+    assert skewed and all(s.decodes[0] > s.decodes[-1] for s in skewed)
+    assert all(long <= 2048 for _, long in cpu.skewed_contexts)
 
 
 def test_engine_workloads_fit_the_config() -> None:
@@ -198,6 +260,10 @@ def test_engine_workloads_fit_the_config() -> None:
         lens = w.prompt_lens(np.random.default_rng(0))
         assert lens.min() >= 1 and lens.max() + w.output[1] <= config.max_model_len
         assert w.num_requests * w.mean_prompt <= 64 * config.max_num_batched_tokens
+    shared = workloads[-1]
+    prompts = shared.requests(np.random.default_rng(0), 1000)
+    heads = {tuple(p[:shared.prefix_len]) for p, _ in prompts}
+    assert shared.prefix_groups == len(heads) == 4
     tiny = engine_workloads(EngineConfig(max_model_len=256, max_num_seqs=4,
                                          max_num_batched_tokens=256), num_blocks=20)
     assert all(w.num_requests >= 1 for w in tiny)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,11 +17,20 @@ STEP_TIME = CalibratedStepTime(
     decode_coef=np.array([3e-3, 1.7e-5, 3.1e-8]),
     mixed_coef=np.array([4e-3, 2.3e-5, 1.1e-9, 1.9e-5, 2.9e-8, 1e-5]),
     buckets=graph_buckets(8), source="test")
+# A v3-style model whose decode time also follows the longest sequence's context.
+LONGEST = CalibratedStepTime(
+    decode_coef=np.array([3e-3, 1.7e-5, 3.1e-8, 4.3e-6]),
+    mixed_coef=np.array([4e-3, 2.3e-5, 1.1e-9, 1.9e-5, 2.9e-8, 1e-5, 2.1e-6]),
+    buckets=graph_buckets(8), source="test",
+    decode_terms=("const", "padded_batch", "decode_ctx", "decode_max_ctx"),
+    mixed_terms=("const", "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx",
+                 "num_seqs", "decode_max_ctx"))
 
 
 def simulate(config: EngineConfig, num_blocks: int, requests: list[TraceRequest],
-             skip: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    sim = Simulator(config, num_blocks, STEP_TIME, skip=skip)
+             skip: bool, step_time: CalibratedStepTime = STEP_TIME
+             ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    sim = Simulator(config, num_blocks, step_time, skip=skip)
     result = sim.run(requests)
     reqs = pd.DataFrame([r.to_dict() for r in result.requests])
     return reqs, result.steps.to_frame(), result.stats
@@ -52,21 +62,22 @@ def scenarios(draw: st.DrawFn):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_skipping_matches_single_stepping(scenario) -> None:
+@given(scenarios(), st.sampled_from([STEP_TIME, LONGEST]))
+def test_skipping_matches_single_stepping(scenario, step_time) -> None:
     config, num_blocks, requests = scenario
-    reqs_a, steps_a, stats_a = simulate(config, num_blocks, requests, skip=False)
-    reqs_b, steps_b, stats_b = simulate(config, num_blocks, requests, skip=True)
+    reqs_a, steps_a, stats_a = simulate(config, num_blocks, requests, False, step_time)
+    reqs_b, steps_b, stats_b = simulate(config, num_blocks, requests, True, step_time)
     assert stats_a["skipped_steps"] == 0
     pd.testing.assert_frame_equal(reqs_a, reqs_b, check_exact=True)
     pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
 
 
-def test_skipping_really_skips_on_a_long_decode() -> None:
+@pytest.mark.parametrize("step_time", [STEP_TIME, LONGEST], ids=["sum", "longest"])
+def test_skipping_really_skips_on_a_long_decode(step_time) -> None:
     config = EngineConfig(block_size=16, max_model_len=2048, max_num_seqs=4).validate()
-    requests = [TraceRequest(i, 0.1 * i, [i + 5] * 100, 500) for i in range(4)]
-    reqs_a, steps_a, _ = simulate(config, 1000, requests, skip=False)
-    reqs_b, steps_b, stats = simulate(config, 1000, requests, skip=True)
+    requests = [TraceRequest(i, 0.1 * i, [i + 5] * 100 * (i + 1), 500) for i in range(4)]
+    reqs_a, steps_a, _ = simulate(config, 1000, requests, False, step_time)
+    reqs_b, steps_b, stats = simulate(config, 1000, requests, True, step_time)
     assert stats["skipped_steps"] > 0.9 * len(steps_b)
     pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
     pd.testing.assert_frame_equal(reqs_a, reqs_b, check_exact=True)
