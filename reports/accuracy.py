@@ -65,7 +65,7 @@ CPU_NOTE = ("CPU engine on the shared 2-core dev machine, where other jobs' load
 
 H100_NOTE = ("targets missed: near saturation (chat at 70 / 90 %) the twin is within 2-8 % "
              "at p50, but under heavy preemption (utilization 0.1) it underpredicts TTFT by up "
-             "to 65 %, and at max_model_len 2048 by 13-19 %; gate = the committed run's error "
+             "to 65 %, and at max_model_len 2048 by 13-18 %; gate = the committed run's error "
              "(2026-11-21, profile kvtwin-profile/3) + a margin, so a regression still fails")
 
 
