@@ -199,9 +199,9 @@ def test_version_3_measures_the_extra_features_and_fits_them(profile: Profile) -
 
 
 def test_version_2_profiles_load_and_predict_as_before() -> None:
-    """The committed H100 profile (kvtwin-profile/2, no extra columns): its stored fit
+    """The committed CPU profile (kvtwin-profile/2, no extra columns): its stored fit
     predicts term by term, and a refit with version 2's loss gives back the same fit."""
-    key = ProfileKey("h100_80gb", "qwen3_0_6b", "bfloat16", "torch")
+    key = ProfileKey("cpu", "tiny_qwen3", "float32", "sdpa")
     committed = find_profile(key)
     assert committed is not None
     assert json.loads((PROFILE_DIR / key.filename).read_text())["format"] == "kvtwin-profile/2"
