@@ -7,8 +7,8 @@ Two kinds of samples, both keyed by `sim.features.features_of` of the step that 
   long and mixed contexts, chunked prefills mixed with decodes, shared prefixes). A step's
   duration is measured as `engine.replay` measures it (schedule + records + execute_model +
   update_from_output, loop included), and `ModelRunner.execute_model` is timed inside it, so
-  the host overhead is known per step; on CUDA the device is synchronised after
-  execute_model, so a step that samples nothing does not leave its kernels to the next one.
+  the host overhead is known per step (execute_model returns once the step's kernels are
+  done, also when it samples nothing).
 - synthetic steps: built directly (Sequences with real block tables from the engine's own
   BlockManager) over a grid of compositions (prefill chunk x context x sequences, decode batch
   x context, mixed, decode batches with one long sequence), timed through `execute_model`:
@@ -408,7 +408,6 @@ class StepTap:
         self.outs: list[SchedulerOutput] = []
         self.exec_s: list[float] = []
         schedule, execute = engine.scheduler.schedule, engine.model_runner.execute_model
-        sync = device_sync(engine.device)
 
         def tapped_schedule(*args: Any, **kwargs: Any) -> SchedulerOutput:
             out = schedule(*args, **kwargs)
@@ -419,7 +418,6 @@ class StepTap:
         def tapped_execute(out: Any) -> Any:
             t0 = time.perf_counter()
             sampled = execute(out)
-            sync()  # a step that samples nothing would leave its kernels to the next one
             self.exec_s.append(time.perf_counter() - t0)
             return sampled
 
@@ -429,13 +427,6 @@ class StepTap:
     def close(self) -> None:
         del self.engine.scheduler.schedule
         del self.engine.model_runner.execute_model
-
-
-def device_sync(device: torch.device) -> Callable[[], None]:
-    """Waits for the device's queued work (a no-op off CUDA, where steps are synchronous)."""
-    if device.type != "cuda":
-        return lambda: None
-    return lambda: torch.cuda.synchronize(device)
 
 
 def run_offline(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:

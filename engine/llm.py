@@ -167,11 +167,7 @@ class LLMEngine:
         if planned is None:
             return []
         out, record = planned
-        sampled = self.model_runner.execute_model(out)
-        duration = self.now() - start
-        finished = self.scheduler.update_from_output(out, sampled, start + duration)
-        self.finish_step(record, duration, finished)
-        return finished
+        return self.settle_step(out, record, self.model_runner.execute_model(out))
 
     def plan_step(self, start: float) -> tuple[SchedulerOutput, StepRecord] | None:
         """Schedule a step and snapshot its record (None: nothing to run)."""
@@ -185,6 +181,14 @@ class LLMEngine:
 
     def _next_step_index(self) -> int:
         return len(self.step_records) + self._steps_in_flight
+
+    def settle_step(self, out: SchedulerOutput, record: StepRecord,
+                    sampled: list[int | None]) -> list[Sequence]:
+        """Apply a step's tokens as it ends now; returns the sequences it finished."""
+        duration = self.now() - record.start_s
+        finished = self.scheduler.update_from_output(out, sampled, record.start_s + duration)
+        self.finish_step(record, duration, finished)
+        return finished
 
     def finish_step(self, record: StepRecord, duration: float,
                     finished: list[Sequence]) -> None:

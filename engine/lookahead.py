@@ -75,12 +75,8 @@ class Lookahead:
 
     def _settle(self, flight: InFlight, on_finished: OnFinished) -> None:
         """Wait for the step's tokens, then apply them (synchronous stepping)."""
-        engine, start = self.engine, flight.record.start_s
         sampled = flight.launched.sampled()
-        duration = engine.now() - start
-        finished = engine.scheduler.update_from_output(flight.out, sampled, start + duration)
-        engine.finish_step(flight.record, duration, finished)
-        on_finished(finished)
+        on_finished(self.engine.settle_step(flight.out, flight.record, sampled))
 
     def _look_ahead(self, flight: InFlight, on_finished: OnFinished) -> InFlight | None:
         """Apply the step with placeholders, queue the next one, then settle this one."""

@@ -52,7 +52,8 @@ InputFill = Callable[[torch.Tensor], None]
 class LaunchedStep:
     """A step queued on the device. `tokens` (device) holds one token per sampling item,
     in `sample_seqs` order; `sampled()` waits for them and returns one per scheduled item
-    (None where the step ends mid-prefill)."""
+    (None where the step ends mid-prefill). It returns once all the step's kernels are done,
+    also when nothing is sampled, so a step's wall time holds its own device time."""
 
     def __init__(self, num_scheduled: int, sample_seqs: list[int], tokens: torch.Tensor):
         self.num_scheduled = num_scheduled
