@@ -246,7 +246,7 @@ def run_kvtwin(model: BenchModel, config: EngineConfig, workload: BenchWorkload,
     llm = LLM(model.path or model.config, config)
     startup = clock(llm.device) - t0
     if options.warmup:
-        warm_up_kvtwin(llm, model.config.vocab_size)
+        warm_up_kvtwin(llm, workload.requests, options.temperature)
     first = len(llm.step_records)
     params = [sampling_params(r, options.temperature) for r in workload.requests]
     t0 = clock(llm.device)
@@ -259,10 +259,22 @@ def run_kvtwin(model: BenchModel, config: EngineConfig, workload: BenchWorkload,
     return KvtwinRun(result, outputs, state)
 
 
-def warm_up_kvtwin(llm: Any, vocab_size: int) -> None:
-    """Two short requests (a prefill and a few decodes), so lazy initialisation is not timed."""
-    prompts = [[(7 * i + j) % vocab_size for j in range(48)] for i in range(2)]
-    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+WARMUP_REQUESTS = 96
+WARMUP_TOKENS = 8
+
+
+def warm_up_kvtwin(llm: Any, requests: list[TraceRequest], temperature: float) -> None:
+    """An untimed run shaped like the timed one: the first WARMUP_REQUESTS prompt lengths,
+    WARMUP_TOKENS outputs each, at the bench's temperature. It goes through mixed and
+    decode-only steps at many batch sizes, so Triton's JIT compilation and CUDA's lazy
+    kernel loading happen here. Its token ids are fresh random ones (a separate seed), so
+    the timed prompts cannot hit the blocks it leaves in the prefix cache."""
+    vocab = llm.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0x5EED)
+    prompts = [torch.randint(vocab, (len(r.prompt_token_ids),), generator=gen).tolist()
+               for r in requests[:WARMUP_REQUESTS]]
+    params = SamplingParams(temperature=temperature, max_tokens=WARMUP_TOKENS, ignore_eos=True)
+    llm.generate(prompts, params)
 
 
 def kvtwin_result(llm: Any, first_step: int, startup: float, wall: float,

@@ -32,6 +32,7 @@ class DecodeGraphs:
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.decode_order = torch.arange(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -51,7 +52,8 @@ class DecodeGraphs:
 
     def _context(self, bs: int) -> ForwardContext:
         meta = PagedMetadata(num_decodes=bs, decode_seq_lens=self.seq_lens[:bs],
-                             decode_block_tables=self.block_tables[:bs])
+                             decode_block_tables=self.block_tables[:bs],
+                             decode_order=self.decode_order[:bs])
         return ForwardContext(slot_mapping=self.slot_mapping[:bs], all_slots_valid=True,
                               paged=meta)
 
@@ -70,6 +72,7 @@ class DecodeGraphs:
         _load(self.slot_mapping[:n], batch.slot_mapping)
         _load(self.seq_lens[:n], np.asarray(batch.seq_lens, dtype=np.int32))
         _load(self.block_tables[:n, :width], batch.block_tables)
+        _load(self.decode_order[:bucket], batch.decode_order(bucket))
         self.slot_mapping[n:bucket].fill_(-1)
         self.seq_lens[n:bucket].zero_()
 

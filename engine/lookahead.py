@@ -5,9 +5,9 @@ schedules step N+1, builds its batch and queues it, the placeholders' ids filled
 device from step N's sampled tokens. Only then does it wait for step N's tokens, write them
 into the sequences and record step N. So the device never waits for the host's scheduling.
 
-The schedule is the one synchronous stepping makes: the host looks ahead only past a
-decode-only step whose every sequence ignores EOS, so that step's outcome (a token each,
-lengths reached) does not depend on the tokens' values; otherwise it waits first. A block that a
+The schedule is the one synchronous stepping makes: the host looks ahead only past a step
+whose every sampling sequence ignores EOS, so that step's outcome (a token each, lengths
+reached) does not depend on the tokens' values; otherwise it waits first. A block that a
 pending token completes reaches the prefix cache one step later, when the token is known.
 Replay and calibration step synchronously (`LLMEngine.step`), as the simulator models.
 """
@@ -102,11 +102,8 @@ class Lookahead:
 
 
 def _may_look_ahead(flight: InFlight) -> bool:
-    """Past decode-only steps whose sampling sequences ignore EOS. Mixed steps wait: on the
-    H100 looking ahead past them made the prefill phase of nano-vllm's bench slower (1.34 s
-    against 0.55 s), while decode-only steps gained 10 %."""
-    return flight.out.num_prefill_tokens == 0 and \
-        all(s.sampling_params.ignore_eos for s in flight.sampling_seqs())
+    """Past steps (decode-only or mixed) whose sampling sequences all ignore EOS."""
+    return all(s.sampling_params.ignore_eos for s in flight.sampling_seqs())
 
 
 def _placeholders(flight: InFlight) -> list[int | None]:

@@ -245,7 +245,7 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_step_logits(self, step: StepInput,
                             fill: InputFill | None = None) -> torch.Tensor:
-        """Run the model on the step; float32 logits of the sampling rows [len(sample_seqs), V].
+        """Run the model on the step; logits of the sampling rows [len(sample_seqs), V].
         `fill` writes device-resident token ids into the step's input ids first."""
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute_model()")
@@ -297,6 +297,7 @@ class ModelRunner:
         return PagedMetadata(
             num_decodes=nd, decode_seq_lens=context.seq_lens[:nd],
             decode_block_tables=context.block_tables[:nd],
+            decode_order=self._to_device(host.decode_order()) if nd else None,
             prefill_cu_q=self._to_device(cu[0]), prefill_cu_k=self._to_device(cu[1]),
             prefill_max_q=max(prefill_q, default=0), prefill_max_k=max(prefill_k, default=0),
             prefill_kv_slots=None if kv_slots is None else self._to_device(kv_slots))

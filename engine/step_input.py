@@ -47,6 +47,14 @@ class HostBatch:
     def is_decode_only(self) -> bool:
         return self.num_decodes == len(self.order)
 
+    def decode_order(self, rows: int | None = None) -> np.ndarray:
+        """The decodes longest KV first (the attention kernel's start order), then any
+        padding rows up to `rows` (int32)."""
+        lens = np.asarray(self.seq_lens[:self.num_decodes])
+        longest_first = np.argsort(-lens, kind="stable")
+        padding = np.arange(self.num_decodes, rows or self.num_decodes)
+        return np.concatenate([longest_first, padding]).astype(np.int32)
+
 
 class BlockTables:
     """Numpy mirrors of the sequences' block tables, updated by what was appended."""

@@ -43,12 +43,23 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
         self.backend = "sdpa"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_stored: bool = False) -> torch.Tensor:
+        """kv_stored: the step's K/V are in the cache already (written where `kv_store`
+        pointed)."""
         ctx = get_forward_context()
         if self.backend != "sdpa":
             return paged_forward(self.backend, q, k, v, self.k_cache, self.v_cache, ctx,
-                                 self.scale).flatten(1)
+                                 self.scale, kv_stored).flatten(1)
         return self._forward_sdpa(q, k, v, ctx)
+
+    def kv_store(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slot_mapping) where a fused kernel may write this step's K/V
+        for the paged backends, or None (no cache yet, or the sdpa backend)."""
+        ctx = get_forward_context()
+        if self.backend == "sdpa" or ctx.slot_mapping is None or self.k_cache.numel() == 0:
+            return None
+        return self.k_cache, self.v_cache, ctx.slot_mapping
 
     def _forward_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       ctx: ForwardContext) -> torch.Tensor:

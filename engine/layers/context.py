@@ -35,6 +35,7 @@ class PagedMetadata:
     num_decodes: int
     decode_seq_lens: torch.Tensor | None = None     # [num_decodes] int32
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, width] int32
+    decode_order: torch.Tensor | None = None        # [num_decodes] int32, longest first
     prefill_cu_q: torch.Tensor | None = None        # [P + 1] int32, rows from num_decodes
     prefill_cu_k: torch.Tensor | None = None        # [P + 1] int32
     prefill_max_q: int = 0

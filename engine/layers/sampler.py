@@ -26,8 +26,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-        """logits: [N, vocab] (float32) -> sampled token ids [N]. Host lists reach the device
-        through pinned copies, so a call queues work without waiting for the device."""
+        """logits: [N, vocab] (any float dtype) -> sampled token ids [N]. Host lists reach
+        the device through pinned copies, so a call queues work without waiting for it."""
         greedy_rows = [p.greedy for p in params]
         if all(greedy_rows):
             return logits.argmax(dim=-1)

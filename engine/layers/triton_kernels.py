@@ -40,15 +40,31 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                                     BLOCK=triton.next_power_of_2(width))
 
 
-@triton.jit
-def _paged_decode_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                         seq_lens_ptr, scale, stride_q, stride_o, stride_bt,
-                         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+@triton.jit(do_not_specialize=["stride_bt"])  # the table width changes step to step
+def _paged_decode_kernel(out_ptr, part_ptr, stats_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                         block_tables_ptr, seq_lens_ptr, order_ptr, scale, stride_q, stride_o,
+                         stride_bt, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, MIN_SHARE: tl.constexpr,
+                         HEAD_MAJOR: tl.constexpr, HAS_ORDER: tl.constexpr):
+    """Program (kv head, seq, split): the split's share of the sequence's keys for the query
+    heads of that KV head. One split writes the normalised output; several write their
+    unnormalised sums and (max, denominator) for `_combine_splits_kernel`. A share is at
+    least MIN_SHARE keys, so a short sequence leaves its last splits empty. With HAS_ORDER
+    the programs take sequences in order_ptr's order (longest first: the GPU starts programs
+    in index order, so the long ones do not straggle at the end)."""
+    if HEAD_MAJOR:  # a sequence's KV heads, adjacent in each cache row, are read together
+        kv_head, seq = tl.program_id(0), tl.program_id(1)
+    else:
+        seq, kv_head = tl.program_id(0), tl.program_id(1)
+    if HAS_ORDER:
+        seq = tl.load(order_ptr + seq)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    share = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SHARE)
+    first = split * share
+    last = tl.minimum(seq_len, first + share)
     rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
@@ -59,9 +75,9 @@ def _paged_decode_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     slot_stride = NUM_KV_HEADS * HEAD_DIM
-    for start in range(0, seq_len, BLOCK_N):
+    for start in range(first, last, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
-        valid = tokens < seq_len
+        valid = tokens < last
         block = tl.load(block_tables_ptr + seq * stride_bt + tokens // BLOCK_SIZE,
                         mask=valid, other=0).to(tl.int64)
         slots = block * BLOCK_SIZE + tokens % BLOCK_SIZE
@@ -76,30 +92,90 @@ def _paged_decode_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # seq_len 0: a padded graph row
-    tl.store(out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # seq_len 0: a padded graph row
+        tl.store(out_ptr + seq * stride_o + heads[:, None] * HEAD_DIM + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+        tl.store(part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+        tl.store(stats_ptr + part * 2, m_i, mask=rows < GROUP)
+        tl.store(stats_ptr + part * 2 + 1, l_i, mask=rows < GROUP)
+
+
+@triton.jit
+def _combine_splits_kernel(out_ptr, part_ptr, stats_ptr, stride_o, NUM_HEADS: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Program (seq, head): the splits' partial softmax sums, rescaled to their common max."""
+    seq, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    part = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    m = tl.load(stats_ptr + part * 2)
+    l_i = tl.load(stats_ptr + part * 2 + 1)
+    m_max = tl.max(m, 0)
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # empty splits weigh 0
+    acc = tl.load(part_ptr + part[:, None] * HEAD_DIM + dims[None, :])
+    total = tl.sum(weight * l_i, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_o + head * HEAD_DIM + dims,
+             out.to(out_ptr.dtype.element_ty))
 
 
 # Measured on an H100 (256 seqs x 8 KV heads x 128, bf16): ~2.9 TB/s, at its copy bandwidth.
 DECODE_LAUNCH = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+SPLIT_TARGET_PROGRAMS = 512  # split sequences until a launch has about this many programs
+MAX_SPLITS = 16
+MIN_SHARE = 256  # keys; shorter shares cost more in combining than they gain
+HEAD_MAJOR = True
+
+
+def decode_splits(batch: int, num_kv_heads: int) -> int:
+    """Splits per sequence for a batch: a power of two, 1 once the batch alone fills the GPU.
+
+    It depends on the batch size only, so a CUDA graph captured for a bucket stays valid for
+    any context lengths; each split then takes 1 / splits of its own sequence's keys.
+    """
+    programs = max(1, batch * num_kv_heads)
+    splits = triton.next_power_of_2(max(1, SPLIT_TARGET_PROGRAMS // programs))
+    return min(MAX_SPLITS, splits)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 out: torch.Tensor | None = None, **launch: int) -> torch.Tensor:
+                 out: torch.Tensor | None = None, num_splits: int | None = None,
+                 min_share: int = MIN_SHARE, order: torch.Tensor | None = None,
+                 **launch: int) -> torch.Tensor:
     """q: [B, heads, head_dim], one query per sequence over its first seq_lens[b] cached
-    tokens (block_tables[b] lists its blocks) -> [B, heads, head_dim]."""
+    tokens (block_tables[b] lists its blocks) -> [B, heads, head_dim]. Each sequence's keys
+    are split up to `num_splits` ways (default: `decode_splits`), `min_share` keys or more
+    per split. `order` ([B] int32, a permutation) is the order to start sequences in."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = num_heads // num_kv_heads
+    splits = num_splits or decode_splits(batch, num_kv_heads)
+    if splits & (splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {splits}")
     out = torch.empty_like(q) if out is None else out
     if batch == 0:
         return out
-    _paged_decode_kernel[(batch, num_kv_heads)](
-        out, q, k_cache, v_cache, block_tables, seq_lens, scale,
-        q.stride(0), out.stride(0), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, **(DECODE_LAUNCH | launch))
+    part = stats = out
+    if splits > 1:
+        part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32,
+                           device=q.device)
+        stats = torch.empty(batch, num_heads, splits, 2, dtype=torch.float32, device=q.device)
+    grid = (num_kv_heads, batch, splits) if HEAD_MAJOR else (batch, num_kv_heads, splits)
+    _paged_decode_kernel[grid](
+        out, part, stats, q, k_cache, v_cache, block_tables, seq_lens,
+        seq_lens if order is None else order, scale, q.stride(0), out.stride(0),
+        block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads,
+        GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=splits,
+        MIN_SHARE=min_share if splits > 1 else 0, HEAD_MAJOR=HEAD_MAJOR,
+        HAS_ORDER=order is not None,
+        **(DECODE_LAUNCH | launch))
+    if splits > 1:
+        _combine_splits_kernel[(batch, num_heads)](out, part, stats, out.stride(0),
+                                                   NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+                                                   NUM_SPLITS=splits)
     return out

@@ -45,14 +45,15 @@ def torch_varlen() -> Callable[..., torch.Tensor]:
 
 def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
-                  scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] of one step -> [T, H, D]."""
+                  scale: float, kv_stored: bool = False) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] of one step -> [T, H, D]; K/V go to the cache first
+    unless `kv_stored`."""
     from engine.layers.triton_kernels import store_kv_triton
 
     meta = ctx.paged
     assert meta is not None, "the varlen backends need ForwardContext.paged"
     cached = ctx.slot_mapping is not None and k_cache.numel() > 0
-    if cached:
+    if cached and not kv_stored:
         store_kv_triton(k, v, k_cache, v_cache, ctx.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
@@ -104,7 +105,7 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     from engine.layers.triton_kernels import paged_decode
 
     paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                 out=out)
+                 out=out, order=meta.decode_order)
 
 
 def flash_attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

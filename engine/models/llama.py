@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.layers import fused
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.linear import Linear, MergedLinear, VocabEmbedding
@@ -35,14 +36,33 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, hd, scale=hd ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if fused.use_fused(qkv):
+            store = self.attn.kv_store()
+            q, k = self._fused_qk(positions, qkv, store)
+            return self.o_proj(self.attn(q, k, v, kv_stored=store is not None))
+        q, k = self._qk(positions, qkv)
+        return self.o_proj(self.attn(q, k, v))
+
+    def _qk(self, positions: torch.Tensor, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = qkv[:, :self.q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(-1, self.num_kv_heads,
+                                                                self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.rotary_emb(positions, q, k)
+
+    def _fused_qk(self, positions: torch.Tensor, qkv: torch.Tensor,
+                  store: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        """One kernel for q/k norm and RoPE, which also writes K/V to `store`, if given."""
+        from engine.layers.fused_kernels import qk_norm_rope
+
+        norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        rope = self.rotary_emb
+        return qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, rope.cos_cache,
+                            rope.sin_cache, positions, norm, eps, store)
 
 
 class LlamaMLP(nn.Module):
@@ -115,8 +135,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+        """hidden: [N, hidden] -> logits [N, vocab] in the model's dtype. The sampler reads
+        them in float32 itself: a float32 copy of a 256 x 151,936 batch costs a full extra
+        write and read of it per decode step."""
+        return self.lm_head(hidden)
 
     def ignores_checkpoint_tensor(self, name: str) -> bool:
         """Tensors a checkpoint may hold that this model derives or shares instead."""

@@ -83,6 +83,56 @@ def test_silu_and_mul_equals_the_reference(dtype: torch.dtype) -> None:
     close(silu_and_mul(x), SiluAndMul()(x))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_rope_equals_the_attention_layers_reference(dtype: torch.dtype,
+                                                            qk_norm: bool) -> None:
+    """One launch for q_norm, k_norm and RoPE of q and k, read straight from qkv rows."""
+    from engine.config import ModelConfig
+    from engine.models.llama import LlamaAttention
+
+    config = ModelConfig(name="t", architecture="Qwen3ForCausalLM", hidden_size=64,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                         num_hidden_layers=1, intermediate_size=64, vocab_size=64,
+                         rope_theta=10000.0, max_position_embeddings=512)
+    rope = RotaryEmbedding(32, 512, 10000.0).to(DEVICE)
+    layer = LlamaAttention(config, rope, qk_norm=qk_norm).to(DEVICE, dtype)
+    if qk_norm:
+        with torch.no_grad():
+            layer.q_norm.weight.copy_(randn(32, dtype=dtype, seed=8))
+            layer.k_norm.weight.copy_(randn(32, dtype=dtype, seed=9))
+    qkv = randn(5, (6 + 2 + 2) * 32, dtype=dtype, seed=7)
+    positions = torch.tensor([0, 1, 9, 300, 511], device=DEVICE)
+    expected_q, expected_k = layer._qk(positions, qkv)
+    q, k = layer._fused_qk(positions, qkv)
+    assert q.shape == (5, 6, 32) and k.shape == (5, 2, 32)
+    close(q, expected_q)
+    close(k, expected_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_writes_the_cache_as_store_kv_does(dtype: torch.dtype) -> None:
+    """The fused store puts the rotated K and the V of each token at its slot; slot -1
+    (a padded row) writes nothing."""
+    from engine.layers.attention import store_kv
+    from engine.layers.fused_kernels import qk_norm_rope
+
+    rope = RotaryEmbedding(32, 512, 10000.0).to(DEVICE)
+    qkv = randn(4, (6 + 2 + 2) * 32, dtype=dtype, seed=10)
+    positions = torch.tensor([3, 4, 5, 6], device=DEVICE)
+    slots = torch.tensor([5, -1, 0, 11], device=DEVICE)
+    weights = randn(32, dtype=dtype, seed=11), randn(32, dtype=dtype, seed=12)
+    caches = [randn(3, 4, 2, 32, dtype=dtype, seed=13 + i) for i in range(2)]
+    expected = [c.clone() for c in caches]
+    q, k = qk_norm_rope(qkv, 6, 2, rope.cos_cache, rope.sin_cache, positions, weights, 1e-6,
+                        (*caches, slots))
+    q_only, k_only = qk_norm_rope(qkv, 6, 2, rope.cos_cache, rope.sin_cache, positions,
+                                  weights, 1e-6)
+    assert torch.equal(q, q_only) and torch.equal(k, k_only)
+    store_kv(k, qkv[:, 256:].view(4, 2, 32), *expected, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
 def test_layers_take_the_fused_path_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "ENABLED", True)
     assert fused.use_fused(torch.zeros(1, device=DEVICE)) == CUDA
@@ -117,11 +167,13 @@ def test_gumbel_argmax_is_independent_of_the_vocab_split_and_noise_free_rows_are
     seeds = torch.arange(rows, device=DEVICE) * 31 + 7
     inv_temp = torch.full((rows,), 1.0, device=DEVICE)
     noise = torch.tensor([0.0, 1.0] * (rows // 2), device=DEVICE)
-    one_chunk = gumbel_argmax(logits, inv_temp, seeds, block=16, noise=noise, chunk=112)
-    seven = gumbel_argmax(logits, inv_temp, seeds, block=16, noise=noise, chunk=16)
-    assert torch.equal(one_chunk, seven)  # Philox noise is keyed by column, not by program
-    assert torch.equal(seven[0::2], logits[0::2].argmax(dim=1))
-    assert not torch.equal(seven[1::2], logits[1::2].argmax(dim=1))
+    one_chunk = gumbel_argmax(logits, inv_temp, seeds, block=16, noise=noise, chunk=128)
+    two = gumbel_argmax(logits, inv_temp, seeds, block=16, noise=noise, chunk=64)
+    assert torch.equal(one_chunk, two)  # Philox noise is keyed by column, not by program
+    assert torch.equal(two[0::2], logits[0::2].argmax(dim=1))
+    assert not torch.equal(two[1::2], logits[1::2].argmax(dim=1))
+    with pytest.raises(ValueError, match="chunk"):
+        gumbel_argmax(logits, inv_temp, seeds, block=16, chunk=48)
 
 
 @pytest.mark.gpu

@@ -97,7 +97,7 @@ def check_step(runner: ModelRunner, hf: object, plan: StepPlan,
     assert len(logits) == len(sampled)
     for seq, row in zip(sampled, logits, strict=True):
         expected = hf_logits(hf, seq.token_ids)[-1]
-        torch.testing.assert_close(row.cpu(), expected, atol=atol, rtol=0)
+        torch.testing.assert_close(row.float().cpu(), expected.float(), atol=atol, rtol=0)
     return sampled
 
 

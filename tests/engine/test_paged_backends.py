@@ -18,9 +18,14 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.layers import varlen_attention  # noqa: E402
+from engine.layers import triton_kernels, varlen_attention  # noqa: E402
 from engine.layers.attention import store_kv  # noqa: E402
-from engine.layers.triton_kernels import paged_decode, store_kv_triton  # noqa: E402
+from engine.layers.triton_kernels import (  # noqa: E402
+    MAX_SPLITS,
+    decode_splits,
+    paged_decode,
+    store_kv_triton,
+)
 from tests.engine import test_model_runner as runner_tests  # noqa: E402
 from tests.engine.hf_tiny import hf_model  # noqa: E402
 
@@ -57,7 +62,14 @@ def test_store_kv_kernel_equals_index_copy() -> None:
 
 
 @pytest.mark.parametrize(("block_size", "heads", "kv_heads"), [(1, 4, 4), (16, 4, 2), (64, 8, 2)])
-def test_paged_decode_matches_gathered_sdpa(block_size: int, heads: int, kv_heads: int) -> None:
+@pytest.mark.parametrize(("num_splits", "head_major", "ordered"),
+                         [(1, True, False), (4, True, True), (4, False, False)])
+def test_paged_decode_matches_gathered_sdpa(block_size: int, heads: int, kv_heads: int,
+                                            num_splits: int, head_major: bool, ordered: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split 4 ways (16 keys or more each), some sequences leave splits empty and one spans
+    them all; programs ordered by KV head or by sequence, sequences started longest first."""
+    monkeypatch.setattr(triton_kernels, "HEAD_MAJOR", head_major)
     lens = [1, 7, 70, 0, 129]  # 0: a CUDA-graph padding row, must come out finite
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
     k_cache, v_cache = random_cache(num_blocks, block_size, kv_heads, 32, torch.float32, 1)
@@ -69,7 +81,9 @@ def test_paged_decode_matches_gathered_sdpa(block_size: int, heads: int, kv_head
             tables[i, j] = order.pop()
     q = torch.randn(len(lens), heads, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    out = paged_decode(q, k_cache, v_cache, tables.to(DEVICE), seq_lens, 32 ** -0.5)
+    order = torch.tensor([4, 2, 1, 0, 3], dtype=torch.int32, device=DEVICE) if ordered else None
+    out = paged_decode(q, k_cache, v_cache, tables.to(DEVICE), seq_lens, 32 ** -0.5,
+                       num_splits=num_splits, min_share=16, order=order, BLOCK_N=16)
     for i, n in enumerate(lens):
         if n == 0:
             assert torch.equal(out[i], torch.zeros_like(out[i]))
@@ -81,16 +95,29 @@ def test_paged_decode_matches_gathered_sdpa(block_size: int, heads: int, kv_head
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_splits_fill_small_batches_and_leave_full_ones_whole() -> None:
+    splits = [decode_splits(batch, 8) for batch in (1, 4, 16, 64, 128, 256, 512)]
+    assert all(s & (s - 1) == 0 and 1 <= s <= MAX_SPLITS for s in splits)
+    assert splits == sorted(splits, reverse=True)
+    assert splits[0] == MAX_SPLITS and splits[-2:] == [1, 1]
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode(torch.zeros(1, 2, 16), *random_cache(2, 4, 1, 16, torch.float32, 0),
+                     torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                     1.0, num_splits=3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_paged_decode_bfloat16_full_size_heads() -> None:
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_paged_decode_bfloat16_full_size_heads(num_splits: int) -> None:
     """Qwen3-0.6B's attention shape (16 heads over 8 KV heads of 128) in bf16."""
     k_cache, v_cache = random_cache(300, 16, 8, 128, torch.bfloat16, seed=4)
     lens = [1000, 17, 2048 - 1]
     tables = torch.randperm(300)[: 3 * 64].view(3, 64).repeat(1, 2).int().cuda()
     q = torch.randn(3, 16, 128, device="cuda", dtype=torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    out = paged_decode(q, k_cache, v_cache, tables, seq_lens, 128 ** -0.5)
+    out = paged_decode(q, k_cache, v_cache, tables, seq_lens, 128 ** -0.5,
+                       num_splits=num_splits)
     for i, n in enumerate(lens):
         blocks = tables[i, : -(-n // 16)].long()
         k, v = (c[blocks].flatten(0, 1)[:n].transpose(0, 1).float() for c in (k_cache, v_cache))
@@ -141,6 +168,26 @@ def test_block_table_rows_follow_growth_and_preemption() -> None:
     assert tables.row(seq).tolist() == [1, 2] + [5] * 40
     tables.retain([])
     assert tables.row(seq).tolist() == [1, 2] + [5] * 40
+
+
+def test_decode_order_starts_the_longest_decodes_first_then_graph_padding() -> None:
+    from engine.sequence import Sequence
+    from engine.step_input import BlockTables, build_host_batch
+
+    class Item:
+        def __init__(self, seq: Sequence, n: int):
+            self.seq, self.num_new_tokens = seq, n
+
+    items = []
+    for length, n in ((5, 1), (9, 1), (30, 8), (9, 1), (2, 1)):
+        seq = Sequence(list(range(length)))
+        seq.block_table = list(range(len(items) * 10, len(items) * 10 + 8))
+        seq.num_computed_tokens = length - n
+        items.append(Item(seq, n))
+    host = build_host_batch(items, BlockTables(block_size=4), gather_prefix=True)
+    assert host.num_decodes == 4 and host.seq_lens[:4] == [5, 9, 9, 2]
+    assert host.decode_order().tolist() == [1, 2, 0, 3]  # ties keep their order
+    assert host.decode_order(6).tolist() == [1, 2, 0, 3, 4, 5]
 
 
 @pytest.mark.gpu
