@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import EngineConfig, ModelConfig, graph_buckets
+from engine.config import DecodeSplit, EngineConfig, ModelConfig, graph_buckets
 from engine.llm import LLMEngine, ModelSource
 from engine.memory import estimate_activation_bytes
 from engine.replay import device_name
@@ -634,6 +634,14 @@ def _say(log: Log | None, message: str) -> None:
         log(message)
 
 
+def _decode_split(engine: LLMEngine) -> dict[str, int] | None:
+    """The split rule of the Triton paged-decode kernel (the `torch` backend); the sim's
+    step-time model reads it. The other backends do not split sequences this way."""
+    if engine.model_runner.attention_backend != "torch":
+        return None
+    return dataclasses.asdict(DecodeSplit(engine.model_config.num_key_value_heads))
+
+
 def _meta(engine: LLMEngine, phases: dict[str, Any], columns: dict[str, list],
           command: str | None, buckets_source: str, budget: float) -> dict[str, Any]:
     cuda = engine.device.type == "cuda"
@@ -646,6 +654,7 @@ def _meta(engine: LLMEngine, phases: dict[str, Any], columns: dict[str, list],
         "model": engine.model_config.name, "dtype": engine.config.dtype,
         "backend": runner.attention_backend, "attention_backend": runner.attention_backend,
         "cuda_graphs_enabled": bool(getattr(runner, "cuda_graphs_enabled", False)),
+        "decode_split": _decode_split(engine),
         "buckets_source": buckets_source, "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "engine_config": engine.config.to_dict(),

@@ -126,6 +126,33 @@ def _read_hf_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class DecodeSplit:
+    """How the Triton paged-decode kernel splits each sequence's keys across programs: a
+    power of two by batch size alone (so a CUDA graph of a bucket stays valid), until a
+    launch has about `target_programs` programs, at most `max_splits`, each split
+    `min_share` keys or more (rounded up to `block_n`). The kernel and the simulator's
+    step-time model both read this one rule."""
+
+    num_kv_heads: int
+    target_programs: int = 512
+    max_splits: int = 16
+    min_share: int = 256
+    block_n: int = 64
+
+    def splits(self, batch: int) -> int:
+        ratio = max(1, self.target_programs // max(1, batch * self.num_kv_heads))
+        return min(self.max_splits, 1 << (ratio - 1).bit_length())
+
+    def longest_share(self, longest: int, batch: int) -> int:
+        """Keys the busiest program reads: the longest sequence's share of its splits."""
+        splits = self.splits(batch)
+        if splits == 1:
+            return longest
+        per_split = -(-longest // splits)
+        return max(-(-per_split // self.block_n) * self.block_n, self.min_share)
+
+
 def graph_buckets(max_num_seqs: int) -> list[int]:
     """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to
     max_num_seqs (rounded up to 16)."""

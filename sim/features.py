@@ -6,16 +6,18 @@ give bit-identical durations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
 
 FEATURES = ("prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx", "num_seqs")
-# Measured since kvtwin-profile/3; None where unknown (older profiles' samples).
-EXTRA_FEATURES = ("decode_max_ctx", "prefill_gather")
+# Measured since kvtwin-profile/3 (decode_shared since this version's later profiles); None
+# where unknown (older profiles' samples).
+EXTRA_FEATURES = ("decode_max_ctx", "prefill_gather", "decode_shared")
 
 
 @dataclass
@@ -31,6 +33,9 @@ class StepFeatures:
     # Keys gathered from the cache for the prefill chunks: all their keys once any chunk has
     # a computed prefix (prefix hit, later chunk), else 0 (what the torch backend does).
     prefill_gather: np.ndarray | None = None
+    # Keys the decodes re-read from a cached prefix that another decode of the step also
+    # reads (prefix-cache hits): the kernel finds those blocks in the GPU's L2, not in HBM.
+    decode_shared: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.num_seqs)
@@ -64,33 +69,53 @@ def features_of(out: SchedulerOutput) -> StepFeatures:
     """The features of one planned step (arrays of length 1)."""
     prefill_tokens = prefill_attn = decode_seqs = decode_ctx = max_ctx = keys = 0
     cached = False
+    decodes = []
     for item in out.scheduled:
         q, start = item.num_new_tokens, item.num_computed_tokens
         if item.is_decode:
             decode_seqs += 1
             decode_ctx += start + 1
             max_ctx = max(max_ctx, start + 1)
+            decodes.append((item.seq, start + 1))
         else:
             prefill_tokens += q
             prefill_attn += q * start + q * (q + 1) // 2
             keys += start + q
             cached = cached or start > 0
     row = np.array((prefill_tokens, prefill_attn, decode_seqs, decode_ctx, len(out.scheduled),
-                    max_ctx, keys if cached else 0), dtype=np.int64)
+                    max_ctx, keys if cached else 0, shared_prefix_keys(decodes)),
+                   dtype=np.int64)
     return StepFeatures(*(row[i:i + 1] for i in range(len(row))))
 
 
+def shared_prefix_keys(decodes: Iterable[tuple[Sequence, int]]) -> int:
+    """Keys that decodes (sequence, keys read) re-read from a cached prefix another of them
+    reads too: each sequence's prefix-cache hit, grouped by its first block's chained hash
+    (the prefixes of one group are one chain), counts once per group, at the group's
+    longest. Hashes outlive the block table, so a finished step's plan still has them."""
+    total = 0
+    longest: dict[int, int] = {}
+    for seq, keys in decodes:
+        hit = min(seq.num_cached_tokens, keys)
+        if hit and seq.block_hashes:
+            total += hit
+            first = seq.block_hashes[0]
+            longest[first] = max(longest.get(first, 0), hit)
+    return total - sum(longest.values())
+
+
 def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int,
-                        max_ctx_start: int | None = None) -> StepFeatures:
+                        max_ctx_start: int | None = None, shared: int = 0) -> StepFeatures:
     """`num_steps` decode steps of the same `num_seqs` sequences; context grows by one each.
     The longest context is unknown (None: a step-time term over it takes the mean) unless
-    `max_ctx_start` gives it at the first step."""
+    `max_ctx_start` gives it at the first step. The re-read prefix keys (`shared`) stay
+    put: new tokens go to each sequence's own last block."""
     steps = np.arange(num_steps, dtype=np.int64)
     zeros = np.zeros(num_steps, dtype=np.int64)
     seqs = np.full(num_steps, num_seqs, dtype=np.int64)
     longest = None if max_ctx_start is None else max_ctx_start + steps
     return StepFeatures(zeros, zeros.copy(), seqs, ctx_start + steps * num_seqs, seqs.copy(),
-                        longest, zeros.copy())
+                        longest, zeros.copy(), np.full(num_steps, shared, dtype=np.int64))
 
 
 class DecodeDurations:
@@ -105,25 +130,27 @@ class DecodeDurations:
 
     def __init__(self, predict: Callable[[StepFeatures, int], np.ndarray]):
         self._predict = predict
-        self._tables: dict[tuple[int, int], np.ndarray] = {}
+        self._tables: dict[tuple, np.ndarray] = {}
 
     def run(self, num_seqs: int, ctx_start: int, num_steps: int,
-            max_ctx_start: int | None = None) -> np.ndarray:
-        """Durations of `decode_run_features(num_seqs, ctx_start, num_steps, max_ctx_start)`'s
-        steps. The longest context grows by one a step, as q does: max - q keys its table."""
+            max_ctx_start: int | None = None, shared: int = 0) -> np.ndarray:
+        """Durations of `decode_run_features(num_seqs, ctx_start, num_steps, max_ctx_start,
+        shared)`'s steps. The longest context grows by one a step, as q does: max - q keys
+        its table, with the re-read keys."""
         r, q = ctx_start % num_seqs, ctx_start // num_seqs
-        key = (num_seqs, r, None if max_ctx_start is None else max_ctx_start - q)
+        key = (num_seqs, r, None if max_ctx_start is None else max_ctx_start - q, shared)
         table = self._tables.get(key)
         if table is None or len(table) < q + num_steps:
             table = self._grow(key, table, q + num_steps)
         return table[q:q + num_steps]
 
-    def _grow(self, key: tuple[int, int, int | None], table: np.ndarray | None,
+    def _grow(self, key: tuple[int, int, int | None, int], table: np.ndarray | None,
               size: int) -> np.ndarray:
-        (n, r, offset), have = key, 0 if table is None else len(table)
+        (n, r, offset, shared), have = key, 0 if table is None else len(table)
         size = max(size, 2 * have, 256)
         longest = None if offset is None else offset + have
-        more = self._predict(decode_run_features(n, r + have * n, size - have, longest), 0)
+        more = self._predict(decode_run_features(n, r + have * n, size - have, longest,
+                                                 shared), 0)
         table = more if table is None else np.concatenate((table, more))
         table.flags.writeable = False
         self._tables[key] = table

@@ -26,9 +26,13 @@ real `LLMEngine.step` calls (schedule + records + execute_model + update_from_ou
 duration a replay measures. The fit: device time (execute_model) per step kind from both
 sources, plus host overhead (step minus execute_model) from the engine rows.
 
-Version 3 adds two sample columns (`sim.features.EXTRA_FEATURES`: the longest decode's
-context, the prefix keys gathered for prefill chunks), the terms over them, and a fit that is
-unbiased in seconds (`sim.step_time.fit_nonnegative`; `fit.loss` names it). Version-2 files
+Version 3 adds sample columns (`sim.features.EXTRA_FEATURES`: the longest decode's context,
+the prefix keys gathered for prefill chunks, and in later version-3 files the prefix keys the
+decodes re-read), the terms over them, and a fit that is unbiased in seconds
+(`sim.step_time.fit_nonnegative`; `fit.loss` names it). `meta.decode_split`, where present,
+is the paged-decode kernel's split rule (`engine.config.DecodeSplit`): the longest decode
+then enters as its share of the splits. Version-3 files without the later column or that
+meta refit and predict as they did. Version-2 files
 (no such columns; fit relative to the measured time) and version-1 files (`kvtwin-profile/1`:
 synthetic rows only, `fit.decode_coef` / `mixed_coef` over the fixed terms
 `sim.step_time.DECODE_TERMS` / `MIXED_TERMS`, no host term) still load and predict exactly as
@@ -46,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.config import DecodeSplit
 from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from sim.step_time import (
     DECODE_TERMS,
@@ -143,11 +148,19 @@ class Profile:
         `iterations`: fit_nonnegative's reweightings (0: version 2's loss)."""
         data = FitData(self.features(), self.seconds, self.exec_seconds, self.source)
         test = np.random.default_rng(seed).random(len(data)) < holdout
-        held = fit_model(data.subset(~test), self.buckets, self.name, iterations)
-        model = fit_model(data, self.buckets, self.name, iterations)
+        split = self.decode_split
+        held = fit_model(data.subset(~test), self.buckets, self.name, iterations, split)
+        model = fit_model(data, self.buckets, self.name, iterations, split)
         self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, data.subset(test)),
                     "loss": LOSS if iterations else "relative_to_measured"}
         return model
+
+    @property
+    def decode_split(self) -> DecodeSplit | None:
+        """The decode kernel's split rule the calibration ran with (meta "decode_split"),
+        if it splits sequences at all."""
+        rule = self.meta.get("decode_split")
+        return DecodeSplit(**rule) if rule else None
 
     def step_time(self) -> CalibratedStepTime:
         if not self.fit:
@@ -218,12 +231,13 @@ class FitData:
 
 
 def fit_model(data: FitData, buckets: list[int] | None, name: str,
-              iterations: int = IRLS_ITERATIONS) -> CalibratedStepTime:
+              iterations: int = IRLS_ITERATIONS,
+              split: DecodeSplit | None = None) -> CalibratedStepTime:
     """Device time per kind from every row's execute_model time; host overhead per kind
     from the engine rows (their step time minus execute_model). The terms over the
     EXTRA_FEATURES are used where the samples have them (version 3)."""
     decode, mixed = data.kind("decode"), data.kind("mixed")
-    d_terms, m_terms = kind_terms(decode, mixed, buckets)
+    d_terms, m_terms = kind_terms(decode, mixed, buckets, split)
     return CalibratedStepTime(
         fit_device(decode, d_terms, buckets, name, iterations),
         fit_device(mixed, m_terms, None, name, iterations),
@@ -232,25 +246,30 @@ def fit_model(data: FitData, buckets: list[int] | None, name: str,
         host_mixed=fit_host(mixed, HOST_MIXED_TERMS, iterations))
 
 
-def kind_terms(decode: FitData, mixed: FitData,
-               buckets: list[int] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+FIRST_EXTRA = EXTRA_FEATURES[:2]  # version 3's first two: their terms come as one set
+
+
+def kind_terms(decode: FitData, mixed: FitData, buckets: list[int] | None,
+               split: DecodeSplit | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     d_terms = decode_terms(buckets, int(decode.features.decode_seqs.max(initial=1)),
                            int(decode.features.decode_ctx.max(initial=0)),
-                           longest=informative(decode.features))
+                           longest=informative(decode.features), split=split,
+                           shared=informative(decode.features, ("decode_shared",)))
+    extra = informative(mixed.features)
+    gather = term_column(mixed.features, "gather_mean", None) if extra else np.zeros(1)
     m_terms = mixed_terms(int(mixed.features.num_tokens.max(initial=1)),
-                          int(mixed.features.decode_ctx.max(initial=0)),
-                          extra=informative(mixed.features))
+                          int(mixed.features.decode_ctx.max(initial=0)), extra=extra,
+                          max_gather_mean=float(gather.max(initial=0.0)))
     return d_terms, m_terms
 
 
-def informative(f: StepFeatures) -> bool:
-    """The samples measured the EXTRA_FEATURES, and they say more than the estimates from
+def informative(f: StepFeatures, names: tuple[str, ...] = FIRST_EXTRA) -> bool:
+    """The samples measured these EXTRA_FEATURES, and they say more than the estimates from
     the core features would (else their terms could not be told apart from those)."""
-    if any(getattr(f, name) is None for name in EXTRA_FEATURES):
+    if any(getattr(f, name) is None for name in names):
         return False
     core = StepFeatures(*(getattr(f, name) for name in FEATURES))
-    return any((getattr(f, name) != term_column(core, name, None)).any()
-               for name in EXTRA_FEATURES)
+    return any((getattr(f, name) != term_column(core, name, None)).any() for name in names)
 
 
 def fit_device(data: FitData, terms: tuple[str, ...], buckets: list[int] | None,

@@ -26,7 +26,7 @@ import simpy
 
 from engine.scheduler import SchedulerOutput, is_prefilling
 from engine.sequence import Sequence
-from sim.features import DecodeDurations, decode_run_features
+from sim.features import DecodeDurations, decode_run_features, shared_prefix_keys
 from sim.step_log import DecodeRunSteps
 from sim.step_time import CalibratedStepTime, RooflineStepTime, StepTimeModel
 
@@ -131,9 +131,12 @@ def _durations(sim: Simulator, seqs: list[Sequence], offset: int, k: int) -> np.
     longest = None  # kept out of the memo's key unless the model reads it
     if getattr(sim.step_time, "uses_longest_decode", False):
         longest = max(s.num_computed_tokens + 1 for s in seqs) + offset
+    shared = 0
+    if getattr(sim.step_time, "uses_shared_decode", False):
+        shared = shared_prefix_keys((s, s.num_computed_tokens + 1 + offset) for s in seqs)
     if sim.decode_durations is not None:
-        return sim.decode_durations.run(n, ctx, k, longest)
-    return sim.step_time.predict(decode_run_features(n, ctx, k, longest),
+        return sim.decode_durations.run(n, ctx, k, longest, shared)
+    return sim.step_time.predict(decode_run_features(n, ctx, k, longest, shared),
                                  len(sim.steps) + offset)
 
 

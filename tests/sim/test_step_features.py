@@ -52,3 +52,48 @@ def test_steps_without_the_extra_features_estimate_them() -> None:
     assert f.decode_max_ctx is None
     assert term_column(f, "decode_max_ctx", None)[0] == 101
     assert term_column(f, "prefill_gather", None)[1] == 80
+
+
+def test_decode_share_is_the_longest_contexts_share_of_the_bucket_splits() -> None:
+    """The kernel splits by the batch it runs (the graph bucket), so 5 decodes split as 8."""
+    from engine.config import DecodeSplit
+    from sim.step_time import split_term
+
+    rule = DecodeSplit(num_kv_heads=2, target_programs=64, max_splits=8, min_share=16,
+                       block_n=8)
+    f = StepFeatures.from_columns(dict(
+        prefill_tokens=[0, 0, 0, 0], prefill_attn=[0, 0, 0, 0], decode_seqs=[1, 5, 5, 40],
+        decode_ctx=[1000, 1500, 1500, 4000], num_seqs=[1, 5, 5, 40],
+        decode_max_ctx=[1000, 700, 60, 300], prefill_gather=[0, 0, 0, 0]))
+    share = term_column(f, split_term(rule), [1, 2, 4, 8, 16, 32, 48])
+    # 1 -> 8 splits of 125 keys -> 128; 8 -> 4 splits: 175 -> 176, and 60 -> 15 -> 16;
+    # a batch of 48 makes 96 programs: no split, the whole 300 keys
+    assert share.tolist() == [128, 176, 16, 300]
+    assert [rule.splits(b) for b in (1, 8, 48)] == [8, 4, 1]
+
+
+def test_gather_mean_is_the_gathered_keys_per_prefill_sequence() -> None:
+    f = StepFeatures.from_columns(dict(prefill_tokens=[48], prefill_attn=[5000],
+                                       decode_seqs=[3], decode_ctx=[300], num_seqs=[5],
+                                       decode_max_ctx=[100], prefill_gather=[20000]))
+    assert term_column(f, "gather_mean", None)[0] == 10000
+    assert term_column(f, "gather_mean>8192", None)[0] == 10000 - 8192
+
+
+def test_decodes_re_reading_a_cached_prefix_count_it_once() -> None:
+    """Three decodes hit the same 32-token prefix (first block hash 7), one hit 16 tokens
+    of another chain; the re-reads are 2 x 32 of the first group, none of the second. The
+    block tables are gone (freed), as when calibration reads a finished step's plan."""
+    out = step([(40, 1, True), (50, 1, True), (60, 1, True), (20, 1, True), (30, 1, True)])
+    for item, (first, hit) in zip(out.scheduled, [(7, 32), (7, 32), (7, 32), (9, 16), (3, 0)],
+                                  strict=True):
+        item.seq.block_hashes = [first, 100 + len(item.seq.token_ids)]
+        item.seq.num_cached_tokens = hit
+    f = features_of(out)
+    assert f.decode_shared[0] == 64
+    assert term_column(f, "decode_unique_ctx", None)[0] == f.decode_ctx[0] - 64
+    memo = DecodeDurations(CalibratedStepTime(
+        np.array([1e-3, 1e-6, 1e-7]), np.array([1e-2]), None, "test",
+        decode_terms=("const", "decode_ctx", "decode_unique_ctx"),
+        mixed_terms=("const",)).predict)
+    assert memo.run(5, 205, 3, None, 64)[0] < memo.run(5, 205, 3, None, 0)[0]
