@@ -65,7 +65,7 @@ CPU_NOTE = ("CPU engine on the shared 2-core dev machine, where other jobs' load
 
 H100_NOTE = ("targets missed: near saturation (chat at 70 / 90 %) the twin is within 1-8 % "
              "at p50; the largest errors are TTFT at utilization 0.1 (heavy preemption: up to "
-             "-55 % at p50, +118 % at p90, preemption counts off by up to half) and the "
+             "-32 % at p50, +118 % at p90, preemption counts off by up to half) and the "
              "shared-prefix point at 0.1 (10 preemptions predicted, 1 measured); gate = the "
              "committed run's error (2026-11-21, kvtwin-profile/3 with the split and re-read "
              "terms) + a margin, so a regression still fails")
