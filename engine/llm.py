@@ -71,6 +71,7 @@ class LLMEngine:
         self.num_blocks = self._decide_num_blocks()
         self.model_runner.allocate_kv_cache(self.num_blocks)
         self.cuda_graph_bytes_captured = self.model_runner.capture_cuda_graphs()
+        self.model_runner.warm_up()
         self.scheduler = Scheduler(self.config, self.num_blocks,
                                    self.model_config.eos_token_ids())
         self.step_records: list[StepRecord] = []

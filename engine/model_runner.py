@@ -16,6 +16,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.layers.attention import Attention
 from engine.layers.context import ForwardContext, PagedMetadata, dense_context, forward_context
 from engine.layers.host import to_device
+from engine.layers.linear import Linear
 from engine.layers.sampler import Sampler
 from engine.layers.varlen_attention import (
     FLASH_ATTN_BLOCK_MULTIPLE,
@@ -24,7 +25,16 @@ from engine.layers.varlen_attention import (
 )
 from engine.loader import build_model, load_model, to_torch_dtype
 from engine.sequence import SamplingParams, Sequence
-from engine.step_input import BlockTables, HostBatch, ScheduledLike, build_host_batch
+from engine.step_input import (
+    SAMPLE_MULTIPLE,
+    TOKEN_MULTIPLE,
+    BlockTables,
+    HostBatch,
+    ScheduledLike,
+    build_host_batch,
+    pad_tail,
+    padded_len,
+)
 
 
 class SchedulerOutputLike(Protocol):
@@ -151,10 +161,7 @@ class ModelRunner:
         sequences, no KV cache, then logits and sampling for one row per sequence.
         Call it before allocate_kv_cache, or the cache counts as activation.
         """
-        num_tokens = num_tokens or self.config.max_num_batched_tokens
-        num_seqs = min(self.config.max_num_seqs, num_tokens)
-        lens = [num_tokens // num_seqs] * num_seqs
-        lens[-1] += num_tokens % num_seqs
+        lens = self._dummy_lens(num_tokens or self.config.max_num_batched_tokens)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -164,6 +171,49 @@ class ModelRunner:
             return None
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - self.weight_bytes
+
+    @property
+    def pads_rows(self) -> bool:
+        """Whether eager steps pad their rows (the varlen backends; see TOKEN_MULTIPLE)."""
+        return self.attention_backend != "sdpa"
+
+    def eager_rows(self, num_tokens: int) -> int:
+        if not self.pads_rows:
+            return num_tokens
+        return padded_len(num_tokens, TOKEN_MULTIPLE, self.config.max_num_batched_tokens)
+
+    def sample_rows_padded(self, num_samples: int) -> int:
+        return padded_len(num_samples, SAMPLE_MULTIPLE) if self.pads_rows else num_samples
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Untimed, once the cache and the graphs are in place: every linear layer's GEMM at
+        every padded row count an eager step can have, the LM head's at every padded sample
+        count, so that no timed step waits for cuBLAS to choose a kernel. CUDA only."""
+        if self.device.type != "cuda" or not self.pads_rows:
+            return
+        weights = {tuple(m.weight.shape): m.weight for m in self.model.modules()
+                   if isinstance(m, Linear) and m.weight.dim() == 2}
+        head = self.model.lm_head.weight
+        width = max(w.shape[1] for w in (*weights.values(), head))
+        x = torch.zeros(self.config.max_num_batched_tokens, width, dtype=self.dtype,
+                        device=self.device)
+        counts = sorted({self.eager_rows(n) for n in
+                         range(1, self.config.max_num_batched_tokens + 1)})
+        for rows in counts:
+            for w in weights.values():
+                torch.nn.functional.linear(x[:rows, :w.shape[1]], w)
+        for rows in sorted({self.sample_rows_padded(n)
+                            for n in range(1, self.config.max_num_seqs + 1)}):
+            torch.nn.functional.linear(x[:rows, :head.shape[1]], head)
+        torch.cuda.synchronize(self.device)
+
+    def _dummy_lens(self, num_tokens: int) -> list[int]:
+        """`num_tokens` split evenly over min(max_num_seqs, num_tokens) sequences."""
+        num_seqs = min(self.config.max_num_seqs, num_tokens)
+        lens = [num_tokens // num_seqs] * num_seqs
+        lens[-1] += num_tokens % num_seqs
+        return lens
 
     def _dummy_step(self, lens: list[int]) -> None:
         input_ids = torch.zeros(sum(lens), dtype=torch.long, device=self.device)
@@ -260,7 +310,8 @@ class ModelRunner:
                 fill(step.input_ids)
             with forward_context(step.context):
                 hidden = self.model(step.input_ids, step.positions)
-        return self.model.compute_logits(hidden[step.sample_rows])
+        logits = self.model.compute_logits(hidden[step.sample_rows])
+        return logits[:len(step.sample_seqs)]  # the rest: padding rows
 
     def _graph_bucket(self, host: HostBatch) -> int | None:
         if self.graphs is None or not host.is_decode_only:
@@ -273,19 +324,23 @@ class ModelRunner:
     def upload(self, host: HostBatch) -> StepInput:
         """The device side of a host batch (nothing to copy for a graph-replay step: the
         graph's own buffers take the inputs)."""
-        sample_rows = self._to_device(np.asarray(host.sample_rows, dtype=np.int64))
+        rows = np.asarray(host.sample_rows, dtype=np.int64)
+        sample_rows = self._to_device(pad_tail(rows, self.sample_rows_padded(len(rows)), 0))
         if self._graph_bucket(host) is not None:
             return StepInput(None, None, ForwardContext(), host.sample_seqs, sample_rows, host)
         to_dev = self._to_device
+        num_rows = self.eager_rows(host.num_tokens)  # rows past num_tokens: padding
+        slots = pad_tail(host.slot_mapping, num_rows, -1)
         context = ForwardContext(
             query_start_loc=to_dev(np.asarray(host.query_start_loc, dtype=np.int32)),
             seq_lens=to_dev(np.asarray(host.seq_lens, dtype=np.int32)),
-            slot_mapping=to_dev(host.slot_mapping), block_tables=to_dev(host.block_tables),
+            slot_mapping=to_dev(slots), block_tables=to_dev(host.block_tables),
             query_start_loc_cpu=host.query_start_loc, seq_lens_cpu=host.seq_lens,
-            all_slots_valid=bool((host.slot_mapping >= 0).all()))
+            all_slots_valid=bool((slots >= 0).all()))
         if self.attention_backend != "sdpa":
             context.paged = self._paged_metadata(host, context)
-        return StepInput(to_dev(host.input_ids), to_dev(host.positions), context,
+        return StepInput(to_dev(pad_tail(host.input_ids, num_rows, 0)),
+                         to_dev(pad_tail(host.positions, num_rows, 0)), context,
                          host.sample_seqs, sample_rows, host)
 
     def _paged_metadata(self, host: HostBatch, context: ForwardContext) -> PagedMetadata:

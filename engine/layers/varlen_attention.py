@@ -57,13 +57,17 @@ def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         store_kv_triton(k, v, k_cache, v_cache, ctx.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
+    # Rows past the context's tokens pad an eager step (ModelRunner.eager_rows): zeros.
+    end = ctx.query_start_loc_cpu[-1] if ctx.query_start_loc_cpu else q.shape[0]
     if nd:
         decode = flash_attn_decode if backend == "flash_attn" else triton_decode
         decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
-    if q.shape[0] > nd:
-        keys, values = prefill_keys(k[nd:], v[nd:], k_cache, v_cache, meta)
+    if end > nd:
+        keys, values = prefill_keys(k[nd:end], v[nd:end], k_cache, v_cache, meta)
         prefill = flash_attn_prefill if backend == "flash_attn" else torch_prefill
-        out[nd:] = prefill(q[nd:], keys, values, meta, scale)
+        out[nd:end] = prefill(q[nd:end], keys, values, meta, scale)
+    if end < q.shape[0]:
+        out[end:].zero_()
     return out
 
 

@@ -148,11 +148,27 @@ def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "
     shared = {blk * bs + off for blk in a.block_table[:hit_blocks] for off in range(bs)}
     assert not shared & set(step.host.slot_mapping.tolist())  # the hit is not rewritten
     assert step.host.num_tokens == a.num_tokens - chunk + 6 + 1
+    check_padding(runner, step)
     assert check_step(runner, hf, plan, atol) == [a, b, c]
     finish_step(plan, {a.seq_id: 5, b.seq_id: 6, c.seq_id: 7})
 
     plan = schedule(blocks, (c, 1), (a, 1), (b, 1))
     assert check_step(runner, hf, plan, atol) == [c, a, b]
+
+
+def check_padding(runner: ModelRunner, step: object) -> None:
+    """Eager rows on the varlen backends: padded to TOKEN_MULTIPLE (within the token budget)
+    with token 0, position 0 and slot -1 (nothing stored); none on sdpa."""
+    from engine.step_input import TOKEN_MULTIPLE
+
+    n, rows = step.host.num_tokens, step.input_ids.shape[0]
+    if not runner.pads_rows:
+        assert rows == n
+        return
+    assert rows >= n and (rows % TOKEN_MULTIPLE == 0
+                         or rows == runner.config.max_num_batched_tokens)
+    assert step.context.slot_mapping[n:].tolist() == [-1] * (rows - n)
+    assert step.input_ids[n:].tolist() == step.positions[n:].tolist() == [0] * (rows - n)
 
 
 @pytest.mark.parametrize("block_size", [1, 32])

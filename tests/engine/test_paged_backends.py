@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,17 @@ def test_block_table_rows_follow_growth_and_preemption() -> None:
     assert tables.row(seq).tolist() == [1, 2] + [5] * 40
     tables.retain([])
     assert tables.row(seq).tolist() == [1, 2] + [5] * 40
+
+
+def test_padded_row_counts() -> None:
+    from engine.step_input import pad_tail, padded_len
+
+    assert [padded_len(n, 64) for n in (1, 63, 64, 65, 8191)] == [64, 64, 64, 128, 8192]
+    assert padded_len(1000, 64, cap=1000) == 1000  # never past the token budget...
+    assert padded_len(990, 64, cap=1000) == 1000
+    assert padded_len(1100, 64, cap=1000) == 1100  # ...nor below the count itself
+    assert pad_tail(np.array([5, 6]), 4, -1).tolist() == [5, 6, -1, -1]
+    assert pad_tail(np.array([5, 6]), 1, -1).tolist() == [5, 6]
 
 
 def test_decode_order_starts_the_longest_decodes_first_then_graph_padding() -> None:
