@@ -63,12 +63,13 @@ CPU_NOTE = ("CPU engine on the shared 2-core dev machine, where other jobs' load
             "a margin")
 
 
-H100_NOTE = ("targets missed: near saturation (chat at 70 / 90 %) the twin is within 1-8 % "
-             "at p50; the largest errors are TTFT at utilization 0.1 (heavy preemption: up to "
-             "-32 % at p50, +118 % at p90, preemption counts off by up to half) and the "
-             "shared-prefix point at 0.1 (10 preemptions predicted, 1 measured); gate = the "
-             "committed run's error (2026-11-21, kvtwin-profile/3 with the split and re-read "
-             "terms) + a margin, so a regression still fails")
+H100_NOTE = ("targets missed: the median point is within 2-6 % (TTFT p50 3.3 %, TPOT p50 "
+             "1.9 %, E2E p50 3.1 %), chat at 30-90 % load within 3.5 % at p50; the largest "
+             "errors are grid points at utilization 0.1, where preemption counts decide the "
+             "tail (block 128 / 2048: 8 preemptions predicted vs 2, TTFT p90 +90 %), and TPOT "
+             "over-predicted up to 11 % (decode batches of 16-64 come out ~4 % long); gate = "
+             "the committed run's error (2026-11-21, engine 8fafeb3, profile with "
+             "decode_combine) + a margin, so a regression still fails")
 
 
 def _measured(limits: dict[str, float], note: str) -> dict[str, Gate]:
@@ -80,15 +81,15 @@ def _measured(limits: dict[str, float], note: str) -> dict[str, Gate]:
 # The thresholds, per validation set (the folder name under tests/data/validation). Where a
 # set misses a target, its limit is the measured error plus a margin, and the note says why.
 GATES: dict[str, dict[str, Gate]] = {
-    # Committed H100 run (2026-11-21, 46 points, engine at commit f74d91a, re-predicted with
-    # the committed profile): start / no-start and num_blocks exact everywhere; largest
-    # |error| TTFT 33 / 118 / 60, TPOT 9.5 / 7.5 / 12, E2E 13 / 11 / 11 % at p50 / p90 / p99
-    # (grid points at utilization 0.1 set the TTFT maxima), peak KV blocks 10 %,
-    # preemptions 900 % (10 predicted vs 1 measured, shared prefix at 0.1).
+    # Committed H100 run (2026-11-21 10:47-10:56 UTC, 46 points, engine at commit 8fafeb3,
+    # re-predicted with the committed profile): start / no-start and num_blocks exact
+    # everywhere; largest |error| TTFT 27 / 90 / 54, TPOT 11 / 9.8 / 12, E2E 10 / 10.5 / 10 %
+    # at p50 / p90 / p99, peak KV blocks 8 %, preemptions 300 % (8 predicted vs 2, block 128,
+    # max_model_len 2048, utilization 0.1); median |error| 3.3 / 1.9 / 3.1 % at p50.
     "h100_qwen3_0_6b": _measured(
-        {"ttft_p50": 40, "ttft_p90": 130, "ttft_p99": 70, "tpot_p50": 15, "tpot_p90": 12,
-         "tpot_p99": 18, "e2e_p50": 18, "e2e_p90": 16, "e2e_p99": 15,
-         "kv_blocks_used_peak": 14, "total_preemptions": 1000}, H100_NOTE),
+        {"ttft_p50": 32, "ttft_p90": 100, "ttft_p99": 62, "tpot_p50": 14, "tpot_p90": 12,
+         "tpot_p99": 15, "e2e_p50": 13, "e2e_p90": 13, "e2e_p99": 13,
+         "kv_blocks_used_peak": 11, "total_preemptions": 350}, H100_NOTE),
     # Committed run's largest |error| (README, "How accurate is kvtwin"): TTFT 22 / 68 / 76,
     # TPOT 47 / 49 / 57, E2E 37 / 48 / 47 % at p50 / p90 / p99; peak KV blocks 33 %,
     # preemptions 12.5 % (8 vs 9 and 7 vs 8).
@@ -240,19 +241,32 @@ def errors_frame(vset: ValidationSet) -> pd.DataFrame:
 def error_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per workload (load level): points, then the largest |error| over its points of each
     latency metric x percentile, peak KV blocks and preemptions; a last row over all."""
-    columns = [f"err_{m}_{p}" for m in LATENCIES for p in PERCENTILES] + \
-        ["err_kv_blocks_used_peak", "err_total_preemptions"]
+    columns = _error_columns()
     started = frame[frame["starts"]]
     groups = [(label, g) for label, g in started.groupby("workload", sort=False)]
     rows = [_group_row(label, g, columns) for label, g in groups + [("all", started)]]
     return pd.DataFrame(rows)
 
 
-def _group_row(label: str, group: pd.DataFrame, columns: list[str]) -> dict[str, Any]:
+def median_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row: the median |error| over all started points, per quantity (the typical
+    point, beside error_table's worst)."""
+    started = frame[frame["starts"]]
+    return pd.DataFrame([_group_row("all, median", started, _error_columns(), "median")])
+
+
+def _error_columns() -> list[str]:
+    return [f"err_{m}_{p}" for m in LATENCIES for p in PERCENTILES] + \
+        ["err_kv_blocks_used_peak", "err_total_preemptions"]
+
+
+def _group_row(label: str, group: pd.DataFrame, columns: list[str],
+               how: str = "max") -> dict[str, Any]:
     row: dict[str, Any] = {"workload": label, "points": len(group)}
     for c in columns:
         values = group[c].abs() if c in group else pd.Series(dtype=float)
-        row[c.removeprefix("err_")] = float(values.max()) if values.notna().any() else math.nan
+        row[c.removeprefix("err_")] = float(values.agg(how)) if values.notna().any() \
+            else math.nan
     return row
 
 
@@ -287,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     frame = errors_frame(vset)
     if args.points:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
-    table = error_table(frame)
-    print(markdown(table) if args.markdown else table.to_string(index=False,
-                                                                 float_format="{:.2f}".format))
+    for table in (error_table(frame), median_table(frame)):
+        print(markdown(table) if args.markdown else table.to_string(
+            index=False, float_format="{:.2f}".format))
     print(exact_summary(frame))
     return 0
 

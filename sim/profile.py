@@ -259,7 +259,7 @@ def kind_terms(decode: FitData, mixed: FitData, buckets: list[int] | None,
     gather = term_column(mixed.features, "gather_mean", None) if extra else np.zeros(1)
     m_terms = mixed_terms(int(mixed.features.num_tokens.max(initial=1)),
                           int(mixed.features.decode_ctx.max(initial=0)), extra=extra,
-                          max_gather_mean=float(gather.max(initial=0.0)))
+                          max_gather_mean=float(gather.max(initial=0.0)), split=split)
     return d_terms, m_terms
 
 

@@ -70,28 +70,45 @@ GATHER_KNOT = 8192  # keys per prefill chunk: past it, gathering costs more than
 
 
 def mixed_terms(max_tokens: int, max_ctx: int = 0, extra: bool = False,
-                max_gather_mean: float = 0.0) -> tuple[str, ...]:
+                max_gather_mean: float = 0.0,
+                split: DecodeSplit | None = None) -> tuple[str, ...]:
     """Mixed / prefill steps: tokens (hinges: flat while weight-bound, then compute-bound),
     prefill attention pairs, decodes and their context (hinges), sequences; with `extra`,
     the longest decode's context and the prefix keys gathered for prefill chunks (with a
-    hinge in the keys per chunk, where measured past GATHER_KNOT)."""
+    hinge in the keys per chunk, where measured past GATHER_KNOT); with `split`, whether
+    the step's decodes are split (an eager step then launches a combine kernel and two
+    buffers per layer: host time, as these steps are host-bound)."""
     knots = [k for k in (64, 256, 1024, 4096) if k < max_tokens]
     gather = (f"gather_mean>{GATHER_KNOT}",) if max_gather_mean > GATHER_KNOT else ()
     return ("const", "num_tokens", *(f"num_tokens>{k}" for k in knots), "prefill_attn",
             "decode_seqs", "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx", "num_seqs",
-            *(("decode_max_ctx", "prefill_gather", *gather) if extra else ()))
+            *(("decode_max_ctx", "prefill_gather", *gather) if extra else ()),
+            *((split_term(split, "decode_combine"),) if split else ()))
 
 
-def split_term(split: DecodeSplit) -> str:
-    """The term of the longest decode's share, its split rule in its name."""
-    return (f"decode_share({split.num_kv_heads},{split.target_programs},{split.max_splits},"
+def split_term(split: DecodeSplit, name: str = "decode_share") -> str:
+    """A term of the split rule, the rule in its name: `decode_share`, the longest decode's
+    share of its splits; `decode_combine`, 1 where the step's decodes (unpadded: an eager
+    step) are split."""
+    return (f"{name}({split.num_kv_heads},{split.target_programs},{split.max_splits},"
             f"{split.min_share},{split.block_n})")
+
+
+def _split_rule(term: str) -> DecodeSplit:
+    return DecodeSplit(*(int(x) for x in term[term.index("(") + 1:-1].split(",")))
+
+
+def _combine_column(f: StepFeatures, term: str) -> np.ndarray:
+    split = _split_rule(term)
+    batches, inverse = np.unique(f.decode_seqs, return_inverse=True)
+    split_up = np.array([b > 0 and split.splits(int(b)) > 1 for b in batches], dtype=float)
+    return split_up[inverse.reshape(-1)]
 
 
 def _share_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.ndarray:
     """Keys of the busiest decode program: the longest context's share of the splits the
     kernel makes for the batch it runs (the graph bucket)."""
-    split = DecodeSplit(*(int(x) for x in term[term.index("(") + 1:-1].split(",")))
+    split = _split_rule(term)
     longest = term_column(f, "decode_max_ctx", buckets).astype(np.int64)
     batch = padded_batch(f.decode_seqs, buckets).astype(np.int64)
     pairs, inverse = np.unique(np.stack([longest, batch], axis=1), axis=0, return_inverse=True)
@@ -125,6 +142,8 @@ def term_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.nda
         return term_column(f, "prefill_gather", buckets) / seqs
     if term.startswith("decode_share("):
         return _share_column(f, term, buckets)
+    if term.startswith("decode_combine("):
+        return _combine_column(f, term)
     if not hasattr(f, term):
         raise ValueError(f"step-time term {term!r} is invalid: not a feature of StepFeatures")
     column = getattr(f, term)

@@ -26,6 +26,7 @@ from reports.accuracy import (
     find_sets,
     gates_for,
     markdown,
+    median_table,
     point_errors,
     repredict,
     violations,
@@ -110,6 +111,11 @@ def test_error_table_covers_every_load_level() -> None:
     assert table.iloc[-1]["points"] == int(frame["starts"].sum())
     text = markdown(table)
     assert text.count("\n") == len(table) + 1 and "ttft p50" in text
+    medians = median_table(frame).iloc[0]
+    assert medians["points"] == table.iloc[-1]["points"]
+    for column in table.columns[2:]:
+        assert medians[column] <= table.iloc[-1][column]
+        assert medians[column] == frame.loc[frame["starts"], f"err_{column}"].abs().median()
 
 
 def test_committed_steps_expand_to_step_records() -> None:

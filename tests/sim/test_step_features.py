@@ -72,6 +72,25 @@ def test_decode_share_is_the_longest_contexts_share_of_the_bucket_splits() -> No
     assert [rule.splits(b) for b in (1, 8, 48)] == [8, 4, 1]
 
 
+def test_decode_combine_marks_mixed_steps_whose_own_decodes_are_split() -> None:
+    """An eager (mixed) step splits by its real decode count, not a graph bucket: 4 decodes
+    make 8 programs of 64 (split), 40 make 80 (whole); no decodes, nothing to combine. The
+    term belongs to the mixed model of a profile that records the split rule."""
+    from engine.config import DecodeSplit
+    from sim.step_time import mixed_terms, split_term
+
+    rule = DecodeSplit(num_kv_heads=2, target_programs=64, max_splits=8, min_share=16,
+                       block_n=8)
+    f = StepFeatures.from_columns(dict(
+        prefill_tokens=[100, 100, 100, 100], prefill_attn=[5050] * 4,
+        decode_seqs=[0, 4, 31, 40], decode_ctx=[0, 400, 3100, 4000], num_seqs=[1, 5, 32, 41]))
+    term = split_term(rule, "decode_combine")
+    assert term == "decode_combine(2,64,8,16,8)"
+    assert term_column(f, term, None).tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert mixed_terms(8192, split=rule)[-1] == term
+    assert not any(t.startswith("decode_combine") for t in mixed_terms(8192))
+
+
 def test_gather_mean_is_the_gathered_keys_per_prefill_sequence() -> None:
     f = StepFeatures.from_columns(dict(prefill_tokens=[48], prefill_attn=[5000],
                                        decode_seqs=[3], decode_ctx=[300], num_seqs=[5],
