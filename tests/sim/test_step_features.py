@@ -73,9 +73,9 @@ def test_decode_share_is_the_longest_contexts_share_of_the_bucket_splits() -> No
 
 
 def test_decode_combine_marks_mixed_steps_whose_own_decodes_are_split() -> None:
-    """An eager (mixed) step splits by its real decode count, not a graph bucket: 4 decodes
-    make 8 programs of 64 (split), 40 make 80 (whole); no decodes, nothing to combine. The
-    term belongs to the mixed model of a profile that records the split rule."""
+    """An eager (mixed) step splits by its real decode count, not a graph bucket: 4 and 16
+    decodes make 8 and 32 of 64 programs (split), 40 make 80 (whole); no decodes, nothing to
+    combine. The term belongs to the mixed model of a profile that records the split rule."""
     from engine.config import DecodeSplit
     from sim.step_time import mixed_terms, split_term
 
@@ -83,7 +83,7 @@ def test_decode_combine_marks_mixed_steps_whose_own_decodes_are_split() -> None:
                        block_n=8)
     f = StepFeatures.from_columns(dict(
         prefill_tokens=[100, 100, 100, 100], prefill_attn=[5050] * 4,
-        decode_seqs=[0, 4, 31, 40], decode_ctx=[0, 400, 3100, 4000], num_seqs=[1, 5, 32, 41]))
+        decode_seqs=[0, 4, 16, 40], decode_ctx=[0, 400, 1600, 4000], num_seqs=[1, 5, 17, 41]))
     term = split_term(rule, "decode_combine")
     assert term == "decode_combine(2,64,8,16,8)"
     assert term_column(f, term, None).tolist() == [0.0, 1.0, 1.0, 0.0]
