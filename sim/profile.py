@@ -31,8 +31,10 @@ the prefix keys gathered for prefill chunks, and in later version-3 files the pr
 decodes re-read), the terms over them, and a fit that is unbiased in seconds
 (`sim.step_time.fit_nonnegative`; `fit.loss` names it). `meta.decode_split`, where present,
 is the paged-decode kernel's split rule (`engine.config.DecodeSplit`): the longest decode
-then enters as its share of the splits. Version-3 files without the later column or that
-meta refit and predict as they did. Version-2 files
+then enters as its share of the splits. `meta.decode_batch_basis` ("knots", written by
+calibrations since it was added; "hinges" where absent) says how the fixed cost of a decode
+step follows its batch (`sim.step_time.decode_terms`). Version-3 files without the later
+column or those metas refit and predict as they did. Version-2 files
 (no such columns; fit relative to the measured time) and version-1 files (`kvtwin-profile/1`:
 synthetic rows only, `fit.decode_coef` / `mixed_coef` over the fixed terms
 `sim.step_time.DECODE_TERMS` / `MIXED_TERMS`, no host term) still load and predict exactly as
@@ -53,6 +55,7 @@ import numpy as np
 from engine.config import DecodeSplit
 from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from sim.step_time import (
+    BATCH_BASES,
     DECODE_TERMS,
     HOST_DECODE_TERMS,
     HOST_MIXED_TERMS,
@@ -64,6 +67,7 @@ from sim.step_time import (
     design_matrix,
     fit_nonnegative,
     mixed_terms,
+    padded_batch,
     term_column,
 )
 
@@ -148,9 +152,9 @@ class Profile:
         `iterations`: fit_nonnegative's reweightings (0: version 2's loss)."""
         data = FitData(self.features(), self.seconds, self.exec_seconds, self.source)
         test = np.random.default_rng(seed).random(len(data)) < holdout
-        split = self.decode_split
-        held = fit_model(data.subset(~test), self.buckets, self.name, iterations, split)
-        model = fit_model(data, self.buckets, self.name, iterations, split)
+        split, basis = self.decode_split, self.decode_batch_basis
+        held = fit_model(data.subset(~test), self.buckets, self.name, iterations, split, basis)
+        model = fit_model(data, self.buckets, self.name, iterations, split, basis)
         self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, data.subset(test)),
                     "loss": LOSS if iterations else "relative_to_measured"}
         return model
@@ -161,6 +165,17 @@ class Profile:
         if it splits sequences at all."""
         rule = self.meta.get("decode_split")
         return DecodeSplit(**rule) if rule else None
+
+    @property
+    def decode_batch_basis(self) -> str:
+        """How a decode step's fixed cost follows its batch (meta "decode_batch_basis"):
+        "knots" (free values at BATCH_KNOTS) in profiles calibrated since it was added,
+        else "hinges" (convex), so older files refit as they did."""
+        basis = self.meta.get("decode_batch_basis", "hinges")
+        if basis not in BATCH_BASES:
+            raise ValueError(f"profile {self.name}: meta.decode_batch_basis={basis!r} is "
+                             f"invalid: must be one of {BATCH_BASES}")
+        return basis
 
     def step_time(self) -> CalibratedStepTime:
         if not self.fit:
@@ -232,12 +247,12 @@ class FitData:
 
 def fit_model(data: FitData, buckets: list[int] | None, name: str,
               iterations: int = IRLS_ITERATIONS,
-              split: DecodeSplit | None = None) -> CalibratedStepTime:
+              split: DecodeSplit | None = None, basis: str = "hinges") -> CalibratedStepTime:
     """Device time per kind from every row's execute_model time; host overhead per kind
     from the engine rows (their step time minus execute_model). The terms over the
     EXTRA_FEATURES are used where the samples have them (version 3)."""
     decode, mixed = data.kind("decode"), data.kind("mixed")
-    d_terms, m_terms = kind_terms(decode, mixed, buckets, split)
+    d_terms, m_terms = kind_terms(decode, mixed, buckets, split, basis)
     return CalibratedStepTime(
         fit_device(decode, d_terms, buckets, name, iterations),
         fit_device(mixed, m_terms, None, name, iterations),
@@ -250,17 +265,28 @@ FIRST_EXTRA = EXTRA_FEATURES[:2]  # version 3's first two: their terms come as o
 
 
 def kind_terms(decode: FitData, mixed: FitData, buckets: list[int] | None,
-               split: DecodeSplit | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+               split: DecodeSplit | None = None,
+               basis: str = "hinges") -> tuple[tuple[str, ...], tuple[str, ...]]:
     d_terms = decode_terms(buckets, int(decode.features.decode_seqs.max(initial=1)),
                            int(decode.features.decode_ctx.max(initial=0)),
                            longest=informative(decode.features), split=split,
-                           shared=informative(decode.features, ("decode_shared",)))
+                           shared=informative(decode.features, ("decode_shared",)),
+                           basis=basis, measured=measured_batches(decode, buckets))
+    if len(decode) < KNOT_ROWS * len(d_terms) and basis == "knots":  # too few to place knots
+        return kind_terms(decode, mixed, buckets, split, "hinges")
     extra = informative(mixed.features)
     gather = term_column(mixed.features, "gather_mean", None) if extra else np.zeros(1)
     m_terms = mixed_terms(int(mixed.features.num_tokens.max(initial=1)),
                           int(mixed.features.decode_ctx.max(initial=0)), extra=extra,
                           max_gather_mean=float(gather.max(initial=0.0)), split=split)
     return d_terms, m_terms
+
+
+KNOT_ROWS = 3  # decode samples per term the knot basis needs, else the hinges
+
+
+def measured_batches(decode: FitData, buckets: list[int] | None) -> set[int]:
+    return {int(b) for b in np.unique(padded_batch(decode.features.decode_seqs, buckets))}
 
 
 def informative(f: StepFeatures, names: tuple[str, ...] = FIRST_EXTRA) -> bool:

@@ -8,6 +8,7 @@ Both are vectorised over steps; every prediction states `kind` and `source`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,19 +52,55 @@ HOST_MIXED_TERMS = ("const", "num_seqs", "prefill_tokens")
 CTX_KNOTS = (1024, 4096, 16384, 65536, 262144, 1048576)
 
 
+# Decode batch sizes where the fixed cost of a decode step may bend (piecewise linear between).
+BATCH_KNOTS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+BATCH_BASES = ("knots", "hinges")
+
+
 def decode_terms(buckets: list[int] | None, max_batch: int, max_ctx: int = 0,
                  longest: bool = False, split: DecodeSplit | None = None,
-                 shared: bool = False) -> tuple[str, ...]:
-    """Decode-only steps: graph bucket and summed context, each convex piecewise linear
+                 shared: bool = False, basis: str = "knots",
+                 measured: Collection[int] | None = None) -> tuple[str, ...]:
+    """Decode-only steps: the fixed cost of the graph bucket, piecewise linear in it:
+    `basis` "knots", a free value at each of BATCH_KNOTS (the GEMMs' kernels change with
+    the row count, so the cost need not be convex: it is flat from 16 to 48 rows on the
+    H100), or "hinges", convex (older profiles); summed context, convex piecewise linear
     (hinge terms at knots below the largest measured value), and mean context per sequence
     (long single-sequence attention); with `longest`, the longest decode's context too, or,
     when the kernel splits sequences (`split`), the longest one's share of its splits; with
-    `shared`, the keys read once (HBM) apart from all keys read (re-reads come from L2)."""
-    knots = [k for k in (4, 16, 64, 128) if k < max_batch]
+    `shared`, the keys read once (HBM) apart from all keys read (re-reads come from L2).
+    `measured`: the padded batches the samples have (knots only where a value is known)."""
     longest_terms = (split_term(split) if split else "decode_max_ctx",) if longest else ()
-    return ("const", "padded_batch", *(f"padded_batch>{k}" for k in knots), "decode_ctx",
-            *_ctx_hinges(max_ctx), "mean_ctx", *longest_terms,
-            *(("decode_unique_ctx",) if shared else ()))
+    top = int(padded_batch(np.array([max(max_batch, 1)]), buckets)[0])
+    batch = (batch_knot_terms(top, measured) if basis == "knots"
+             else batch_hinge_terms(max_batch))
+    return (*batch, "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx",
+            *longest_terms, *(("decode_unique_ctx",) if shared else ()))
+
+
+def batch_hinge_terms(max_batch: int) -> list[str]:
+    """const, padded batch and its hinges: convex in the batch."""
+    knots = [k for k in (4, 16, 64, 128) if k < max_batch]
+    return ["const", "padded_batch", *(f"padded_batch>{k}" for k in knots)]
+
+
+def batch_knot_terms(max_batch: int, measured: Collection[int] | None = None) -> list[str]:
+    """`batch_knot(lo,k,hi)`: the hat function of the padded batch that is 1 at knot k and
+    0 at its neighbours lo and hi (the first knot's is flat below it; the last knot's grows
+    in proportion past it, to extrapolate), over the BATCH_KNOTS below the largest (padded)
+    batch measured that were measured themselves (all of them without `measured`)."""
+    knots = [k for k in BATCH_KNOTS if k < max_batch and (measured is None or k in measured)]
+    knots.append(max(max_batch, 1))
+    lows, highs = [knots[0], *knots[:-1]], [*knots[1:], knots[-1]]
+    return [f"batch_knot({lo},{k},{hi})" for lo, k, hi in zip(lows, knots, highs, strict=True)]
+
+
+def _knot_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.ndarray:
+    lo, k, hi = (float(x) for x in term[term.index("(") + 1:-1].split(","))
+    b = padded_batch(f.decode_seqs, buckets).astype(np.float64)
+    rising = np.clip((b - lo) / (k - lo), 0.0, 1.0) if k > lo else np.ones(len(b))
+    falling = np.clip((hi - b) / (hi - k), 0.0, 1.0) if hi > k else b / k
+    return np.where(b <= k, rising, falling)
 
 
 GATHER_KNOT = 8192  # keys per prefill chunk: past it, gathering costs more than linearly
@@ -142,6 +179,8 @@ def term_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.nda
         return term_column(f, "prefill_gather", buckets) / seqs
     if term.startswith("decode_share("):
         return _share_column(f, term, buckets)
+    if term.startswith("batch_knot("):
+        return _knot_column(f, term, buckets)
     if term.startswith("decode_combine("):
         return _combine_column(f, term)
     if not hasattr(f, term):

@@ -109,7 +109,8 @@ def test_fit_predicts_its_own_samples(profile: Profile) -> None:
     assert holdout["n"] > 0 and holdout["median_abs_pct_err"] >= 0
     assert set(holdout["by_source"]) == {"synthetic", "engine"}
     assert set(holdout["by_kind"]) == {"decode", "mixed"}
-    assert profile.fit["decode"]["terms"][:2] == ["const", "padded_batch"]
+    assert profile.meta["decode_batch_basis"] == "knots"
+    assert profile.fit["decode"]["terms"][0].startswith("batch_knot(")
     assert "num_tokens" in profile.fit["mixed"]["terms"]
     assert profile.fit["host_decode"] is not None and profile.fit["host_mixed"] is not None
 
