@@ -226,16 +226,33 @@ def violations(errors: dict[str, float], gates: dict[str, Gate]) -> list[str]:
 
 def errors_frame(vset: ValidationSet) -> pd.DataFrame:
     """One row per point: its label, configuration and every quantity's error."""
-    rows = []
-    for point in vset.points:
-        errors = point_errors(point, repredict(vset, point))
-        rows.append({"point": point["id"], "workload": point["workload_label"],
-                     "block_size": point["engine"]["block_size"],
-                     "max_model_len": point["engine"]["max_model_len"],
-                     "gpu_memory_utilization": point["engine"]["gpu_memory_utilization"],
-                     "starts": point["real"]["starts"], **{f"err_{k}": v
-                                                            for k, v in errors.items()}})
+    return pd.DataFrame([_error_row(point, point_errors(point, repredict(vset, point)))
+                         for point in vset.points])
+
+
+def repeat_frame(first: ValidationSet, repeat: ValidationSet) -> pd.DataFrame:
+    """Measured against measured: for each point of `first` that `repeat` measured again
+    (same workload, engine configuration and trace), the error of the repeat's measurement
+    taken as a prediction of the first one; the floor no predictor can go under."""
+    again = {point_key(p): p for p in repeat.points}
+    rows = [_error_row(point, point_errors(point, again[point_key(point)]["real"]))
+            for point in first.points if point_key(point) in again]
+    if not rows:
+        raise ValueError(f"{repeat.path}: no point of {first.path} was measured again")
     return pd.DataFrame(rows)
+
+
+def point_key(point: dict[str, Any]) -> str:
+    return json.dumps([point["workload_label"], point["engine"], point["trace"]],
+                      sort_keys=True)
+
+
+def _error_row(point: dict[str, Any], errors: dict[str, float]) -> dict[str, Any]:
+    return {"point": point["id"], "workload": point["workload_label"],
+            "block_size": point["engine"]["block_size"],
+            "max_model_len": point["engine"]["max_model_len"],
+            "gpu_memory_utilization": point["engine"]["gpu_memory_utilization"],
+            "starts": point["real"]["starts"], **{f"err_{k}": v for k, v in errors.items()}}
 
 
 def error_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -296,9 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("set", type=Path, help="tests/data/validation/<set>")
     p.add_argument("--markdown", action="store_true", help="the README table")
     p.add_argument("--points", action="store_true", help="every point's errors too")
+    p.add_argument("--repeat", type=Path, metavar="SET",
+                   help="a second measurement of the set's points: print the first run's "
+                        "errors against it (measured against measured) instead")
     args = p.parse_args(argv)
     vset = load_set(args.set)
-    frame = errors_frame(vset)
+    frame = repeat_frame(vset, load_set(args.repeat)) if args.repeat else errors_frame(vset)
     if args.points:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
     for table in (error_table(frame), median_table(frame)):

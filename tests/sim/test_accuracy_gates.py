@@ -25,9 +25,11 @@ from reports.accuracy import (
     errors_frame,
     find_sets,
     gates_for,
+    load_set,
     markdown,
     median_table,
     point_errors,
+    repeat_frame,
     repredict,
     violations,
 )
@@ -154,3 +156,25 @@ def test_errors_are_signed_and_skip_what_does_not_apply() -> None:
     assert violations(errors, TARGETS) == [
         "total_preemptions: error +100.00 % exceeds the gate 5 %",
         "ttft_p50: error +5.00 % exceeds the gate 3 %"]
+
+
+@pytest.mark.parametrize("vset", SETS, ids=[s.name for s in SETS])
+def test_a_set_measured_against_itself_has_no_error(vset) -> None:
+    frame = repeat_frame(vset, vset)
+    assert len(frame) == len(vset.points)
+    errors = frame.filter(like="err_").abs()
+    assert (errors.fillna(0.0) == 0.0).all().all()
+
+
+def test_the_h100_repeat_measured_the_same_points() -> None:
+    """The H100 points measured twice, back to back on one machine: start verdicts and
+    num_blocks agree exactly (the start-up arithmetic is deterministic), latencies differ
+    by run-to-run noise, which the README reports as the floor of the twin's error."""
+    if not (H100 / "repeat" / INDEX).is_file():
+        pytest.skip("no repeated H100 measurement committed")
+    first, again = load_set(H100), load_set(H100 / "repeat")
+    frame = repeat_frame(first, again)
+    assert len(frame) == len(again.points) >= 40
+    assert (frame["err_starts"] == 0).all() and (frame["err_num_blocks"].fillna(0) == 0).all()
+    started = frame[frame["starts"]]
+    assert started["err_ttft_p50"].notna().all() and started["err_e2e_p99"].notna().all()
