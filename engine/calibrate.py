@@ -308,10 +308,13 @@ def _time_shape(engine: LLMEngine, builder: StepBuilder, shape: StepShape,
 
 @dataclass(frozen=True)
 class EngineWorkload:
-    """Offline requests. Prompt lengths: uniform over `prompt` (inclusive), or lognormal
-    with `prompt` = (median, p99), cut to [1, max_prompt]; output lengths uniform over
-    `output` (inclusive). With `prefix_groups`, each prompt starts with one of that many
-    shared prefixes of `prefix_len` tokens (prefix-cache hits, decodes sharing blocks)."""
+    """Requests run through the engine. Prompt lengths: uniform over `prompt` (inclusive),
+    or lognormal with `prompt` = (median, p99), cut to [1, max_prompt]; output lengths
+    uniform over `output` (inclusive). With `prefix_groups`, each prompt starts with one of
+    that many shared prefixes of `prefix_len` tokens (prefix-cache hits, decodes sharing
+    blocks). All requests arrive at once, or, with `arrive_every`, one every that many
+    steps (online serving's steady state: moderate decode batches with a prefill chunk
+    mixed in now and then, counted in steps so that the engine never idles)."""
 
     name: str
     num_requests: int
@@ -321,6 +324,7 @@ class EngineWorkload:
     max_prompt: int = 1 << 30
     prefix_groups: int = 0
     prefix_len: int = 0
+    arrive_every: int = 0
 
     def requests(self, rng: np.random.Generator, vocab: int) -> list[tuple[list[int], int]]:
         lens = self.prompt_lens(rng)
@@ -373,8 +377,20 @@ def engine_workloads(config: EngineConfig, num_blocks: int) -> list[EngineWorklo
     workloads = [_sized(EngineWorkload(name, n, _span(span, length - out), (2, out), dist,
                                        length - out), kv_tokens, 64 * budget)
                  for name, n, span, dist in plans]
-    return workloads + [_sized(shared_prefix_workload(seqs, length, out), kv_tokens,
-                               64 * budget)]
+    return workloads + [_sized(w, kv_tokens, 64 * budget)
+                        for w in (shared_prefix_workload(seqs, length, out),
+                                  *arriving_workloads(seqs, chat, length, out))]
+
+
+def arriving_workloads(seqs: int, chat: tuple[int, int], length: int,
+                       out: int) -> list[EngineWorkload]:
+    """Chat-like requests arriving one every 2 and every 6 steps: as outputs average
+    out / 2 steps, the decode batch settles near out / 4 and out / 12 sequences (64 and
+    21 for 256-token outputs), with a prefill chunk mixed in on arrival: the steps a
+    replay of online traffic runs most, which the all-at-once workloads barely visit."""
+    return [EngineWorkload(f"chat-like prompts arriving every {k} steps", max(2, seqs // 2),
+                           _span(chat, length - out), (2, out), "lognormal", length - out,
+                           arrive_every=k) for k in (2, 6)]
 
 
 def shared_prefix_workload(seqs: int, length: int, out: int) -> EngineWorkload:
@@ -429,19 +445,29 @@ class StepTap:
         del self.engine.model_runner.execute_model
 
 
-def run_offline(engine: LLMEngine, requests: list[tuple[list[int], int]]) -> None:
-    """Add every request at once, then step as a replay does: each step starts where the
-    previous one ended, so the loop's own cost falls inside the next step."""
-    for prompt, output_len in requests:
-        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=output_len,
-                                                  ignore_eos=True))
-    t = engine.now()
-    while engine.has_unfinished():
+def run_offline(engine: LLMEngine, requests: list[tuple[list[int], int]],
+                arrive_every: int = 0) -> None:
+    """Add every request at once (or one every `arrive_every` steps), then step as a
+    replay does: each step starts where the previous one ended, so the loop's own cost
+    falls inside the next step."""
+    pending = list(reversed(requests))
+    t, steps = engine.now(), 0
+    while pending or engine.has_unfinished():
+        while pending and (not arrive_every or steps % arrive_every == 0
+                           or not engine.has_unfinished()):
+            _add(engine, *pending.pop())
+            if arrive_every:
+                break
         count = len(engine.step_records)
         engine.step(t)
         if len(engine.step_records) == count:
             raise RuntimeError("the scheduler planned an empty step with work pending")
-        t = engine.step_records[-1].end_s
+        t, steps = engine.step_records[-1].end_s, steps + 1
+
+
+def _add(engine: LLMEngine, prompt: list[int], output_len: int) -> None:
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=output_len,
+                                              ignore_eos=True))
 
 
 def measure_engine_steps(engine: LLMEngine, workloads: list[EngineWorkload], seed: int,
@@ -456,7 +482,8 @@ def measure_engine_steps(engine: LLMEngine, workloads: list[EngineWorkload], see
         for p, workload in itertools.product(range(passes), workloads):
             if time.perf_counter() > deadline:
                 break
-            run_offline(engine, workload.requests(rng, engine.model_config.vocab_size))
+            run_offline(engine, workload.requests(rng, engine.model_config.vocab_size),
+                        workload.arrive_every)
             if log is not None:
                 log(f"engine steps, pass {p + 1}: {workload.name} ({workload.num_requests} "
                     f"requests); {len(tap.outs)} steps so far")

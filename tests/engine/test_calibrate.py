@@ -20,6 +20,7 @@ from engine.calibrate import (
     engine_workloads,
     graph_info,
     parse_args,
+    run_offline,
 )
 from engine.config import EngineConfig
 from engine.llm import LLMEngine
@@ -287,7 +288,8 @@ def test_engine_workloads_fit_the_config() -> None:
         lens = w.prompt_lens(np.random.default_rng(0))
         assert lens.min() >= 1 and lens.max() + w.output[1] <= config.max_model_len
         assert w.num_requests * w.mean_prompt <= 64 * config.max_num_batched_tokens
-    shared = workloads[-1]
+    shared = next(w for w in workloads if w.prefix_groups)
+    assert [w.arrive_every for w in workloads if w.arrive_every] == [2, 6]
     prompts = shared.requests(np.random.default_rng(0), 1000)
     heads = {tuple(p[:shared.prefix_len]) for p, _ in prompts}
     assert shared.prefix_groups == len(heads) == 4
@@ -309,6 +311,26 @@ def test_step_tap_records_every_step_and_restores_the_engine() -> None:
     assert engine.scheduler.schedule == schedule
     assert engine.model_runner.execute_model == execute
     assert graph_info(engine) == (False, None, "none (eager; buckets null)")
+
+
+def test_requests_arriving_every_few_steps_keep_the_batch_moderate() -> None:
+    """One request every 3 steps, each 9 steps long: about 3 decode at a time, and most
+    prefills share their step with decodes (online serving); all at once, the batch holds
+    every request."""
+    def decode_batches(arrive_every: int) -> tuple[list[int], int]:
+        engine = LLMEngine(MODEL, CONFIG)
+        tap = StepTap(engine)
+        requests = [(list(range(3, 3 + 20 + i)), 9) for i in range(12)]
+        run_offline(engine, requests, arrive_every)
+        tap.close()
+        assert not engine.has_unfinished()
+        mixed = sum(1 for o in tap.outs if any(i.is_decode for i in o.scheduled)
+                    and not all(i.is_decode for i in o.scheduled))
+        return [sum(i.is_decode for i in o.scheduled) for o in tap.outs], mixed
+
+    staggered, mixed = decode_batches(3)
+    assert max(staggered) <= 4 and mixed >= 8
+    assert max(decode_batches(0)[0]) == 12
 
 
 def test_memory_model_uses_the_profile(profile: Profile) -> None:
@@ -368,7 +390,7 @@ def test_a_failing_engine_phase_or_step_does_not_sink_the_calibration(monkeypatc
     synthetic-only profile, and a synthetic step that raises is left out."""
     import engine.calibrate as cal
 
-    def broken_workload(engine, requests):
+    def broken_workload(engine, requests, arrive_every=0):
         engine.add_request(requests[0][0])
         engine.step()
         raise RuntimeError("kernel failed")
