@@ -55,7 +55,7 @@ from sim.profile import PROFILE_DIR, Profile, ProfileKey, format_holdout, slug
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 Log = Callable[[str], None]
-MAX_ENGINE_ROWS = 4000  # engine steps kept in the profile (a seeded subsample beyond)
+MAX_ENGINE_ROWS = 6000  # engine steps kept in the profile (a seeded subsample beyond)
 COLUMNS = (*FEATURES, *EXTRA_FEATURES)  # what each sample records
 
 # Ladders the default grid takes from, cut to what the configuration can run.
