@@ -145,20 +145,24 @@ def load_set(path: Path) -> ValidationSet:
 
 # -- re-predicting ------------------------------------------------------------------------------
 
-def repredict(vset: ValidationSet, point: dict[str, Any]) -> dict[str, Any]:
-    """The twin's prediction for a committed point, from its config and trace alone."""
-    return _repredict(str(vset.path), point["id"])
+def repredict(vset: ValidationSet, point: dict[str, Any],
+              profiles: Path | None = None) -> dict[str, Any]:
+    """The twin's prediction for a committed point, from its config and trace alone, with
+    the profiles in `profiles` (default: sim/profiles, what CI gates)."""
+    return _repredict(str(vset.path), point["id"], str(profiles) if profiles else None)
 
 
 @cache
-def _repredict(path: str, point_id: str) -> dict[str, Any]:
+def _repredict(path: str, point_id: str, profiles: str | None) -> dict[str, Any]:
     from engine.config import EngineConfig
+    from sim.profile import PROFILE_DIR
     from sim.twin import setup_twin, simulate, trace_requests
 
     vset = load_set(Path(path))
     point = vset.point(point_id)
     config = EngineConfig.from_kwargs(**point["engine"])
-    setup = setup_twin(point["model"], point["hardware"], config, point["predictor"])
+    setup = setup_twin(point["model"], point["hardware"], config, point["predictor"],
+                       profile_dir=Path(profiles) if profiles else PROFILE_DIR)
     run = simulate(setup, trace_requests(vset.trace(point), setup.model))
     return {"starts": setup.memory.starts, "num_blocks": setup.memory.num_blocks,
             "error_type": setup.memory.error_type, "predictor": setup.predictor,
@@ -224,9 +228,9 @@ def violations(errors: dict[str, float], gates: dict[str, Gate]) -> list[str]:
 
 # -- tables -------------------------------------------------------------------------------------
 
-def errors_frame(vset: ValidationSet) -> pd.DataFrame:
+def errors_frame(vset: ValidationSet, profiles: Path | None = None) -> pd.DataFrame:
     """One row per point: its label, configuration and every quantity's error."""
-    return pd.DataFrame([_error_row(point, point_errors(point, repredict(vset, point)))
+    return pd.DataFrame([_error_row(point, point_errors(point, repredict(vset, point, profiles)))
                          for point in vset.points])
 
 
@@ -316,9 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=Path, metavar="SET",
                    help="a second measurement of the set's points: print the first run's "
                         "errors against it (measured against measured) instead")
+    p.add_argument("--profiles", type=Path, metavar="DIR",
+                   help="re-predict with the profiles in DIR (the calibration of the machine "
+                        "that measured the set) instead of sim/profiles")
     args = p.parse_args(argv)
     vset = load_set(args.set)
-    frame = repeat_frame(vset, load_set(args.repeat)) if args.repeat else errors_frame(vset)
+    frame = (repeat_frame(vset, load_set(args.repeat)) if args.repeat
+             else errors_frame(vset, args.profiles))
     if args.points:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
     for table in (error_table(frame), median_table(frame)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -14,7 +15,7 @@ from reports.metrics import requests_frame, summarize
 from sim.capacity import CapacityPlan, plan_capacity
 from sim.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
 from sim.memory_model import MemoryPrediction, predict_memory
-from sim.profile import Profile, ProfileKey, find_profile, slug
+from sim.profile import PROFILE_DIR, Profile, ProfileKey, find_profile, slug
 from sim.simulator import Simulator, gc_paused
 from sim.step_log import StepLog
 from sim.step_time import RooflineStepTime, StepTimeModel
@@ -82,16 +83,19 @@ def resolve_entries(model: Entry, hardware: Entry, keys: tuple[str | None, str |
 
 
 def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: str = "auto",
-               keys: tuple[str | None, str | None] = (None, None)) -> TwinSetup:
+               keys: tuple[str | None, str | None] = (None, None),
+               profile_dir: Path = PROFILE_DIR) -> TwinSetup:
+    """Everything the twin needs for one configuration; the profile comes from
+    `profile_dir` (sim/profiles, or another machine's calibration)."""
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor={predictor!r} is invalid: must be one of "
                          f"{', '.join(PREDICTORS)}")
     model_cfg, hw, keys = resolve_entries(model, hardware, keys)
     config.validate(model_cfg)
     key = ProfileKey(keys[1], keys[0], config.dtype, attention_backend(hw, config))
-    profile = find_profile(key) if predictor != "roofline" else None
+    profile = find_profile(key, profile_dir) if predictor != "roofline" else None
     if predictor == "calibrated" and profile is None:
-        raise FileNotFoundError(f"no calibration profile {key.filename} in sim/profiles: "
+        raise FileNotFoundError(f"no calibration profile {key.filename} in {profile_dir}: "
                                 "run mode=calibrate on that hardware, or use "
                                 "predictor=roofline")
     step_time = profile.step_time() if profile else RooflineStepTime(

@@ -19,6 +19,7 @@ import pytest
 from reports.accuracy import (
     GATES,
     INDEX,
+    ROOT,
     TARGETS,
     VALIDATION_DIR,
     error_table,
@@ -166,15 +167,28 @@ def test_a_set_measured_against_itself_has_no_error(vset) -> None:
     assert (errors.fillna(0.0) == 0.0).all().all()
 
 
-def test_the_h100_repeat_measured_the_same_points() -> None:
-    """The H100 points measured twice, back to back on one machine: start verdicts and
-    num_blocks agree exactly (the start-up arithmetic is deterministic), latencies differ
-    by run-to-run noise, which the README reports as the floor of the twin's error."""
-    if not (H100 / "repeat" / INDEX).is_file():
-        pytest.skip("no repeated H100 measurement committed")
-    first, again = load_set(H100), load_set(H100 / "repeat")
+MACHINE_A = ROOT / "results" / "validation" / "h100_qwen3_0_6b" / "machine_a"
+
+
+def test_one_machine_measured_the_points_twice_alike_in_memory() -> None:
+    """The H100 points measured twice, back to back on one machine (README, 'Run to run'):
+    start verdicts and num_blocks agree exactly (the start-up arithmetic is deterministic);
+    latencies differ by run-to-run noise, the floor of the twin's error."""
+    first, again = load_set(MACHINE_A / "run1"), load_set(MACHINE_A / "run2")
     frame = repeat_frame(first, again)
-    assert len(frame) == len(again.points) >= 40
+    assert len(frame) == len(first.points) == len(again.points) >= 40
     assert (frame["err_starts"] == 0).all() and (frame["err_num_blocks"].fillna(0) == 0).all()
     started = frame[frame["starts"]]
     assert started["err_ttft_p50"].notna().all() and started["err_e2e_p99"].notna().all()
+    assert (started["err_tpot_p50"].abs() > 0).any()  # two real runs, not one run twice
+
+
+def test_a_set_is_repredicted_with_its_own_machines_profiles() -> None:
+    run = load_set(MACHINE_A / "run1")
+    point = next(p for p in run.points if p["workload_label"].endswith("chat_p30")
+                 and p["engine"]["gpu_memory_utilization"] == 0.9)
+    own = repredict(run, point, MACHINE_A / "profiles")
+    shipped = repredict(run, point)
+    assert own["starts"] and own["metrics"]["tpot_p50_s"] != shipped["metrics"]["tpot_p50_s"]
+    with pytest.raises(FileNotFoundError, match="no calibration profile"):
+        repredict(run, point, MACHINE_A)  # no profiles there
