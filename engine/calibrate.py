@@ -445,24 +445,29 @@ class StepTap:
         del self.engine.model_runner.execute_model
 
 
-def run_offline(engine: LLMEngine, requests: list[tuple[list[int], int]],
-                arrive_every: int = 0) -> None:
-    """Add every request at once (or one every `arrive_every` steps), then step as a
+def run_requests(engine: LLMEngine, requests: list[tuple[list[int], int]],
+                 arrive_every: int = 0) -> None:
+    """Add the requests (all at once, or one every `arrive_every` steps) and step as a
     replay does: each step starts where the previous one ended, so the loop's own cost
     falls inside the next step."""
     pending = list(reversed(requests))
     t, steps = engine.now(), 0
     while pending or engine.has_unfinished():
-        while pending and (not arrive_every or steps % arrive_every == 0
-                           or not engine.has_unfinished()):
+        for _ in range(arrivals(len(pending), steps, arrive_every, engine.has_unfinished())):
             _add(engine, *pending.pop())
-            if arrive_every:
-                break
         count = len(engine.step_records)
         engine.step(t)
         if len(engine.step_records) == count:
             raise RuntimeError("the scheduler planned an empty step with work pending")
         t, steps = engine.step_records[-1].end_s, steps + 1
+
+
+def arrivals(pending: int, steps: int, every: int, busy: bool) -> int:
+    """Requests to add before step `steps`: all of them, or with `every`, one every that
+    many steps, and one whenever the engine would otherwise idle."""
+    if not every:
+        return pending
+    return min(pending, 1) if steps % every == 0 or not busy else 0
 
 
 def _add(engine: LLMEngine, prompt: list[int], output_len: int) -> None:
@@ -482,8 +487,8 @@ def measure_engine_steps(engine: LLMEngine, workloads: list[EngineWorkload], see
         for p, workload in itertools.product(range(passes), workloads):
             if time.perf_counter() > deadline:
                 break
-            run_offline(engine, workload.requests(rng, engine.model_config.vocab_size),
-                        workload.arrive_every)
+            run_requests(engine, workload.requests(rng, engine.model_config.vocab_size),
+                         workload.arrive_every)
             if log is not None:
                 log(f"engine steps, pass {p + 1}: {workload.name} ({workload.num_requests} "
                     f"requests); {len(tap.outs)} steps so far")

@@ -286,6 +286,7 @@ KNOT_ROWS = 3  # decode samples per term the knot basis needs, else the hinges
 
 
 def measured_batches(decode: FitData, buckets: list[int] | None) -> set[int]:
+    """The (padded) batches the decode samples ran."""
     return {int(b) for b in np.unique(padded_batch(decode.features.decode_seqs, buckets))}
 
 

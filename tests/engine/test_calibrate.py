@@ -20,7 +20,7 @@ from engine.calibrate import (
     engine_workloads,
     graph_info,
     parse_args,
-    run_offline,
+    run_requests,
 )
 from engine.config import EngineConfig
 from engine.llm import LLMEngine
@@ -321,7 +321,7 @@ def test_requests_arriving_every_few_steps_keep_the_batch_moderate() -> None:
         engine = LLMEngine(MODEL, CONFIG)
         tap = StepTap(engine)
         requests = [(list(range(3, 3 + 20 + i)), 9) for i in range(12)]
-        run_offline(engine, requests, arrive_every)
+        run_requests(engine, requests, arrive_every)
         tap.close()
         assert not engine.has_unfinished()
         mixed = sum(1 for o in tap.outs if any(i.is_decode for i in o.scheduled)
@@ -402,7 +402,7 @@ def test_a_failing_engine_phase_or_step_does_not_sink_the_calibration(monkeypatc
             raise RuntimeError("no kernel for two sequences")
         return real_time_step(engine, out, repeats)
 
-    monkeypatch.setattr(cal, "run_offline", broken_workload)
+    monkeypatch.setattr(cal, "run_requests", broken_workload)
     monkeypatch.setattr(cal, "time_step", flaky_time_step)
     profile = calibrate("tiny_qwen3", CONFIG, hardware="cpu", samples=GRID, time_budget_s=30,
                         workloads=WORKLOADS, engine_passes=1)

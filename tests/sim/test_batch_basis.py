@@ -8,7 +8,7 @@ import pytest
 
 from engine.config import graph_buckets
 from sim.features import StepFeatures
-from sim.profile import Profile, ProfileKey
+from sim.profile import FitData, Profile, ProfileKey, kind_terms
 from sim.step_time import (
     BATCH_KNOTS,
     batch_knot_terms,
@@ -76,3 +76,15 @@ def test_profiles_name_their_basis_and_older_ones_keep_the_hinges() -> None:
     assert Profile(key, {}, meta={"decode_batch_basis": "knots"}).decode_batch_basis == "knots"
     with pytest.raises(ValueError, match="decode_batch_basis='cubic' is invalid"):
         _ = Profile(key, {}, meta={"decode_batch_basis": "cubic"}).decode_batch_basis
+
+
+def test_too_few_decode_samples_for_the_knots_fall_back_to_the_hinges() -> None:
+    few = decodes(np.array([1, 4, 8, 16, 16]))
+    data = FitData(few, np.full(5, 2e-3), np.full(5, 2e-3), np.array(["synthetic"] * 5))
+    d_terms, _ = kind_terms(data, data.kind("mixed"), None, basis="knots")
+    assert d_terms[:2] == ("const", "padded_batch")
+    many = decodes(np.repeat([1, 4, 8, 16], 20))
+    data = FitData(many, np.full(80, 2e-3), np.full(80, 2e-3), np.array(["synthetic"] * 80))
+    d_terms, _ = kind_terms(data, data.kind("mixed"), None, basis="knots")
+    assert d_terms[:4] == ("batch_knot(1,1,4)", "batch_knot(1,4,8)", "batch_knot(4,8,16)",
+                           "batch_knot(8,16,16)")
