@@ -22,7 +22,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -146,15 +146,17 @@ def load_set(path: Path) -> ValidationSet:
 
 # -- re-predicting ------------------------------------------------------------------------------
 
-def repredict(vset: ValidationSet, point: dict[str, Any],
-              profiles: Path | None = None) -> dict[str, Any]:
+def repredict(vset: ValidationSet, point: dict[str, Any], profiles: Path | None = None,
+              scale: float = 1.0) -> dict[str, Any]:
     """The twin's prediction for a committed point, from its config and trace alone, with
-    the profiles in `profiles` (default: sim/profiles, what CI gates)."""
-    return _repredict(str(vset.path), point["id"], str(profiles) if profiles else None)
+    the profiles in `profiles` (default: sim/profiles, what CI gates); `scale` multiplies
+    every predicted step time (a calibrated predictor's)."""
+    return _repredict(str(vset.path), point["id"], str(profiles) if profiles else None, scale)
 
 
 @cache
-def _repredict(path: str, point_id: str, profiles: str | None) -> dict[str, Any]:
+def _repredict(path: str, point_id: str, profiles: str | None,
+               scale: float = 1.0) -> dict[str, Any]:
     from engine.config import EngineConfig
     from sim.profile import PROFILE_DIR
     from sim.twin import setup_twin, simulate, trace_requests
@@ -164,6 +166,11 @@ def _repredict(path: str, point_id: str, profiles: str | None) -> dict[str, Any]
     config = EngineConfig.from_kwargs(**point["engine"])
     setup = setup_twin(point["model"], point["hardware"], config, point["predictor"],
                        profile_dir=Path(profiles) if profiles else PROFILE_DIR)
+    if scale != 1.0:
+        if not hasattr(setup.step_time, "scaled"):
+            raise ValueError(f"{vset.name} {point_id}: scaling step times needs a calibrated "
+                             f"predictor, not {setup.step_time.kind!r}")
+        setup = replace(setup, step_time=setup.step_time.scaled(scale))
     run = simulate(setup, trace_requests(vset.trace(point), setup.model))
     return {"starts": setup.memory.starts, "num_blocks": setup.memory.num_blocks,
             "error_type": setup.memory.error_type, "predictor": setup.predictor,
@@ -247,6 +254,21 @@ def repeat_frame(first: ValidationSet, repeat: ValidationSet) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sensitivity_frame(vset: ValidationSet, pct: float,
+                      profiles: Path | None = None) -> pd.DataFrame:
+    """How far the twin's own prediction of each point moves when every step time is
+    `pct` percent longer or shorter: the larger |change| of each quantity (percent). Where
+    a 1 % step-time error moves a metric by more than its target, the point is not
+    predictable to that target by any step-time model short of exact."""
+    rows = []
+    for point in vset.points:
+        base = {"real": repredict(vset, point, profiles)}
+        moves = [point_errors(base, repredict(vset, point, profiles, 1 + sign * pct / 100))
+                 for sign in (1, -1)]
+        rows.append(_error_row(point, {q: max(abs(m[q]) for m in moves) for q in moves[0]}))
+    return pd.DataFrame(rows)
+
+
 def point_key(point: dict[str, Any]) -> str:
     return json.dumps([point["workload_label"], point["engine"], point["trace"]],
                       sort_keys=True)
@@ -324,10 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", type=Path, metavar="DIR",
                    help="re-predict with the profiles in DIR (the calibration of the machine "
                         "that measured the set) instead of sim/profiles")
+    p.add_argument("--sensitivity", type=float, metavar="PCT",
+                   help="print how far the twin's own metrics move when every step time is "
+                        "PCT percent longer or shorter, instead")
     args = p.parse_args(argv)
     vset = load_set(args.set)
-    frame = (repeat_frame(vset, load_set(args.repeat)) if args.repeat
-             else errors_frame(vset, args.profiles))
+    if args.repeat:
+        frame = repeat_frame(vset, load_set(args.repeat))
+    elif args.sensitivity is not None:
+        frame = sensitivity_frame(vset, args.sensitivity, args.profiles)
+    else:
+        frame = errors_frame(vset, args.profiles)
     if args.points:
         print(frame.to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
     for table in (error_table(frame), median_table(frame)):

@@ -9,7 +9,7 @@ Both are vectorised over steps; every prediction states `kind` and `source`.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -263,6 +263,16 @@ class CalibratedStepTime:
         """Whether a decode step's time depends on the prefix keys its decodes re-read."""
         return any(t == "decode_unique_ctx" and c != 0.0
                    for t, c in zip(self.decode_terms, self.decode_coef, strict=True))
+
+    def scaled(self, factor: float) -> CalibratedStepTime:
+        """Every step `factor` times as long (coefficients scaled: still linear, so runs of
+        steps and single steps keep giving identical durations)."""
+        def host(h: LinearTerms | None) -> LinearTerms | None:
+            return None if h is None else LinearTerms(h.terms, h.coef * factor)
+        return replace(self, decode_coef=self.decode_coef * factor,
+                       mixed_coef=self.mixed_coef * factor, host_decode=host(self.host_decode),
+                       host_mixed=host(self.host_mixed),
+                       source=f"{self.source}, every step x {factor:g}")
 
     def predict(self, features: StepFeatures, first_step: int = 0) -> np.ndarray:
         decode = self._part(features, self.decode_terms, self.decode_coef, self.host_decode)

@@ -32,6 +32,7 @@ from reports.accuracy import (
     point_errors,
     repeat_frame,
     repredict,
+    sensitivity_frame,
     violations,
 )
 from reports.collect_validation import blocks_in_error, expand_steps
@@ -192,3 +193,16 @@ def test_a_set_is_repredicted_with_its_own_machines_profiles() -> None:
     assert own["starts"] and own["metrics"]["tpot_p50_s"] != shipped["metrics"]["tpot_p50_s"]
     with pytest.raises(FileNotFoundError, match="no calibration profile"):
         repredict(run, point, MACHINE_A)  # no profiles there
+
+
+def test_sensitivity_is_how_far_the_twin_moves_with_its_step_times() -> None:
+    """Every step 2 % longer or shorter: the CPU set's points move, each by at least the
+    order of the scaling in TPOT (steps are what a token waits for); 0 % moves nothing."""
+    cpu = next(s for s in SETS if s.name == "cpu_tiny_qwen3")
+    still = sensitivity_frame(cpu, 0.0)
+    assert (still.filter(like="err_").fillna(0.0) == 0.0).all().all()
+    moved = sensitivity_frame(cpu, 2.0)
+    started = moved[moved["starts"]]
+    assert (started["err_num_blocks"] == 0).all() and (started["err_starts"] == 0).all()
+    assert (started["err_tpot_p50"] > 1.0).all()
+    assert started["err_e2e_p50"].median() > 1.0

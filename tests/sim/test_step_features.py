@@ -116,3 +116,10 @@ def test_decodes_re_reading_a_cached_prefix_count_it_once() -> None:
         decode_terms=("const", "decode_ctx", "decode_unique_ctx"),
         mixed_terms=("const",)).predict)
     assert memo.run(5, 205, 3, None, 64)[0] < memo.run(5, 205, 3, None, 0)[0]
+
+
+def test_a_scaled_model_makes_every_step_that_much_longer() -> None:
+    m = model()
+    runs = decode_run_features(4, 4 * 50 + 3, 300, 80)
+    assert np.allclose(m.scaled(1.5).predict(runs), 1.5 * m.predict(runs), rtol=1e-12)
+    assert "every step x 1.5" in m.scaled(1.5).source
