@@ -59,7 +59,7 @@ BATCH_BASES = ("knots", "hinges")
 
 def decode_terms(buckets: list[int] | None, max_batch: int, max_ctx: int = 0,
                  longest: bool = False, split: DecodeSplit | None = None,
-                 shared: bool = False, basis: str = "knots",
+                 shared: bool = False, basis: str = "hinges",
                  measured: Collection[int] | None = None) -> tuple[str, ...]:
     """Decode-only steps: the fixed cost of the graph bucket, piecewise linear in it:
     `basis` "knots", a free value at each of BATCH_KNOTS (the GEMMs' kernels change with
@@ -96,7 +96,7 @@ def batch_knot_terms(max_batch: int, measured: Collection[int] | None = None) ->
 
 
 def _knot_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.ndarray:
-    lo, k, hi = (float(x) for x in term[term.index("(") + 1:-1].split(","))
+    lo, k, hi = _term_args(term)
     b = padded_batch(f.decode_seqs, buckets).astype(np.float64)
     rising = np.clip((b - lo) / (k - lo), 0.0, 1.0) if k > lo else np.ones(len(b))
     falling = np.clip((hi - b) / (hi - k), 0.0, 1.0) if hi > k else b / k
@@ -131,8 +131,13 @@ def split_term(split: DecodeSplit, name: str = "decode_share") -> str:
             f"{split.min_share},{split.block_n})")
 
 
+def _term_args(term: str) -> list[int]:
+    """The integers in a term's name: `name(a,b,...)` -> [a, b, ...]."""
+    return [int(x) for x in term[term.index("(") + 1:-1].split(",")]
+
+
 def _split_rule(term: str) -> DecodeSplit:
-    return DecodeSplit(*(int(x) for x in term[term.index("(") + 1:-1].split(",")))
+    return DecodeSplit(*_term_args(term))
 
 
 def _combine_column(f: StepFeatures, term: str) -> np.ndarray:
