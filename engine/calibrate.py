@@ -556,7 +556,13 @@ def measure_memory(engine: LLMEngine, token_counts: list[int]) -> dict[str, Any]
     terms = engine.memory
     return {"total_bytes": terms.total_bytes, "non_torch_bytes": terms.non_torch_bytes,
             "cuda_graph_bytes": int(getattr(terms, "cuda_graph_bytes", 0) or 0),
+            "cuda_graph_tokens": cudagraph_tokens(engine),
             "activation": [[n, measure_activation(engine, n)] for n in token_counts]}
+
+
+def cudagraph_tokens(engine: LLMEngine) -> int:
+    """The largest mixed step the piecewise graphs serve (0: none)."""
+    return max(getattr(engine.model_runner, "piecewise_buckets", None) or [0])
 
 
 def graph_info(engine: LLMEngine) -> tuple[bool, list[int] | None, str]:
@@ -687,6 +693,7 @@ def _meta(engine: LLMEngine, phases: dict[str, Any], columns: dict[str, list],
         "backend": runner.attention_backend, "attention_backend": runner.attention_backend,
         "cuda_graphs_enabled": bool(getattr(runner, "cuda_graphs_enabled", False)),
         "decode_split": _decode_split(engine), "decode_batch_basis": "knots",
+        "cudagraph_token_limit": cudagraph_tokens(engine),
         "buckets_source": buckets_source, "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "engine_config": engine.config.to_dict(),
@@ -732,6 +739,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-memory-gib", type=float, default=1.0, help="CPU engine budget")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs (default: the engine's default, graphs on a GPU)")
+    p.add_argument("--max-cudagraph-tokens", type=int,
+                   default=EngineConfig.max_cudagraph_tokens,
+                   help="largest mixed step that replays piecewise CUDA graphs (0: none)")
     p.add_argument("--repeats", type=int, default=CalibrationGrid.repeats,
                    help="back-to-back executions per pass")
     p.add_argument("--passes", type=int, default=CalibrationGrid.passes)
@@ -754,7 +764,8 @@ def config_from_args(args: argparse.Namespace, model: ModelConfig) -> EngineConf
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype,
         attention_backend=args.backend, device=args.device,
-        enforce_eager=args.enforce_eager, cpu_memory_gib=args.cpu_memory_gib, seed=args.seed)
+        enforce_eager=args.enforce_eager, cpu_memory_gib=args.cpu_memory_gib, seed=args.seed,
+        max_cudagraph_tokens=args.max_cudagraph_tokens)
 
 
 def main(argv: list[str] | None = None) -> Path:

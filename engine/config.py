@@ -153,11 +153,32 @@ class DecodeSplit:
         return max(-(-per_split // self.block_n) * self.block_n, self.min_share)
 
 
+# Token counts of piecewise-graph buckets: every 64 up to 512, then every 128, 256, 512, ...,
+# doubling the step as the count doubles, so a step past 512 tokens pads at most a quarter.
+TOKEN_BUCKET_START = 64
+
+
+def token_buckets(limit: int) -> list[int]:
+    """Padded token counts of the mixed / prefill steps that replay piecewise CUDA graphs,
+    up to `limit` (which is always the last one)."""
+    buckets: list[int] = []
+    step, n = TOKEN_BUCKET_START, TOKEN_BUCKET_START
+    while n < limit:
+        buckets.append(n)
+        if n >= 8 * step:
+            step *= 2
+        n += step
+    return [*buckets, limit] if limit > 0 else []
+
+
 def graph_buckets(max_num_seqs: int) -> list[int]:
     """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to
     max_num_seqs (rounded up to 16)."""
     small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
     return small + list(range(16, max_num_seqs + 16, 16))
+
+
+MAX_CUDAGRAPH_TOKENS = 16384
 
 
 @dataclass
@@ -175,6 +196,10 @@ class EngineConfig:
     dtype: str = "bfloat16"
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    # Mixed and prefill steps of up to this many tokens replay piecewise CUDA graphs
+    # (attention eager between them; engine/piecewise_graphs.py); 0: they run eagerly.
+    # 512 like vLLM's largest capture size: the graphs' memory grows with it.
+    max_cudagraph_tokens: int = 512
     # LLM.generate schedules step N+1 while the device runs step N (engine/lookahead.py).
     async_scheduling: bool = True
     device: str = "auto"
@@ -207,6 +232,7 @@ class EngineConfig:
             raise ConfigError("max_num_batched_tokens", self.max_num_batched_tokens,
                               f">= max_model_len ({self.max_model_len}) when "
                               "enable_chunked_prefill is False")
+        _check_int("max_cudagraph_tokens", self.max_cudagraph_tokens, 0, MAX_CUDAGRAPH_TOKENS)
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("dtype", self.dtype, tuple(DTYPE_BYTES))
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
@@ -220,6 +246,13 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def cudagraph_token_limit(self) -> int:
+        """The largest mixed step a piecewise graph serves (0: none), whatever the device."""
+        if self.enforce_eager:
+            return 0
+        return min(self.max_cudagraph_tokens, self.max_num_batched_tokens)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:

@@ -100,14 +100,16 @@ class LLMEngine:
                            source="cpu: configured total, estimated activation")
 
     def _probe_graph_memory(self) -> int:
-        """The graph pool's size, from capturing the largest decode graph over a one-block
-        cache: graphs must be captured over the real cache, which they are sized for."""
+        """The graph pool's size, from capturing the largest decode graph and the largest
+        piecewise bucket over a one-block cache: graphs must be captured over the real
+        cache, which they are sized for."""
         runner = self.model_runner
         if not runner.uses_cuda_graphs:
             return 0
         runner.allocate_kv_cache(1)
         largest = graph_buckets(self.config.max_num_seqs)[-1]
-        probed = runner.capture_cuda_graphs([largest])
+        tokens = self.config.cudagraph_token_limit
+        probed = runner.capture_cuda_graphs([largest], [tokens] if tokens else None)
         runner.release_cuda_graphs()
         runner.release_kv_cache()
         return probed
@@ -128,6 +130,7 @@ class LLMEngine:
             num_blocks=self.num_blocks, kv_cache_tokens=self.num_blocks * cfg.block_size,
             num_blocks_override=cfg.num_gpu_blocks_override,
             cuda_graphs=self.model_runner.cuda_graphs_enabled,
+            piecewise_buckets=self.model_runner.piecewise_buckets,
             cuda_graph_bytes_captured=self.cuda_graph_bytes_captured,
             attention_backend=self.model_runner.attention_backend,
             max_concurrency=max_concurrency(self.num_blocks, cfg.block_size, cfg.max_model_len))

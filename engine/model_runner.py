@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from engine.config import ConfigError, EngineConfig, ModelConfig, graph_buckets
+from engine.config import ConfigError, EngineConfig, ModelConfig, graph_buckets, token_buckets
 from engine.cuda_graphs import DecodeGraphs
 from engine.layers.attention import Attention
 from engine.layers.context import ForwardContext, PagedMetadata, dense_context, forward_context
@@ -24,6 +24,7 @@ from engine.layers.varlen_attention import (
     flash_attn_available,
 )
 from engine.loader import build_model, load_model, to_torch_dtype
+from engine.piecewise_graphs import PiecewiseGraphs
 from engine.sequence import SamplingParams, Sequence
 from engine.step_input import (
     SAMPLE_MULTIPLE,
@@ -135,6 +136,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.block_tables = BlockTables(self.block_size)
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None
         self._seeded: dict[int, tuple[Sequence, torch.Generator]] = {}
 
     def _generator(self, seed: int) -> torch.Generator:
@@ -149,6 +151,11 @@ class ModelRunner:
     @property
     def cuda_graphs_enabled(self) -> bool:
         return self.graphs is not None and bool(self.graphs.graphs)
+
+    @property
+    def piecewise_buckets(self) -> list[int]:
+        """Token counts whose mixed steps replay piecewise graphs (empty: none)."""
+        return sorted(self.piecewise.graphs) if self.piecewise is not None else []
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -178,8 +185,12 @@ class ModelRunner:
         return self.attention_backend != "sdpa"
 
     def eager_rows(self, num_tokens: int) -> int:
+        """Rows a non-graph-decode step runs: its piecewise bucket, else padded for cuBLAS."""
         if not self.pads_rows:
             return num_tokens
+        bucket = self.piecewise.bucket(num_tokens) if self.piecewise is not None else None
+        if bucket is not None:
+            return bucket
         return padded_len(num_tokens, TOKEN_MULTIPLE, self.config.max_num_batched_tokens)
 
     def sample_rows_padded(self, num_samples: int) -> int:
@@ -245,9 +256,11 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def capture_cuda_graphs(self, buckets: list[int] | None = None) -> int:
-        """Capture the decode graphs (after allocate_kv_cache); returns the device memory
-        they took (their pool and the static buffers)."""
+    def capture_cuda_graphs(self, buckets: list[int] | None = None,
+                            token_counts: list[int] | None = None) -> int:
+        """Capture the decode graphs, then the piecewise graphs of mixed steps in the same
+        pool (after allocate_kv_cache); returns the device memory they took (the pool and
+        the static buffers). `buckets` / `token_counts`: capture only these."""
         if not self.uses_cuda_graphs:
             return 0
         torch.cuda.synchronize(self.device)
@@ -258,10 +271,22 @@ class ModelRunner:
                                    max_blocks, self.model_config.hidden_size, self.dtype,
                                    self.device)
         self.graphs.capture(buckets)
+        self._capture_piecewise(token_counts)
         return max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+
+    def _capture_piecewise(self, token_counts: list[int] | None) -> None:
+        limit = self.config.cudagraph_token_limit
+        if not limit:
+            return
+        all_counts = token_buckets(limit)
+        self.piecewise = PiecewiseGraphs(self.model, all_counts, self.dtype, self.device,
+                                         pool=self.graphs.pool if self.graphs else None)
+        self.piecewise.buckets = sorted(token_counts or all_counts)
+        self.piecewise.capture()
 
     def release_cuda_graphs(self) -> None:
         self.graphs = None
+        self.piecewise = None
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
 
@@ -305,6 +330,8 @@ class ModelRunner:
             if fill is not None:
                 fill(self.graphs.input_ids)
             hidden = self.graphs.replay(bucket, step.host.num_tokens)
+        elif self._piecewise_rows(step) is not None:
+            hidden = self.piecewise.run(step.context, step.input_ids, step.positions, fill)
         else:
             if fill is not None:
                 fill(step.input_ids)
@@ -312,6 +339,13 @@ class ModelRunner:
                 hidden = self.model(step.input_ids, step.positions)
         logits = self.model.compute_logits(hidden[step.sample_rows])
         return logits[:len(step.sample_seqs)]  # the rest: padding rows
+
+    def _piecewise_rows(self, step: StepInput) -> int | None:
+        """The step's row count when it is a piecewise bucket's."""
+        if self.piecewise is None or step.input_ids is None:
+            return None
+        rows = step.input_ids.shape[0]
+        return rows if rows in self.piecewise.buckets else None
 
     def _graph_bucket(self, host: HostBatch) -> int | None:
         if self.graphs is None or not host.is_decode_only:

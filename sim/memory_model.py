@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import EngineConfig, GiB, ModelConfig, graph_buckets
+from engine.config import DTYPE_BYTES, EngineConfig, GiB, ModelConfig, graph_buckets
 from engine.memory import (
     MemoryTerms,
     StartupError,
@@ -51,12 +51,30 @@ GRAPH_POOL_OVERHEAD_BYTES = 128 << 20
 
 
 def estimate_cuda_graph_bytes(model: ModelConfig, config: EngineConfig) -> int:
-    """Graphs share one pool sized by the largest captured decode batch's activations
-    (the forward pass only: sampling runs outside the graphs), plus a measured overhead."""
+    """Graphs share one pool sized by the largest captured step's activations (the
+    largest decode batch's, or the largest piecewise bucket's: the forward pass only, as
+    sampling runs outside the graphs), plus a measured overhead and the piecewise graphs'
+    static buffers."""
     if config.enforce_eager:
         return 0
     largest = graph_buckets(config.max_num_seqs)[-1]
-    return estimate_activation_bytes(model, largest, 0, config.dtype) + GRAPH_POOL_OVERHEAD_BYTES
+    tokens = config.cudagraph_token_limit
+    pool = estimate_activation_bytes(model, max(largest, tokens), 0, config.dtype)
+    return pool + GRAPH_POOL_OVERHEAD_BYTES + piecewise_buffer_bytes(model, tokens, config.dtype)
+
+
+def piecewise_buffer_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
+    """The piecewise graphs' static buffers for `tokens` rows (engine.piecewise_graphs):
+    input ids, positions and slots (int64); q, attention output, k, v, residual, hidden."""
+    q = model.num_attention_heads * model.head_dim
+    kv = model.num_key_value_heads * model.head_dim
+    return tokens * (3 * 8 + (2 * q + 2 * kv + 2 * model.hidden_size) * DTYPE_BYTES[dtype])
+
+
+def piecewise_graph_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
+    """What piecewise graphs of up to `tokens` rows add to the graph memory (formula)."""
+    return (estimate_activation_bytes(model, tokens, 0, dtype)
+            + piecewise_buffer_bytes(model, tokens, dtype))
 
 
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
@@ -102,11 +120,28 @@ def _terms_from_profile(model: ModelConfig, hardware: Hardware, config: EngineCo
                         profile: Profile, weights: int) -> tuple[MemoryTerms, dict[str, str]]:
     mem = profile.memory
     act = profile.activation_bytes(config.max_num_batched_tokens)
-    graph = 0 if config.enforce_eager else int(mem.get("cuda_graph_bytes", 0))
+    graph, graph_src = _graph_bytes_from_profile(model, config, profile)
     terms = MemoryTerms(int(mem.get("total_bytes", hardware.total_memory_bytes)),
                         config.gpu_memory_utilization, weights, act,
                         int(mem.get("non_torch_bytes", hardware.non_torch_bytes_default)),
                         graph, source=f"profile:{profile.name}")
     src = f"profile {profile.name}"
     return terms, {"total": src, "weights": "exact", "activation": src, "non_torch": src,
-                   "cuda_graph": src if not config.enforce_eager else "enforce_eager"}
+                   "cuda_graph": graph_src}
+
+
+def _graph_bytes_from_profile(model: ModelConfig, config: EngineConfig,
+                              profile: Profile) -> tuple[int, str]:
+    """The profile's measured graph memory; where this configuration's piecewise graphs
+    reach another token count than the calibration's (memory "cuda_graph_tokens"), the
+    difference by formula. Profiles without that key predate piecewise graphs."""
+    if config.enforce_eager:
+        return 0, "enforce_eager"
+    measured, src = int(profile.memory.get("cuda_graph_bytes", 0)), f"profile {profile.name}"
+    calibrated = profile.memory.get("cuda_graph_tokens")
+    tokens = config.cudagraph_token_limit
+    if calibrated is None or tokens == calibrated:
+        return measured, src
+    delta = (piecewise_graph_bytes(model, tokens, config.dtype)
+             - piecewise_graph_bytes(model, int(calibrated), config.dtype))
+    return measured + delta, f"{src}, piecewise graphs of {tokens} tokens by formula"

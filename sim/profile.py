@@ -152,9 +152,9 @@ class Profile:
         `iterations`: fit_nonnegative's reweightings (0: version 2's loss)."""
         data = FitData(self.features(), self.seconds, self.exec_seconds, self.source)
         test = np.random.default_rng(seed).random(len(data)) < holdout
-        split, basis = self.decode_split, self.decode_batch_basis
-        held = fit_model(data.subset(~test), self.buckets, self.name, iterations, split, basis)
-        model = fit_model(data, self.buckets, self.name, iterations, split, basis)
+        rules = (self.decode_split, self.decode_batch_basis, self.cudagraph_token_limit)
+        held = fit_model(data.subset(~test), self.buckets, self.name, iterations, *rules)
+        model = fit_model(data, self.buckets, self.name, iterations, *rules)
         self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, data.subset(test)),
                     "loss": LOSS if iterations else "relative_to_measured"}
         return model
@@ -176,6 +176,16 @@ class Profile:
             raise ValueError(f"profile {self.name}: meta.decode_batch_basis={basis!r} is "
                              f"invalid: must be one of {BATCH_BASES}")
         return basis
+
+    @property
+    def cudagraph_token_limit(self) -> int:
+        """The largest mixed step the engine served with piecewise CUDA graphs when it was
+        calibrated (meta "cudagraph_token_limit"; 0 where absent: older engines had none)."""
+        limit = self.meta.get("cudagraph_token_limit", 0)
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"profile {self.name}: meta.cudagraph_token_limit={limit!r} is "
+                             "invalid: must be an integer >= 0")
+        return limit
 
     def step_time(self) -> CalibratedStepTime:
         if not self.fit:
@@ -247,12 +257,13 @@ class FitData:
 
 def fit_model(data: FitData, buckets: list[int] | None, name: str,
               iterations: int = IRLS_ITERATIONS,
-              split: DecodeSplit | None = None, basis: str = "hinges") -> CalibratedStepTime:
+              split: DecodeSplit | None = None, basis: str = "hinges",
+              token_limit: int = 0) -> CalibratedStepTime:
     """Device time per kind from every row's execute_model time; host overhead per kind
     from the engine rows (their step time minus execute_model). The terms over the
     EXTRA_FEATURES are used where the samples have them (version 3)."""
     decode, mixed = data.kind("decode"), data.kind("mixed")
-    d_terms, m_terms = kind_terms(decode, mixed, buckets, split, basis)
+    d_terms, m_terms = kind_terms(decode, mixed, buckets, split, basis, token_limit)
     return CalibratedStepTime(
         fit_device(decode, d_terms, buckets, name, iterations),
         fit_device(mixed, m_terms, None, name, iterations),
@@ -265,20 +276,21 @@ FIRST_EXTRA = EXTRA_FEATURES[:2]  # version 3's first two: their terms come as o
 
 
 def kind_terms(decode: FitData, mixed: FitData, buckets: list[int] | None,
-               split: DecodeSplit | None = None,
-               basis: str = "hinges") -> tuple[tuple[str, ...], tuple[str, ...]]:
+               split: DecodeSplit | None = None, basis: str = "hinges",
+               token_limit: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
     d_terms = decode_terms(buckets, int(decode.features.decode_seqs.max(initial=1)),
                            int(decode.features.decode_ctx.max(initial=0)),
                            longest=informative(decode.features), split=split,
                            shared=informative(decode.features, ("decode_shared",)),
                            basis=basis, measured=measured_batches(decode, buckets))
     if len(decode) < KNOT_ROWS * len(d_terms) and basis == "knots":  # too few to place knots
-        return kind_terms(decode, mixed, buckets, split, "hinges")
+        return kind_terms(decode, mixed, buckets, split, "hinges", token_limit)
     extra = informative(mixed.features)
     gather = term_column(mixed.features, "gather_mean", None) if extra else np.zeros(1)
     m_terms = mixed_terms(int(mixed.features.num_tokens.max(initial=1)),
                           int(mixed.features.decode_ctx.max(initial=0)), extra=extra,
-                          max_gather_mean=float(gather.max(initial=0.0)), split=split)
+                          max_gather_mean=float(gather.max(initial=0.0)), split=split,
+                          token_limit=token_limit)
     return d_terms, m_terms
 
 

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.config import DTYPE_BYTES, DecodeSplit, ModelConfig
+from engine.config import DTYPE_BYTES, DecodeSplit, ModelConfig, token_buckets
+from engine.step_input import TOKEN_MULTIPLE
 from sim.features import StepFeatures
 
 
@@ -107,20 +108,34 @@ GATHER_KNOT = 8192  # keys per prefill chunk: past it, gathering costs more than
 
 
 def mixed_terms(max_tokens: int, max_ctx: int = 0, extra: bool = False,
-                max_gather_mean: float = 0.0,
-                split: DecodeSplit | None = None) -> tuple[str, ...]:
+                max_gather_mean: float = 0.0, split: DecodeSplit | None = None,
+                token_limit: int = 0) -> tuple[str, ...]:
     """Mixed / prefill steps: tokens (hinges: flat while weight-bound, then compute-bound),
     prefill attention pairs, decodes and their context (hinges), sequences; with `extra`,
     the longest decode's context and the prefix keys gathered for prefill chunks (with a
     hinge in the keys per chunk, where measured past GATHER_KNOT); with `split`, whether
     the step's decodes are split (an eager step then launches a combine kernel and two
-    buffers per layer: host time, as these steps are host-bound)."""
+    buffers per layer: host time, as these steps are host-bound). With `token_limit` (the
+    engine's piecewise CUDA graphs served steps up to it), tokens are the rows the step ran
+    (its bucket) and `eager(limit)` is 1 for the larger steps, which launch every kernel
+    from Python."""
     knots = [k for k in (64, 256, 1024, 4096) if k < max_tokens]
     gather = (f"gather_mean>{GATHER_KNOT}",) if max_gather_mean > GATHER_KNOT else ()
-    return ("const", "num_tokens", *(f"num_tokens>{k}" for k in knots), "prefill_attn",
+    tokens = f"padded_tokens({token_limit})" if token_limit else "num_tokens"
+    eager = (f"eager({token_limit})",) if 0 < token_limit < max_tokens else ()
+    return ("const", tokens, *(f"{tokens}>{k}" for k in knots), *eager, "prefill_attn",
             "decode_seqs", "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx", "num_seqs",
             *(("decode_max_ctx", "prefill_gather", *gather) if extra else ()),
             *((split_term(split, "decode_combine"),) if split else ()))
+
+
+def padded_tokens(num_tokens: np.ndarray, limit: int) -> np.ndarray:
+    """Rows a mixed step runs: its piecewise bucket up to `limit`, else padded to
+    TOKEN_MULTIPLE (engine.model_runner.ModelRunner.eager_rows)."""
+    n = np.asarray(num_tokens, dtype=np.int64)
+    edges = np.asarray(token_buckets(limit) or [0], dtype=np.int64)
+    bucket = edges[np.minimum(np.searchsorted(edges, n), len(edges) - 1)]
+    return np.where(n <= limit, bucket, -(-n // TOKEN_MULTIPLE) * TOKEN_MULTIPLE)
 
 
 def split_term(split: DecodeSplit, name: str = "decode_share") -> str:
@@ -188,6 +203,10 @@ def term_column(f: StepFeatures, term: str, buckets: list[int] | None) -> np.nda
         return _knot_column(f, term, buckets)
     if term.startswith("decode_combine("):
         return _combine_column(f, term)
+    if term.startswith("padded_tokens("):
+        return padded_tokens(f.num_tokens, _term_args(term)[0]).astype(np.float64)
+    if term.startswith("eager("):
+        return (f.num_tokens > _term_args(term)[0]).astype(np.float64)
     if not hasattr(f, term):
         raise ValueError(f"step-time term {term!r} is invalid: not a feature of StepFeatures")
     column = getattr(f, term)
@@ -268,6 +287,24 @@ class CalibratedStepTime:
         """Whether a decode step's time depends on the prefix keys its decodes re-read."""
         return any(t == "decode_unique_ctx" and c != 0.0
                    for t, c in zip(self.decode_terms, self.decode_coef, strict=True))
+
+    @property
+    def token_limit(self) -> int | None:
+        """The piecewise-graph token limit its mixed terms read (None: no such terms)."""
+        for term in self.mixed_terms:
+            if term.startswith(("padded_tokens(", "eager(")):
+                return _term_args(term.split(">")[0])[0]
+        return None
+
+    def with_token_limit(self, limit: int) -> CalibratedStepTime:
+        """The same fit for an engine whose piecewise graphs reach `limit` tokens, not the
+        calibration's: its `padded_tokens(...)` and `eager(...)` terms read the new limit."""
+        def renamed(term: str) -> str:
+            name, sep, knot = term.partition(">")
+            if name.startswith(("padded_tokens(", "eager(")):
+                name = f"{name[:name.index('(')]}({limit})"
+            return name + sep + knot
+        return replace(self, mixed_terms=tuple(renamed(t) for t in self.mixed_terms))
 
     def scaled(self, factor: float) -> CalibratedStepTime:
         """Every step `factor` times as long (coefficients scaled: still linear, so runs of

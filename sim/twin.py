@@ -82,6 +82,14 @@ def resolve_entries(model: Entry, hardware: Entry, keys: tuple[str | None, str |
     return model_cfg, hw, (model_key, hw_key)
 
 
+def profile_step_time(profile: Profile, config: EngineConfig) -> StepTimeModel:
+    """The profile's fit, its piecewise-graph terms at this configuration's token limit."""
+    model = profile.step_time()
+    if model.token_limit is None:
+        return model
+    return model.with_token_limit(config.cudagraph_token_limit)
+
+
 def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: str = "auto",
                keys: tuple[str | None, str | None] = (None, None),
                profile_dir: Path = PROFILE_DIR) -> TwinSetup:
@@ -98,7 +106,7 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
         raise FileNotFoundError(f"no calibration profile {key.filename} in {profile_dir}: "
                                 "run mode=calibrate on that hardware, or use "
                                 "predictor=roofline")
-    step_time = profile.step_time() if profile else RooflineStepTime(
+    step_time = profile_step_time(profile, config) if profile else RooflineStepTime(
         model_cfg, config.dtype, hw.peak_bf16_flops, hw.hbm_bandwidth_bytes_per_s,
         source=f"roofline of {hw.name} (catalog peaks, documented efficiencies)")
     memory = predict_memory(model_cfg, hw, config, profile)

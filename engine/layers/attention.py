@@ -44,14 +44,18 @@ class Attention(nn.Module):
         self.backend = "sdpa"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_stored: bool = False) -> torch.Tensor:
+                kv_stored: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         """kv_stored: the step's K/V are in the cache already (written where `kv_store`
-        pointed)."""
+        pointed); out: where the paged backends write the result ([T, H, D])."""
         ctx = get_forward_context()
         if self.backend != "sdpa":
             return paged_forward(self.backend, q, k, v, self.k_cache, self.v_cache, ctx,
-                                 self.scale, kv_stored).flatten(1)
-        return self._forward_sdpa(q, k, v, ctx)
+                                 self.scale, kv_stored, out).flatten(1)
+        result = self._forward_sdpa(q, k, v, ctx)
+        if out is None:
+            return result
+        out.copy_(result.view_as(out))
+        return out.flatten(1)
 
     def kv_store(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(k_cache, v_cache, slot_mapping) where a fused kernel may write this step's K/V

@@ -45,9 +45,10 @@ def torch_varlen() -> Callable[..., torch.Tensor]:
 
 def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
-                  scale: float, kv_stored: bool = False) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] of one step -> [T, H, D]; K/V go to the cache first
-    unless `kv_stored`."""
+                  scale: float, kv_stored: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] of one step -> [T, H, D] (into `out` if given); K/V go
+    to the cache first unless `kv_stored`."""
     from engine.layers.triton_kernels import store_kv_triton
 
     meta = ctx.paged
@@ -55,7 +56,7 @@ def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     cached = ctx.slot_mapping is not None and k_cache.numel() > 0
     if cached and not kv_stored:
         store_kv_triton(k, v, k_cache, v_cache, ctx.slot_mapping)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     nd = meta.num_decodes
     # Rows past the context's tokens pad an eager step (ModelRunner.eager_rows): zeros.
     end = ctx.query_start_loc_cpu[-1] if ctx.query_start_loc_cpu else q.shape[0]

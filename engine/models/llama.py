@@ -36,14 +36,21 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, hd, scale=hd ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        q, k, v, stored = self.project(positions, hidden)
+        return self.o_proj(self.attn(q, k, v, kv_stored=stored))
+
+    def project(self, positions: torch.Tensor,
+                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """q, k, v for attention, and whether K/V are in the cache already (the fused
+        kernel stores them where `kv_store` points)."""
         qkv = self.qkv_proj(hidden)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         if fused.use_fused(qkv):
             store = self.attn.kv_store()
             q, k = self._fused_qk(positions, qkv, store)
-            return self.o_proj(self.attn(q, k, v, kv_stored=store is not None))
+            return q, k, v, store is not None
         q, k = self._qk(positions, qkv)
-        return self.o_proj(self.attn(q, k, v))
+        return q, k, v, False
 
     def _qk(self, positions: torch.Tensor, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q = qkv[:, :self.q_size].view(-1, self.num_heads, self.head_dim)
@@ -87,11 +94,22 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, stored, residual = self.before_attention(positions, hidden, residual)
+        return self.after_attention(self.self_attn.attn(q, k, v, kv_stored=stored), residual)
+
+    def before_attention(self, positions: torch.Tensor, hidden: torch.Tensor,
+                         residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(q, k, v, kv_stored, residual): everything up to attention (the piecewise CUDA
+        graphs capture it, and `after_attention`, around an eager attention call)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.forward_with_residual(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
+        return (*self.self_attn.project(positions, hidden), residual)
+
+    def after_attention(self, attn_out: torch.Tensor,
+                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.self_attn.o_proj(attn_out)
         hidden, residual = self.post_attention_layernorm.forward_with_residual(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -110,6 +128,9 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
+        return self.final_norm(hidden, residual)
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if residual is None:
             return self.norm(hidden)
         return self.norm.forward_with_residual(hidden, residual)[0]

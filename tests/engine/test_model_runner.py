@@ -124,12 +124,16 @@ def test_bfloat16_mixed_batch_on_cuda_is_close_to_hf(hf_saved: tuple) -> None:
 
 
 def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "float32",
-                    atol: float = ATOL, **engine_args: object) -> None:
+                    atol: float = ATOL, piecewise: bool = False,
+                    **engine_args: object) -> ModelRunner:
     """Step 1: A's first chunk (ends mid-block) + C's whole prefill.
     Step 2: A's last chunk + B (prefix hit on A's computed blocks) + C's first decode.
-    Step 3: decodes of A, B and C."""
+    Step 3: decodes of A, B and C. `piecewise`: mixed steps through the piecewise graphs
+    (captured on CUDA, their pieces run one by one elsewhere)."""
     runner = make_runner(path, bs, num_blocks=3 * (2 * bs + 9) // bs + 16, device=device,
                          dtype=dtype, **engine_args)
+    if piecewise:
+        attach_piecewise(runner)
     blocks = Blocks(runner.kv_cache.shape[2], bs)
     a = Sequence(tokens(2 * bs + 9, seed=1), GREEDY)
     c = Sequence(tokens(bs + 5, seed=3), GREEDY)
@@ -154,6 +158,17 @@ def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "
 
     plan = schedule(blocks, (c, 1), (a, 1), (b, 1))
     assert check_step(runner, hf, plan, atol) == [c, a, b]
+    return runner
+
+
+def attach_piecewise(runner: ModelRunner) -> None:
+    from engine.config import token_buckets
+    from engine.piecewise_graphs import PiecewiseGraphs
+
+    buckets = token_buckets(runner.config.cudagraph_token_limit)
+    runner.piecewise = PiecewiseGraphs(runner.model, buckets, runner.dtype, runner.device)
+    if runner.device.type == "cuda":
+        runner.piecewise.capture()
 
 
 def check_padding(runner: ModelRunner, step: object) -> None:

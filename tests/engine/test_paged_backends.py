@@ -136,6 +136,31 @@ def test_torch_backend_mixed_batch_matches_hf(hf_saved: tuple, block_size: int,
     runner_tests.run_mixed_batch(*hf_saved, block_size, DEVICE, attention_backend=torch_backend)
 
 
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_piecewise_graphs_mixed_batch_matches_hf(hf_saved: tuple, block_size: int,
+                                                 torch_backend: str) -> None:
+    """The same steps with the mixed ones through the piecewise graphs (on the CPU their
+    pieces run one by one through the same static buffers), rows padded to a bucket."""
+    runner = runner_tests.run_mixed_batch(*hf_saved, block_size, DEVICE, piecewise=True,
+                                          attention_backend=torch_backend)
+    assert runner.piecewise.replays == 3  # the decode step too: no decode graphs here
+    assert runner.eager_rows(65) == 128 and runner.eager_rows(200) == 256
+    with pytest.raises(ValueError, match="bucket's row count, got 100"):
+        runner.piecewise.run(None, torch.zeros(100, dtype=torch.long), None)
+
+
+def test_the_sim_pads_mixed_steps_as_the_runner_does(torch_backend: str) -> None:
+    """The rows the runner gives a step (a piecewise bucket up to the limit, else a multiple
+    of 64) are the rows the sim's `padded_tokens` terms count."""
+    from sim.step_time import padded_tokens
+
+    runner = runner_tests.make_runner(None, 16, device=DEVICE, max_num_batched_tokens=1024,
+                                      max_cudagraph_tokens=256, attention_backend=torch_backend)
+    runner_tests.attach_piecewise(runner)
+    n = np.arange(1, 1025)
+    assert [runner.eager_rows(int(k)) for k in n] == padded_tokens(n, 256).tolist()
+
+
 hf_saved = runner_tests.hf_saved
 
 
@@ -147,8 +172,9 @@ def test_llm_on_the_torch_backend_generates_like_hf(tmp_path: object, torch_back
                                         device=DEVICE, attention_backend=torch_backend,
                                         enforce_eager=enforce_eager)
     assert llm.model_runner.cuda_graphs_enabled == (CUDA and not enforce_eager)
-    if llm.model_runner.cuda_graphs_enabled:
+    if llm.model_runner.cuda_graphs_enabled:  # decode graphs and piecewise mixed steps
         assert llm.model_runner.graphs.replays > 0
+        assert llm.model_runner.piecewise.replays > 0
 
 
 # -- host-side step layout ---------------------------------------------------------------------
