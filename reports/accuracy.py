@@ -63,14 +63,25 @@ CPU_NOTE = ("CPU engine on the shared 2-core dev machine, where other jobs' load
             "a margin")
 
 
-H100_NOTE = ("targets missed at some points: the median point is within 3.0 / 1.5 / 2.3 % "
-             "(TTFT / TPOT / E2E p50) and 4.3-5.1 % at p90 / p99; the largest errors are "
-             "grid points at utilization 0.1, where preemption counts decide the tail (block "
-             "16 / 2048: 2 preemptions predicted vs 8, TTFT p50 -27 %; block 128 / 2048: 4 vs "
-             "2, TTFT p90 +37 %), and TPOT over-predicted up to 9.4 % at block 128 / 2048; two "
-             "back-to-back runs on another H100 differ from each other by a median 22 % in "
-             "TTFT p50 (README, 'Run to run'); gate = the committed run's error (2026-11-21, "
-             "engine 8fafeb3, profile refit with decode batch knots) + a margin")
+H100_NOTE = ("piecewise-graph engine (mixed steps still host-bound, ~9 ms) on a noisy H100 "
+             "host: its calibration's held-out mixed-step error is 10 % median, and the load "
+             "points replayed twice back to back differ by a median 20 / 11 / 11 % (TTFT / "
+             "TPOT / E2E p50; shared prefix at 0.1: 0 vs 34 preemptions, TTFT p99 +807 %); "
+             "the twin is a median 9.7 / 5.6 / 7.7 % off; the largest errors are the same "
+             "preemption-bound points (shared prefix at 0.1: 22 preemptions predicted vs 0) "
+             "and a slower host during the sweeps than during the calibration (most errors "
+             "negative); gate = the committed run's error (2026-11-21 13:45-14:01 UTC) + a "
+             "margin; the tight gates are the eager set's")
+
+H100_EAGER_NOTE = (
+    "targets missed at some points: the median point is within 3.0 / 1.5 / 2.3 % (TTFT / "
+    "TPOT / E2E p50) and 4.3-5.1 % at p90 / p99; the largest errors are grid points at "
+    "utilization 0.1, where preemption counts decide the tail (block 16 / 2048: 2 "
+    "preemptions predicted vs 8, TTFT p50 -27 %; block 128 / 2048: 4 vs 2, TTFT p90 +37 %), "
+    "and TPOT over-predicted up to 9.4 % at block 128 / 2048; two back-to-back runs on "
+    "another H100 differ from each other by a median 22 % in TTFT p50 (README, 'Run to "
+    "run'); gate = the committed run's error (2026-11-21, engine 8fafeb3, profile refit with "
+    "decode batch knots) + a margin")
 
 
 def _measured(limits: dict[str, float], note: str) -> dict[str, Gate]:
@@ -82,15 +93,25 @@ def _measured(limits: dict[str, float], note: str) -> dict[str, Gate]:
 # The thresholds, per validation set (the folder name under tests/data/validation). Where a
 # set misses a target, its limit is the measured error plus a margin, and the note says why.
 GATES: dict[str, dict[str, Gate]] = {
-    # Committed H100 run (2026-11-21 10:47-10:56 UTC, 46 points, engine at commit 8fafeb3,
-    # re-predicted with the committed profile): start / no-start and num_blocks exact
-    # everywhere; largest |error| TTFT 27 / 37 / 38, TPOT 9.4 / 9.8 / 12, E2E 11 / 8.6 / 10 %
-    # at p50 / p90 / p99, peak KV blocks 6.3 %, preemptions 100 % (4 predicted vs 2, block
-    # 128, max_model_len 2048, utilization 0.1); median |error| 3.0 / 1.5 / 2.3 % at p50.
-    "h100_qwen3_0_6b": _measured(
+    # H100 run (2026-11-21 10:47-10:56 UTC, 46 points, engine at commit 8fafeb3: every mixed
+    # step eager; re-predicted with the profile committed beside it, in its profiles/):
+    # start / no-start and num_blocks exact everywhere; largest |error| TTFT 27 / 37 / 38,
+    # TPOT 9.4 / 9.8 / 12, E2E 11 / 8.6 / 10 % at p50 / p90 / p99, peak KV blocks 6.3 %,
+    # preemptions 100 % (4 predicted vs 2, block 128, max_model_len 2048, utilization 0.1);
+    # median |error| 3.0 / 1.5 / 2.3 % at p50.
+    "h100_qwen3_0_6b_eager": _measured(
         {"ttft_p50": 32, "ttft_p90": 44, "ttft_p99": 45, "tpot_p50": 12, "tpot_p90": 12,
          "tpot_p99": 14, "e2e_p50": 13, "e2e_p90": 11, "e2e_p99": 12,
-         "kv_blocks_used_peak": 8, "total_preemptions": 120}, H100_NOTE),
+         "kv_blocks_used_peak": 8, "total_preemptions": 120}, H100_EAGER_NOTE),
+    # The shipped engine (piecewise CUDA graphs up to 4096 tokens) and profile, measured on
+    # another H100 (2026-11-21 13:42-14:01 UTC, 44 points: block 128 / 32768 at 0.5 and 0.9
+    # were cut by the command's time limit): start / no-start and num_blocks exact
+    # everywhere; largest |error| TTFT 41 / 30 / 468, TPOT 36 / 17 / 18, E2E 24 / 20 / 19 %,
+    # peak KV blocks 14 %, preemptions 2100 % (22 vs 0); median 9.7 / 5.6 / 7.7 % at p50.
+    "h100_qwen3_0_6b": _measured(
+        {"ttft_p50": 50, "ttft_p90": 40, "ttft_p99": 520, "tpot_p50": 45, "tpot_p90": 22,
+         "tpot_p99": 22, "e2e_p50": 30, "e2e_p90": 25, "e2e_p99": 24,
+         "kv_blocks_used_peak": 18, "total_preemptions": 2500}, H100_NOTE),
     # Committed run's largest |error| (README, "How accurate is kvtwin"): TTFT 22 / 68 / 76,
     # TPOT 47 / 49 / 57, E2E 37 / 48 / 47 % at p50 / p90 / p99; peak KV blocks 33 %,
     # preemptions 12.5 % (8 vs 9 and 7 vs 8).
@@ -119,6 +140,13 @@ class ValidationSet:
     @property
     def points(self) -> list[dict[str, Any]]:
         return list(self.index["points"])
+
+    @property
+    def profile_dir(self) -> Path | None:
+        """The set's own profiles (`profiles/` beside its index), for a set measured on an
+        older engine than the shipped profile describes; None: sim/profiles."""
+        own = self.path / "profiles"
+        return own if own.is_dir() else None
 
     def point(self, point_id: str) -> dict[str, Any]:
         for p in self.points:
@@ -149,9 +177,14 @@ def load_set(path: Path) -> ValidationSet:
 def repredict(vset: ValidationSet, point: dict[str, Any], profiles: Path | None = None,
               scale: float = 1.0) -> dict[str, Any]:
     """The twin's prediction for a committed point, from its config and trace alone, with
-    the profiles in `profiles` (default: sim/profiles, what CI gates); `scale` multiplies
-    every predicted step time (a calibrated predictor's)."""
+    the profiles in `profiles` (default: the set's own, else sim/profiles); `scale`
+    multiplies every predicted step time (a calibrated predictor's)."""
+    profiles = profiles or vset.profile_dir
     return _repredict(str(vset.path), point["id"], str(profiles) if profiles else None, scale)
+
+
+# Points recorded before the engine had piecewise CUDA graphs ran every mixed step eagerly.
+PRE_PIECEWISE = {"max_cudagraph_tokens": 0}
 
 
 @cache
@@ -163,7 +196,7 @@ def _repredict(path: str, point_id: str, profiles: str | None,
 
     vset = load_set(Path(path))
     point = vset.point(point_id)
-    config = EngineConfig.from_kwargs(**point["engine"])
+    config = EngineConfig.from_kwargs(**(PRE_PIECEWISE | point["engine"]))
     setup = setup_twin(point["model"], point["hardware"], config, point["predictor"],
                        profile_dir=Path(profiles) if profiles else PROFILE_DIR)
     if scale != 1.0:

@@ -12,6 +12,7 @@ the memory model or a profile fails here.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -41,6 +42,7 @@ SETS = find_sets()
 POINTS = [pytest.param(vset, point, id=f"{vset.name}-{point['id']}-{point['workload_label']}")
           for vset in SETS for point in vset.points]
 H100 = VALIDATION_DIR / "h100_qwen3_0_6b"
+H100_EAGER = VALIDATION_DIR / "h100_qwen3_0_6b_eager"
 
 
 def describe(point: dict) -> str:
@@ -71,15 +73,31 @@ def test_the_set_is_predicted_with_its_own_profile(vset) -> None:
                 f"{describe(point)}: measured with {backend}, predicted with {predicted['profile']}"
 
 
-def test_h100_validation_set() -> None:
-    if not (H100 / INDEX).is_file():
+@pytest.mark.parametrize(("path", "configs"), [(H100_EAGER, 36), (H100, 34)])
+def test_h100_validation_set(path: Path, configs: int) -> None:
+    """The eager-engine set has the whole grid; the shipped engine's lost block 128 /
+    32768 at 0.5 and 0.9 to its command's time limit."""
+    if not (path / INDEX).is_file():
         pytest.skip("no H100 validation data committed yet: run the GPU sweep, then "
                     "python -m reports.collect_validation tests/data/validation/h100_qwen3_0_6b "
                     "<sweep folders> (see README, 'How accurate is kvtwin')")
-    vset = next(s for s in SETS if s.path == H100)
+    vset = next(s for s in SETS if s.path == path)
     grid = {(p["engine"]["block_size"], p["engine"]["max_model_len"],
              p["engine"]["gpu_memory_utilization"]) for p in vset.points}
-    assert len(grid) >= 36, f"{len(grid)} of the 36 engine configurations are committed"
+    assert len(grid) >= configs, f"{len(grid)} of the 36 engine configurations are committed"
+
+
+def test_an_older_engines_set_keeps_its_own_profile() -> None:
+    """The eager set predates piecewise graphs: it is re-predicted with the profile of its
+    own engine (its profiles/), every mixed step eager; the shipped set with sim/profiles."""
+    eager, shipped = load_set(H100_EAGER), load_set(H100)
+    assert eager.profile_dir == H100_EAGER / "profiles" and shipped.profile_dir is None
+    point = eager.points[-1]
+    assert "max_cudagraph_tokens" not in point["engine"]
+    own = repredict(eager, point)
+    assert own["num_blocks"] == point["real"]["num_blocks"]
+    other = repredict(eager, point, ROOT / "sim" / "profiles")
+    assert other["num_blocks"] != point["real"]["num_blocks"]
 
 
 def test_every_gate_table_is_complete() -> None:
@@ -182,6 +200,15 @@ def test_one_machine_measured_the_points_twice_alike_in_memory() -> None:
     started = frame[frame["starts"]]
     assert started["err_ttft_p50"].notna().all() and started["err_e2e_p99"].notna().all()
     assert (started["err_tpot_p50"].abs() > 0).any()  # two real runs, not one run twice
+
+
+def test_the_shipped_engine_measured_the_load_points_twice_alike_in_memory() -> None:
+    """The load points of the shipped set replayed again right after, on the same H100."""
+    again = load_set(ROOT / "results" / "validation" / "h100_qwen3_0_6b" / "piecewise_loads_run2")
+    frame = repeat_frame(load_set(H100), again)
+    assert len(frame) == len(again.points) == 10
+    assert (frame["err_starts"] == 0).all() and (frame["err_num_blocks"].fillna(0) == 0).all()
+    assert (frame["err_ttft_p50"].abs() > 0).all()
 
 
 def test_a_set_is_repredicted_with_its_own_machines_profiles() -> None:
