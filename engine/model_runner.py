@@ -278,11 +278,9 @@ class ModelRunner:
         limit = self.config.cudagraph_token_limit
         if not limit:
             return
-        all_counts = token_buckets(limit)
-        self.piecewise = PiecewiseGraphs(self.model, all_counts, self.dtype, self.device,
-                                         pool=self.graphs.pool if self.graphs else None)
-        self.piecewise.buckets = sorted(token_counts or all_counts)
-        self.piecewise.capture()
+        self.piecewise = PiecewiseGraphs(self.model, token_buckets(limit), self.dtype,
+                                         self.device, self.graphs.pool if self.graphs else None)
+        self.piecewise.capture(token_counts)
 
     def release_cuda_graphs(self) -> None:
         self.graphs = None
@@ -330,7 +328,7 @@ class ModelRunner:
             if fill is not None:
                 fill(self.graphs.input_ids)
             hidden = self.graphs.replay(bucket, step.host.num_tokens)
-        elif self._piecewise_rows(step) is not None:
+        elif self._runs_piecewise(step):
             hidden = self.piecewise.run(step.context, step.input_ids, step.positions, fill)
         else:
             if fill is not None:
@@ -340,12 +338,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[step.sample_rows])
         return logits[:len(step.sample_seqs)]  # the rest: padding rows
 
-    def _piecewise_rows(self, step: StepInput) -> int | None:
-        """The step's row count when it is a piecewise bucket's."""
-        if self.piecewise is None or step.input_ids is None:
-            return None
-        rows = step.input_ids.shape[0]
-        return rows if rows in self.piecewise.buckets else None
+    def _runs_piecewise(self, step: StepInput) -> bool:
+        """Whether the step's rows are a piecewise bucket's (eager_rows padded it to one)."""
+        return (self.piecewise is not None and step.input_ids is not None
+                and step.input_ids.shape[0] in self.piecewise.buckets)
 
     def _graph_bucket(self, host: HostBatch) -> int | None:
         if self.graphs is None or not host.is_decode_only:

@@ -82,10 +82,11 @@ class PiecewiseGraphs:
         """What the pieces read from the context: where the fused kernel stores K/V."""
         return ForwardContext(slot_mapping=self.slot_mapping[:n], all_slots_valid=False)
 
-    def capture(self) -> None:
-        """Every bucket's pieces, largest bucket first (the smaller reuse its pool blocks);
-        each piece runs once eagerly first (Triton compiles outside the capture)."""
-        for n in sorted(self.buckets, reverse=True):
+    def capture(self, counts: list[int] | None = None) -> None:
+        """Every bucket's pieces (or only `counts`'), largest bucket first (the smaller reuse
+        its pool blocks); each piece runs once eagerly first (Triton compiles outside the
+        capture). A bucket left out runs its pieces eagerly."""
+        for n in sorted(counts or self.buckets, reverse=True):
             graphs = []
             with forward_context(self._capture_context(n)):
                 for i in range(self.num_pieces):
