@@ -118,3 +118,11 @@ def estimate_activation_bytes(model: ModelConfig, num_tokens: int, num_seqs: int
     per_token = 2 * model.hidden_size + q + 2 * kv + 3 * model.intermediate_size
     sampler = SAMPLER_COPIES * num_seqs * model.vocab_size * 4
     return num_tokens * per_token * DTYPE_BYTES[dtype] + sampler
+
+
+def piecewise_buffer_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
+    """The piecewise graphs' static buffers for `tokens` rows (engine.piecewise_graphs):
+    input ids, positions and slots (int64); q, attention output, k, v, residual, hidden."""
+    q = model.num_attention_heads * model.head_dim
+    kv = model.num_key_value_heads * model.head_dim
+    return tokens * (3 * 8 + (2 * q + 2 * kv + 2 * model.hidden_size) * DTYPE_BYTES[dtype])

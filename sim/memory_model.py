@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import DTYPE_BYTES, EngineConfig, GiB, ModelConfig, graph_buckets
+from engine.config import EngineConfig, GiB, ModelConfig, graph_buckets
 from engine.memory import (
     MemoryTerms,
     StartupError,
@@ -20,6 +20,7 @@ from engine.memory import (
     check_startup,
     estimate_activation_bytes,
     num_blocks_from_terms,
+    piecewise_buffer_bytes,
 )
 from sim.catalog import Hardware
 from sim.profile import Profile
@@ -61,14 +62,6 @@ def estimate_cuda_graph_bytes(model: ModelConfig, config: EngineConfig) -> int:
     tokens = config.cudagraph_token_limit
     pool = estimate_activation_bytes(model, max(largest, tokens), 0, config.dtype)
     return pool + GRAPH_POOL_OVERHEAD_BYTES + piecewise_buffer_bytes(model, tokens, config.dtype)
-
-
-def piecewise_buffer_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
-    """The piecewise graphs' static buffers for `tokens` rows (engine.piecewise_graphs):
-    input ids, positions and slots (int64); q, attention output, k, v, residual, hidden."""
-    q = model.num_attention_heads * model.head_dim
-    kv = model.num_key_value_heads * model.head_dim
-    return tokens * (3 * 8 + (2 * q + 2 * kv + 2 * model.hidden_size) * DTYPE_BYTES[dtype])
 
 
 def piecewise_graph_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:

@@ -149,6 +149,19 @@ def test_piecewise_graphs_mixed_batch_matches_hf(hf_saved: tuple, block_size: in
         runner.piecewise.run(None, torch.zeros(100, dtype=torch.long), None)
 
 
+def test_piecewise_buffer_formula_is_what_the_graphs_allocate() -> None:
+    """engine.memory.piecewise_buffer_bytes (the sim's graph-memory formula at another
+    token limit) counts exactly the static buffers PiecewiseGraphs holds."""
+    from engine.memory import piecewise_buffer_bytes
+    from engine.piecewise_graphs import PiecewiseGraphs
+
+    runner = runner_tests.make_runner(None, 16, dtype="bfloat16")
+    graphs = PiecewiseGraphs(runner.model, [64, 256], torch.bfloat16, runner.device)
+    held = [v for v in vars(graphs).values() if isinstance(v, torch.Tensor)]
+    assert sum(t.numel() * t.element_size() for t in held) == piecewise_buffer_bytes(
+        runner.model_config, 256, "bfloat16")
+
+
 def test_the_sim_pads_mixed_steps_as_the_runner_does(torch_backend: str) -> None:
     """The rows the runner gives a step (a piecewise bucket up to the limit, else a multiple
     of 64) are the rows the sim's `padded_tokens` terms count."""
