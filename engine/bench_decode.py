@@ -25,15 +25,15 @@ from engine.sequence import SamplingParams, Sequence
 from sim.catalog import load_model
 
 
-class _Item:
-    """A scheduled decode: the fields ModelRunner reads from a scheduler output's entries."""
+class Item:
+    """A scheduled sequence: the fields ModelRunner reads from a scheduler output's entries."""
 
-    def __init__(self, seq: Sequence):
-        self.seq, self.num_new_tokens = seq, 1
+    def __init__(self, seq: Sequence, num_new_tokens: int = 1):
+        self.seq, self.num_new_tokens = seq, num_new_tokens
 
 
-class _Plan:
-    def __init__(self, items: list[_Item]):
+class Plan:
+    def __init__(self, items: list[Item]):
         self.scheduled = items
 
 
@@ -57,7 +57,7 @@ def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     return 2 * num_bytes / seconds
 
 
-def decode_plan(batch: int, context: int, block_size: int, temperature: float) -> _Plan:
+def decode_plan(batch: int, context: int, block_size: int, temperature: float) -> Plan:
     """`batch` sequences of `context` tokens whose last token is the step's new one."""
     params = SamplingParams(temperature=temperature, max_tokens=1 << 20, ignore_eos=True)
     blocks = -(-context // block_size)
@@ -66,8 +66,8 @@ def decode_plan(batch: int, context: int, block_size: int, temperature: float) -
         seq = Sequence(list(range(1, context + 1)), params)
         seq.block_table = list(range(i * blocks, (i + 1) * blocks))
         seq.num_computed_tokens = context - 1
-        items.append(_Item(seq))
-    return _Plan(items)
+        items.append(Item(seq))
+    return Plan(items)
 
 
 def measure(llm: LLM, batch: int, context: int, bandwidth: float,

@@ -561,8 +561,8 @@ def measure_memory(engine: LLMEngine, token_counts: list[int]) -> dict[str, Any]
 
 
 def cudagraph_tokens(engine: LLMEngine) -> int:
-    """The largest mixed step the piecewise graphs serve (0: none)."""
-    return max(getattr(engine.model_runner, "piecewise_buckets", None) or [0])
+    """The largest mixed step the mixed-step graphs serve (0: none)."""
+    return max(getattr(engine.model_runner, "mixed_graph_buckets", None) or [0])
 
 
 def graph_info(engine: LLMEngine) -> tuple[bool, list[int] | None, str]:
@@ -741,7 +741,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no CUDA graphs (default: the engine's default, graphs on a GPU)")
     p.add_argument("--max-cudagraph-tokens", type=int,
                    default=EngineConfig.max_cudagraph_tokens,
-                   help="largest mixed step that replays piecewise CUDA graphs (0: none)")
+                   help="largest mixed step that replays a CUDA graph (0: none)")
     p.add_argument("--repeats", type=int, default=CalibrationGrid.repeats,
                    help="back-to-back executions per pass")
     p.add_argument("--passes", type=int, default=CalibrationGrid.passes)

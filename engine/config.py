@@ -153,13 +153,13 @@ class DecodeSplit:
         return max(-(-per_split // self.block_n) * self.block_n, self.min_share)
 
 
-# Token counts of piecewise-graph buckets: every 64 up to 512, then every 128, 256, 512, ...,
+# Token counts of the mixed-step graphs' buckets: every 64 up to 512, then every 128, 256, 512, ...,
 # doubling the step as the count doubles, so a step past 512 tokens pads at most a quarter.
 TOKEN_BUCKET_START = 64
 
 
 def token_buckets(limit: int) -> list[int]:
-    """Padded token counts of the mixed / prefill steps that replay piecewise CUDA graphs,
+    """Padded token counts of the mixed / prefill steps that replay CUDA graphs,
     up to `limit` (which is always the last one)."""
     buckets: list[int] = []
     step, n = TOKEN_BUCKET_START, TOKEN_BUCKET_START
@@ -196,8 +196,8 @@ class EngineConfig:
     dtype: str = "bfloat16"
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    # Mixed and prefill steps of up to this many tokens replay piecewise CUDA graphs
-    # (attention eager between them; engine/piecewise_graphs.py); 0: they run eagerly.
+    # Mixed and prefill steps of up to this many tokens replay one CUDA graph each, attention
+    # included (engine/mixed_graphs.py); 0: they run eagerly.
     # 512 like vLLM's largest capture size: the graphs' memory grows with it.
     max_cudagraph_tokens: int = 512
     # LLM.generate schedules step N+1 while the device runs step N (engine/lookahead.py).
@@ -249,7 +249,7 @@ class EngineConfig:
 
     @property
     def cudagraph_token_limit(self) -> int:
-        """The largest mixed step a piecewise graph serves (0: none), whatever the device."""
+        """The largest mixed step a CUDA graph serves (0: none), whatever the device."""
         if self.enforce_eager:
             return 0
         return min(self.max_cudagraph_tokens, self.max_num_batched_tokens)

@@ -17,7 +17,7 @@ from engine.config import graph_buckets
 from engine.layers.context import ForwardContext, PagedMetadata, forward_context
 from engine.step_input import HostBatch
 
-__all__ = ["DecodeGraphs", "graph_buckets"]
+__all__ = ["DecodeGraphs", "graph_buckets", "load_buffer"]
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -67,12 +67,12 @@ class DecodeGraphs:
         """Copy a decode-only batch of n <= bucket sequences into the static buffers."""
         n = batch.num_tokens
         width = batch.block_tables.shape[1]
-        _load(self.input_ids[:n], batch.input_ids)
-        _load(self.positions[:n], batch.positions)
-        _load(self.slot_mapping[:n], batch.slot_mapping)
-        _load(self.seq_lens[:n], np.asarray(batch.seq_lens, dtype=np.int32))
-        _load(self.block_tables[:n, :width], batch.block_tables)
-        _load(self.decode_order[:bucket], batch.decode_order(bucket))
+        load_buffer(self.input_ids[:n], batch.input_ids)
+        load_buffer(self.positions[:n], batch.positions)
+        load_buffer(self.slot_mapping[:n], batch.slot_mapping)
+        load_buffer(self.seq_lens[:n], np.asarray(batch.seq_lens, dtype=np.int32))
+        load_buffer(self.block_tables[:n, :width], batch.block_tables)
+        load_buffer(self.decode_order[:bucket], batch.decode_order(bucket))
         self.slot_mapping[n:bucket].fill_(-1)
         self.seq_lens[n:bucket].zero_()
 
@@ -87,5 +87,9 @@ class DecodeGraphs:
         return self.replay(bucket, batch.num_tokens)
 
 
-def _load(buffer: torch.Tensor, host: np.ndarray) -> None:
-    buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+def load_buffer(buffer: torch.Tensor, host: np.ndarray) -> None:
+    """Copy a host array into a device buffer without waiting (through pinned memory)."""
+    source = torch.from_numpy(host)
+    if buffer.device.type == "cuda":
+        source = source.pin_memory()
+    buffer.copy_(source, non_blocking=True)

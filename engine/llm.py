@@ -101,7 +101,7 @@ class LLMEngine:
 
     def _probe_graph_memory(self) -> int:
         """The graph pool's size, from capturing the largest decode graph and the largest
-        piecewise bucket over a one-block cache: graphs must be captured over the real
+        mixed-step bucket over a one-block cache: graphs must be captured over the real
         cache, which they are sized for."""
         runner = self.model_runner
         if not runner.uses_cuda_graphs:
@@ -130,7 +130,7 @@ class LLMEngine:
             num_blocks=self.num_blocks, kv_cache_tokens=self.num_blocks * cfg.block_size,
             num_blocks_override=cfg.num_gpu_blocks_override,
             cuda_graphs=self.model_runner.cuda_graphs_enabled,
-            piecewise_buckets=self.model_runner.piecewise_buckets,
+            mixed_graph_buckets=self.model_runner.mixed_graph_buckets,
             cuda_graph_bytes_captured=self.cuda_graph_bytes_captured,
             attention_backend=self.model_runner.attention_backend,
             max_concurrency=max_concurrency(self.num_blocks, cfg.block_size, cfg.max_model_len))

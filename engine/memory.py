@@ -120,9 +120,11 @@ def estimate_activation_bytes(model: ModelConfig, num_tokens: int, num_seqs: int
     return num_tokens * per_token * DTYPE_BYTES[dtype] + sampler
 
 
-def piecewise_buffer_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
-    """The piecewise graphs' static buffers for `tokens` rows (engine.piecewise_graphs):
-    input ids, positions and slots (int64); q, attention output, k, v, residual, hidden."""
-    q = model.num_attention_heads * model.head_dim
-    kv = model.num_key_value_heads * model.head_dim
-    return tokens * (3 * 8 + (2 * q + 2 * kv + 2 * model.hidden_size) * DTYPE_BYTES[dtype])
+def mixed_buffer_bytes(model: ModelConfig, tokens: int, dtype: str, max_num_seqs: int,
+                       max_blocks_per_seq: int) -> int:
+    """The mixed-step graphs' static buffers for `tokens` rows (engine.mixed_graphs): input
+    ids, positions and slots (int64) and the hidden states per row; query starts, KV lengths
+    and block tables (int32) per sequence slot (max_num_seqs + the padding sequence)."""
+    slots = max_num_seqs + 1
+    per_token = 3 * 8 + model.hidden_size * DTYPE_BYTES[dtype]
+    return tokens * per_token + 4 * ((slots + 1) + slots + slots * max_blocks_per_seq)

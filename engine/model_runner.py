@@ -24,7 +24,8 @@ from engine.layers.varlen_attention import (
     flash_attn_available,
 )
 from engine.loader import build_model, load_model, to_torch_dtype
-from engine.piecewise_graphs import PiecewiseGraphs
+from engine.memory import blocks_per_request
+from engine.mixed_graphs import MixedGraphs
 from engine.sequence import SamplingParams, Sequence
 from engine.step_input import (
     SAMPLE_MULTIPLE,
@@ -136,7 +137,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.block_tables = BlockTables(self.block_size)
         self.graphs: DecodeGraphs | None = None
-        self.piecewise: PiecewiseGraphs | None = None
+        self.mixed: MixedGraphs | None = None
         self._seeded: dict[int, tuple[Sequence, torch.Generator]] = {}
 
     def _generator(self, seed: int) -> torch.Generator:
@@ -153,9 +154,9 @@ class ModelRunner:
         return self.graphs is not None and bool(self.graphs.graphs)
 
     @property
-    def piecewise_buckets(self) -> list[int]:
-        """Token counts whose mixed steps replay piecewise graphs (empty: none)."""
-        return sorted(self.piecewise.graphs) if self.piecewise is not None else []
+    def mixed_graph_buckets(self) -> list[int]:
+        """Token counts whose mixed steps replay CUDA graphs (empty: none)."""
+        return sorted(self.mixed.graphs) if self.mixed is not None else []
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -185,10 +186,10 @@ class ModelRunner:
         return self.attention_backend != "sdpa"
 
     def eager_rows(self, num_tokens: int) -> int:
-        """Rows a non-graph-decode step runs: its piecewise bucket, else padded for cuBLAS."""
+        """Rows a non-graph-decode step runs: its mixed-graph bucket, else padded for cuBLAS."""
         if not self.pads_rows:
             return num_tokens
-        bucket = self.piecewise.bucket(num_tokens) if self.piecewise is not None else None
+        bucket = self.mixed.bucket(num_tokens) if self.mixed is not None else None
         if bucket is not None:
             return bucket
         return padded_len(num_tokens, TOKEN_MULTIPLE, self.config.max_num_batched_tokens)
@@ -258,7 +259,7 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_cuda_graphs(self, buckets: list[int] | None = None,
                             token_counts: list[int] | None = None) -> int:
-        """Capture the decode graphs, then the piecewise graphs of mixed steps in the same
+        """Capture the decode graphs, then the graphs of mixed steps in the same
         pool (after allocate_kv_cache); returns the device memory they took (the pool and
         the static buffers). `buckets` / `token_counts`: capture only these."""
         if not self.uses_cuda_graphs:
@@ -266,25 +267,29 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # capture empties the cache too: do it before measuring
         free_before = torch.cuda.mem_get_info(self.device)[0]
-        max_blocks = -(-self.config.max_model_len // self.block_size)
+        max_blocks = blocks_per_request(self.config.max_model_len, self.block_size)
         self.graphs = DecodeGraphs(self.model, graph_buckets(self.config.max_num_seqs),
                                    max_blocks, self.model_config.hidden_size, self.dtype,
                                    self.device)
         self.graphs.capture(buckets)
-        self._capture_piecewise(token_counts)
+        self.mixed = self.new_mixed_graphs(self.graphs.pool)
+        if self.mixed is not None:
+            self.mixed.capture(token_counts)
         return max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
 
-    def _capture_piecewise(self, token_counts: list[int] | None) -> None:
+    def new_mixed_graphs(self, pool: tuple[int, int] | None = None) -> MixedGraphs | None:
+        """Static buffers for mixed steps up to the token limit (None: no limit)."""
         limit = self.config.cudagraph_token_limit
         if not limit:
-            return
-        self.piecewise = PiecewiseGraphs(self.model, token_buckets(limit), self.dtype,
-                                         self.device, self.graphs.pool if self.graphs else None)
-        self.piecewise.capture(token_counts)
+            return None
+        max_blocks = blocks_per_request(self.config.max_model_len, self.block_size)
+        return MixedGraphs(self.model, token_buckets(limit), self.config.max_num_seqs,
+                           max_blocks, self.model_config.hidden_size, self.dtype, self.device,
+                           pool)
 
     def release_cuda_graphs(self) -> None:
         self.graphs = None
-        self.piecewise = None
+        self.mixed = None
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
 
@@ -300,8 +305,15 @@ class ModelRunner:
 
     def build_host(self, scheduled: list[ScheduledLike]) -> HostBatch:
         """The step's flattened batch on the host (numpy; no device work)."""
-        return build_host_batch(scheduled, self.block_tables,
-                                gather_prefix=self.attention_backend != "sdpa")
+        gather = self.attention_backend != "sdpa" and not self._mixed_covers(scheduled)
+        return build_host_batch(scheduled, self.block_tables, gather_prefix=gather)
+
+    def _mixed_covers(self, scheduled: list[ScheduledLike]) -> bool:
+        """Whether the step will replay a mixed graph (which reads keys from the cache)."""
+        if self.mixed is None:
+            return False
+        lens = [item.num_new_tokens for item in scheduled]
+        return self.mixed.serves(sum(lens), len(lens), all(n == 1 for n in lens))
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledLike], host: HostBatch,
@@ -328,8 +340,8 @@ class ModelRunner:
             if fill is not None:
                 fill(self.graphs.input_ids)
             hidden = self.graphs.replay(bucket, step.host.num_tokens)
-        elif self._runs_piecewise(step):
-            hidden = self.piecewise.run(step.context, step.input_ids, step.positions, fill)
+        elif self._runs_mixed(step.host):
+            hidden = self.mixed.run(step.host, fill)
         else:
             if fill is not None:
                 fill(step.input_ids)
@@ -338,10 +350,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[step.sample_rows])
         return logits[:len(step.sample_seqs)]  # the rest: padding rows
 
-    def _runs_piecewise(self, step: StepInput) -> bool:
-        """Whether the step's rows are a piecewise bucket's (eager_rows padded it to one)."""
-        return (self.piecewise is not None and step.input_ids is not None
-                and step.input_ids.shape[0] in self.piecewise.buckets)
+    def _runs_mixed(self, host: HostBatch) -> bool:
+        return self.mixed is not None and self.mixed.covers(host)
 
     def _graph_bucket(self, host: HostBatch) -> int | None:
         if self.graphs is None or not host.is_decode_only:
@@ -356,7 +366,7 @@ class ModelRunner:
         graph's own buffers take the inputs)."""
         rows = np.asarray(host.sample_rows, dtype=np.int64)
         sample_rows = self._to_device(pad_tail(rows, self.sample_rows_padded(len(rows)), 0))
-        if self._graph_bucket(host) is not None:
+        if self._graph_bucket(host) is not None or self._runs_mixed(host):
             return StepInput(None, None, ForwardContext(), host.sample_seqs, sample_rows, host)
         to_dev = self._to_device
         num_rows = self.eager_rows(host.num_tokens)  # rows past num_tokens: padding

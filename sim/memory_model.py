@@ -16,11 +16,12 @@ from engine.config import EngineConfig, GiB, ModelConfig, graph_buckets
 from engine.memory import (
     MemoryTerms,
     StartupError,
+    blocks_per_request,
     bytes_per_block,
     check_startup,
     estimate_activation_bytes,
+    mixed_buffer_bytes,
     num_blocks_from_terms,
-    piecewise_buffer_bytes,
 )
 from sim.catalog import Hardware
 from sim.profile import Profile
@@ -53,21 +54,28 @@ GRAPH_POOL_OVERHEAD_BYTES = 128 << 20
 
 def estimate_cuda_graph_bytes(model: ModelConfig, config: EngineConfig) -> int:
     """Graphs share one pool sized by the largest captured step's activations (the
-    largest decode batch's, or the largest piecewise bucket's: the forward pass only, as
-    sampling runs outside the graphs), plus a measured overhead and the piecewise graphs'
+    largest decode batch's, or the largest mixed-step bucket's: the forward pass only, as
+    sampling runs outside the graphs), plus a measured overhead and the mixed-step graphs'
     static buffers."""
     if config.enforce_eager:
         return 0
     largest = graph_buckets(config.max_num_seqs)[-1]
     tokens = config.cudagraph_token_limit
     pool = estimate_activation_bytes(model, max(largest, tokens), 0, config.dtype)
-    return pool + GRAPH_POOL_OVERHEAD_BYTES + piecewise_buffer_bytes(model, tokens, config.dtype)
+    return pool + GRAPH_POOL_OVERHEAD_BYTES + _mixed_buffers(model, config, tokens)
 
 
-def piecewise_graph_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
-    """What piecewise graphs of up to `tokens` rows add to the graph memory (formula)."""
-    return (estimate_activation_bytes(model, tokens, 0, dtype)
-            + piecewise_buffer_bytes(model, tokens, dtype))
+def mixed_graph_bytes(model: ModelConfig, config: EngineConfig, tokens: int) -> int:
+    """What mixed-step graphs of up to `tokens` rows add to the graph memory (formula)."""
+    return (estimate_activation_bytes(model, tokens, 0, config.dtype)
+            + _mixed_buffers(model, config, tokens))
+
+
+def _mixed_buffers(model: ModelConfig, config: EngineConfig, tokens: int) -> int:
+    if not tokens:
+        return 0
+    return mixed_buffer_bytes(model, tokens, config.dtype, config.max_num_seqs,
+                              blocks_per_request(config.max_model_len, config.block_size))
 
 
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
@@ -125,9 +133,9 @@ def _terms_from_profile(model: ModelConfig, hardware: Hardware, config: EngineCo
 
 def _graph_bytes_from_profile(model: ModelConfig, config: EngineConfig,
                               profile: Profile) -> tuple[int, str]:
-    """The profile's measured graph memory; where this configuration's piecewise graphs
+    """The profile's measured graph memory; where this configuration's mixed-step graphs
     reach another token count than the calibration's (memory "cuda_graph_tokens"), the
-    difference by formula. Profiles without that key predate piecewise graphs."""
+    difference by formula. Profiles without that key predate graphs of mixed steps."""
     if config.enforce_eager:
         return 0, "enforce_eager"
     measured, src = int(profile.memory.get("cuda_graph_bytes", 0)), f"profile {profile.name}"
@@ -135,6 +143,6 @@ def _graph_bytes_from_profile(model: ModelConfig, config: EngineConfig,
     tokens = config.cudagraph_token_limit
     if calibrated is None or tokens == calibrated:
         return measured, src
-    delta = (piecewise_graph_bytes(model, tokens, config.dtype)
-             - piecewise_graph_bytes(model, int(calibrated), config.dtype))
-    return measured + delta, f"{src}, piecewise graphs of {tokens} tokens by formula"
+    delta = mixed_graph_bytes(model, config, tokens) - mixed_graph_bytes(model, config,
+                                                                          int(calibrated))
+    return measured + delta, f"{src}, mixed-step graphs of {tokens} tokens by formula"

@@ -179,7 +179,7 @@ class Profile:
 
     @property
     def cudagraph_token_limit(self) -> int:
-        """The largest mixed step the engine served with piecewise CUDA graphs when it was
+        """The largest mixed step the engine served with CUDA graphs when it was
         calibrated (meta "cudagraph_token_limit"; 0 where absent: older engines had none)."""
         limit = self.meta.get("cudagraph_token_limit", 0)
         if not isinstance(limit, int) or limit < 0:

@@ -116,7 +116,7 @@ def mixed_terms(max_tokens: int, max_ctx: int = 0, extra: bool = False,
     hinge in the keys per chunk, where measured past GATHER_KNOT); with `split`, whether
     the step's decodes are split (an eager step then launches a combine kernel and two
     buffers per layer: host time, as these steps are host-bound). With `token_limit` (the
-    engine's piecewise CUDA graphs served steps up to it), tokens are the rows the step ran
+    engine's CUDA graphs served mixed steps up to it), tokens are the rows the step ran
     (its bucket) and `eager(limit)` is 1 for the larger steps, which launch every kernel
     from Python."""
     knots = [k for k in (64, 256, 1024, 4096) if k < max_tokens]
@@ -130,7 +130,7 @@ def mixed_terms(max_tokens: int, max_ctx: int = 0, extra: bool = False,
 
 
 def padded_tokens(num_tokens: np.ndarray, limit: int) -> np.ndarray:
-    """Rows a mixed step runs: its piecewise bucket up to `limit`, else padded to
+    """Rows a mixed step runs: its graph bucket up to `limit`, else padded to
     TOKEN_MULTIPLE (engine.model_runner.ModelRunner.eager_rows)."""
     n = np.asarray(num_tokens, dtype=np.int64)
     edges = np.asarray(token_buckets(limit) or [0], dtype=np.int64)
@@ -290,14 +290,14 @@ class CalibratedStepTime:
 
     @property
     def token_limit(self) -> int | None:
-        """The piecewise-graph token limit its mixed terms read (None: no such terms)."""
+        """The mixed-step graphs' token limit its mixed terms read (None: no such terms)."""
         for term in self.mixed_terms:
             if term.startswith(("padded_tokens(", "eager(")):
                 return _term_args(term.split(">")[0])[0]
         return None
 
     def with_token_limit(self, limit: int) -> CalibratedStepTime:
-        """The same fit for an engine whose piecewise graphs reach `limit` tokens, not the
+        """The same fit for an engine whose mixed-step graphs reach `limit` tokens, not the
         calibration's: its `padded_tokens(...)` and `eager(...)` terms read the new limit."""
         def renamed(term: str) -> str:
             name, sep, knot = term.partition(">")

@@ -83,7 +83,7 @@ def resolve_entries(model: Entry, hardware: Entry, keys: tuple[str | None, str |
 
 
 def profile_step_time(profile: Profile, config: EngineConfig) -> StepTimeModel:
-    """The profile's fit, its piecewise-graph terms at this configuration's token limit."""
+    """The profile's fit, its mixed-step graph terms at this configuration's token limit."""
     model = profile.step_time()
     if model.token_limit is None:
         return model

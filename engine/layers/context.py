@@ -41,6 +41,9 @@ class PagedMetadata:
     prefill_max_q: int = 0
     prefill_max_k: int = 0
     prefill_kv_slots: torch.Tensor | None = None    # [sum of key lengths] int64
+    # The whole step (every row of every sequence) through the mixed attention kernel,
+    # from the context's query_start_loc, seq_lens and block_tables (engine/mixed_graphs.py).
+    whole_step: bool = False
 
 
 @dataclass

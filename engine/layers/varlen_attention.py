@@ -7,7 +7,9 @@
 
 Both write the step's K/V into the paged cache with the Triton slot-mapping kernel first.
 Prefill chunks with computed tokens before them (chunked prefill, prefix hits) attend to keys
-gathered from the cache by slot, so every chunk sees its whole prefix.
+gathered from the cache by slot, so every chunk sees its whole prefix. A step replayed from a
+CUDA graph (``PagedMetadata.whole_step``) runs the mixed attention kernel over every row
+instead, on either backend: its launch does not depend on the sequence lengths.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] of one step -> [T, H, D] (into `out` if given); K/V go
     to the cache first unless `kv_stored`."""
+    from engine.layers.mixed_attention import mixed_attention
     from engine.layers.triton_kernels import store_kv_triton
 
     meta = ctx.paged
@@ -57,6 +60,9 @@ def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if cached and not kv_stored:
         store_kv_triton(k, v, k_cache, v_cache, ctx.slot_mapping)
     out = torch.empty_like(q) if out is None else out
+    if meta.whole_step:
+        return mixed_attention(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
+                               ctx.query_start_loc, scale, out)
     nd = meta.num_decodes
     # Rows past the context's tokens pad an eager step (ModelRunner.eager_rows): zeros.
     end = ctx.query_start_loc_cpu[-1] if ctx.query_start_loc_cpu else q.shape[0]

@@ -94,22 +94,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v, stored, residual = self.before_attention(positions, hidden, residual)
-        return self.after_attention(self.self_attn.attn(q, k, v, kv_stored=stored), residual)
-
-    def before_attention(self, positions: torch.Tensor, hidden: torch.Tensor,
-                         residual: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """(q, k, v, kv_stored, residual): everything up to attention (the piecewise CUDA
-        graphs capture it, and `after_attention`, around an eager attention call)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.forward_with_residual(hidden, residual)
-        return (*self.self_attn.project(positions, hidden), residual)
-
-    def after_attention(self, attn_out: torch.Tensor,
-                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.self_attn.o_proj(attn_out)
+        hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm.forward_with_residual(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -128,9 +117,6 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        return self.final_norm(hidden, residual)
-
-    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if residual is None:
             return self.norm(hidden)
         return self.norm.forward_with_residual(hidden, residual)[0]

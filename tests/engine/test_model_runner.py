@@ -124,16 +124,16 @@ def test_bfloat16_mixed_batch_on_cuda_is_close_to_hf(hf_saved: tuple) -> None:
 
 
 def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "float32",
-                    atol: float = ATOL, piecewise: bool = False,
+                    atol: float = ATOL, mixed_graphs: bool = False,
                     **engine_args: object) -> ModelRunner:
     """Step 1: A's first chunk (ends mid-block) + C's whole prefill.
     Step 2: A's last chunk + B (prefix hit on A's computed blocks) + C's first decode.
-    Step 3: decodes of A, B and C. `piecewise`: mixed steps through the piecewise graphs
-    (captured on CUDA, their pieces run one by one elsewhere)."""
+    Step 3: decodes of A, B and C. `mixed_graphs`: mixed steps through the mixed-step
+    graphs (captured on CUDA, run eagerly through the same static buffers elsewhere)."""
     runner = make_runner(path, bs, num_blocks=3 * (2 * bs + 9) // bs + 16, device=device,
                          dtype=dtype, **engine_args)
-    if piecewise:
-        attach_piecewise(runner)
+    if mixed_graphs:
+        attach_mixed_graphs(runner)
     blocks = Blocks(runner.kv_cache.shape[2], bs)
     a = Sequence(tokens(2 * bs + 9, seed=1), GREEDY)
     c = Sequence(tokens(bs + 5, seed=3), GREEDY)
@@ -161,14 +161,10 @@ def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "
     return runner
 
 
-def attach_piecewise(runner: ModelRunner) -> None:
-    from engine.config import token_buckets
-    from engine.piecewise_graphs import PiecewiseGraphs
-
-    buckets = token_buckets(runner.config.cudagraph_token_limit)
-    runner.piecewise = PiecewiseGraphs(runner.model, buckets, runner.dtype, runner.device)
+def attach_mixed_graphs(runner: ModelRunner) -> None:
+    runner.mixed = runner.new_mixed_graphs()
     if runner.device.type == "cuda":
-        runner.piecewise.capture()
+        runner.mixed.capture()
 
 
 def check_padding(runner: ModelRunner, step: object) -> None:
@@ -176,6 +172,9 @@ def check_padding(runner: ModelRunner, step: object) -> None:
     with token 0, position 0 and slot -1 (nothing stored); none on sdpa."""
     from engine.step_input import TOKEN_MULTIPLE
 
+    if step.input_ids is None:  # a mixed-graph step: its buffers are checked with the graphs
+        assert runner.mixed is not None and runner.mixed.covers(step.host)
+        return
     n, rows = step.host.num_tokens, step.input_ids.shape[0]
     if not runner.pads_rows:
         assert rows == n

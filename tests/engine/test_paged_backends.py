@@ -137,39 +137,59 @@ def test_torch_backend_mixed_batch_matches_hf(hf_saved: tuple, block_size: int,
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
-def test_piecewise_graphs_mixed_batch_matches_hf(hf_saved: tuple, block_size: int,
-                                                 torch_backend: str) -> None:
-    """The same steps with the mixed ones through the piecewise graphs (on the CPU their
-    pieces run one by one through the same static buffers), rows padded to a bucket."""
-    runner = runner_tests.run_mixed_batch(*hf_saved, block_size, DEVICE, piecewise=True,
+def test_mixed_graphs_mixed_batch_matches_hf(hf_saved: tuple, block_size: int,
+                                             torch_backend: str) -> None:
+    """The same steps with the mixed ones through the mixed-step graphs, attention by the
+    mixed kernel straight from the cache (on the CPU the same static buffers run eagerly),
+    rows padded to a bucket; the decode-only step is not theirs."""
+    runner = runner_tests.run_mixed_batch(*hf_saved, block_size, DEVICE, mixed_graphs=True,
                                           attention_backend=torch_backend)
-    assert runner.piecewise.replays == 3  # the decode step too: no decode graphs here
+    assert runner.mixed.replays == 2
     assert runner.eager_rows(65) == 128 and runner.eager_rows(200) == 256
-    with pytest.raises(ValueError, match="bucket's row count, got 100"):
-        runner.piecewise.run(None, torch.zeros(100, dtype=torch.long), None)
+    mixed = runner.mixed  # the last mixed step: A's last chunk, B, C's decode (bs + 13 rows)
+    tokens = int(mixed.query_start_loc[3])
+    slots = runner.config.max_num_seqs + 1  # + the padding sequence
+    assert mixed.query_start_loc[3:slots].tolist() == [tokens] * (slots - 3)
+    assert mixed.query_start_loc[-1] == runner.eager_rows(tokens)
+    assert mixed.seq_lens[3:].tolist() == [0] * (slots - 3)
+    assert (mixed.slot_mapping[tokens:] == -1).all()
 
 
-def test_piecewise_buffer_formula_is_what_the_graphs_allocate() -> None:
-    """engine.memory.piecewise_buffer_bytes (the sim's graph-memory formula at another
-    token limit) counts exactly the static buffers PiecewiseGraphs holds."""
-    from engine.memory import piecewise_buffer_bytes
-    from engine.piecewise_graphs import PiecewiseGraphs
+def test_a_step_past_the_graphs_is_refused_by_them(torch_backend: str) -> None:
+    from engine.step_input import HostBatch
 
-    runner = runner_tests.make_runner(None, 16, dtype="bfloat16")
-    graphs = PiecewiseGraphs(runner.model, [64, 256], torch.bfloat16, runner.device)
+    runner = runner_tests.make_runner(None, 16, device=DEVICE, max_cudagraph_tokens=256,
+                                      attention_backend=torch_backend)
+    runner_tests.attach_mixed_graphs(runner)
+    rows = np.zeros(300, dtype=np.int64)
+    host = HostBatch([0, 1], 0, rows, rows, rows, [0, 100, 300], [100, 200],
+                     np.zeros((2, 13), dtype=np.int32), [0, 1], [99, 299], None)
+    assert not runner.mixed.covers(host)
+    with pytest.raises(ValueError, match="300 tokens and 2 sequences is not a mixed-graph"):
+        runner.mixed.run(host)
+
+
+def test_mixed_buffer_formula_is_what_the_graphs_allocate() -> None:
+    """engine.memory.mixed_buffer_bytes (the sim's graph-memory formula at another
+    token limit) counts exactly the static buffers MixedGraphs holds."""
+    from engine.memory import blocks_per_request, mixed_buffer_bytes
+
+    runner = runner_tests.make_runner(None, 16, dtype="bfloat16", max_cudagraph_tokens=256,
+                                      max_model_len=1000, max_num_seqs=12)
+    graphs = runner.new_mixed_graphs()
     held = [v for v in vars(graphs).values() if isinstance(v, torch.Tensor)]
-    assert sum(t.numel() * t.element_size() for t in held) == piecewise_buffer_bytes(
-        runner.model_config, 256, "bfloat16")
+    assert sum(t.numel() * t.element_size() for t in held) == mixed_buffer_bytes(
+        runner.model_config, 256, "bfloat16", 12, blocks_per_request(1000, 16))
 
 
 def test_the_sim_pads_mixed_steps_as_the_runner_does(torch_backend: str) -> None:
-    """The rows the runner gives a step (a piecewise bucket up to the limit, else a multiple
+    """The rows the runner gives a step (a graph bucket up to the limit, else a multiple
     of 64) are the rows the sim's `padded_tokens` terms count."""
     from sim.step_time import padded_tokens
 
     runner = runner_tests.make_runner(None, 16, device=DEVICE, max_num_batched_tokens=1024,
                                       max_cudagraph_tokens=256, attention_backend=torch_backend)
-    runner_tests.attach_piecewise(runner)
+    runner_tests.attach_mixed_graphs(runner)
     n = np.arange(1, 1025)
     assert [runner.eager_rows(int(k)) for k in n] == padded_tokens(n, 256).tolist()
 
@@ -185,9 +205,9 @@ def test_llm_on_the_torch_backend_generates_like_hf(tmp_path: object, torch_back
                                         device=DEVICE, attention_backend=torch_backend,
                                         enforce_eager=enforce_eager)
     assert llm.model_runner.cuda_graphs_enabled == (CUDA and not enforce_eager)
-    if llm.model_runner.cuda_graphs_enabled:  # decode graphs and piecewise mixed steps
+    if llm.model_runner.cuda_graphs_enabled:  # decode graphs and mixed-step graphs
         assert llm.model_runner.graphs.replays > 0
-        assert llm.model_runner.piecewise.replays > 0
+        assert llm.model_runner.mixed.replays > 0
 
 
 # -- host-side step layout ---------------------------------------------------------------------

@@ -80,7 +80,9 @@ def test_l4_mistral_motivating_case() -> None:
     assert ok.starts and ok.num_blocks * 16 >= 2048
     too_long = memory(0.7, 32768)
     assert too_long.error_type == "MaxModelLenTooLargeError"
-    assert f"estimated maximum model length is {ok.num_blocks * 16}" in too_long.error
+    assert f"estimated maximum model length is {too_long.num_blocks * 16}" in too_long.error
+    # the mixed-step graphs' block tables grow with max_model_len: 2 MB here, one block
+    assert 0 < ok.num_blocks - too_long.num_blocks <= 1
 
 
 def test_cannot_start_run_has_no_steps_and_a_verdict() -> None:

@@ -1,4 +1,4 @@
-"""The sim's side of the engine's piecewise CUDA graphs: the rows a mixed step runs, the
+"""The sim's side of the engine's CUDA graphs for mixed steps: the rows a mixed step runs, the
 step-time terms over them, and the graph memory at another token limit than the profile's."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from engine.config import ConfigError, EngineConfig, token_buckets
 from sim.catalog import load_hardware, load_model
 from sim.features import StepFeatures
-from sim.memory_model import piecewise_graph_bytes, predict_memory
+from sim.memory_model import mixed_graph_bytes, predict_memory
 from sim.profile import Profile, ProfileKey
 from sim.step_time import (
     CalibratedStepTime,
@@ -110,10 +110,10 @@ def test_graph_memory_at_another_token_limit_moves_by_the_formula() -> None:
 
     assert graph(EngineConfig(max_cudagraph_tokens=4096)) == (200 << 20, "profile h100_80gb__"
                                                               "qwen3_0_6b__bfloat16__torch")
-    smaller, source = graph(EngineConfig(max_cudagraph_tokens=512))
-    delta = piecewise_graph_bytes(model, 4096, "bfloat16") - piecewise_graph_bytes(
-        model, 512, "bfloat16")
+    config = EngineConfig(max_cudagraph_tokens=512)
+    smaller, source = graph(config)
+    delta = mixed_graph_bytes(model, config, 4096) - mixed_graph_bytes(model, config, 512)
     assert smaller == (200 << 20) - delta and "512 tokens by formula" in source
     assert graph(EngineConfig(enforce_eager=True)) == (0, "enforce_eager")
-    del memory["cuda_graph_tokens"]  # a profile from before piecewise graphs: as measured
+    del memory["cuda_graph_tokens"]  # a profile from before mixed-step graphs: as measured
     assert graph(EngineConfig(max_cudagraph_tokens=512))[0] == 200 << 20
