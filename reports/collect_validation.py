@@ -20,8 +20,10 @@ The set (a few MB at most) holds:
     traces/*.parquet  each distinct trace, rebuilt from the workload config and checked
                       against the requests the engine saw
 
-Points that failed (not a start-up error) are listed on stdout and left out. An existing set
-is replaced. The printed per-point wall times (start-up included) refine
+Points that failed (not a start-up error) are listed on stdout and left out. An existing set is
+replaced. A source may also be a set collected earlier (a folder with an index.json): its points
+join the new set, renumbered, with their records and traces (sweeps collected on the GPU machine,
+one command each, become one set here). The printed per-point wall times (start-up included) refine
 `python -m reports.validation_plan estimate --startup-s ...`.
 """
 
@@ -50,13 +52,16 @@ BLOCKS_PATTERNS = (re.compile(r"num_blocks=(-?\d+)"), re.compile(r"GiB, (-?\d+) 
 
 def collect(dest: Path, sweeps: list[Path]) -> dict[str, Any]:
     """Write the set into `dest` (replacing it); returns its index."""
-    runs = [(sweep, path) for sweep in sweeps for path in find_runs(sweep)]
-    if not runs:
+    sets = [s for s in sweeps if (s / INDEX).is_file()]
+    runs = [(sweep, path) for sweep in sweeps if sweep not in sets for path in find_runs(sweep)]
+    if not runs and not sets:
         raise FileNotFoundError(f"no run folders ({SUMMARY}) under {', '.join(map(str, sweeps))}")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "traces").mkdir(parents=True)
     points, requests, steps = [], [], []
+    for source in sets:
+        merge_set(source, tmp, points, requests, steps)
     for sweep, path in runs:
         run = read_run(path)
         if run.status not in ("ok", "cannot_start") or run.summary.get("mode") != "both":
@@ -72,6 +77,21 @@ def collect(dest: Path, sweeps: list[Path]) -> dict[str, Any]:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return index
+
+
+def merge_set(source: Path, out: Path, points: list[dict[str, Any]],
+              requests: list[pd.DataFrame], steps: list[pd.DataFrame]) -> None:
+    """Append a collected set's points (renumbered after `points`), records and traces."""
+    index = json.loads((source / INDEX).read_text())
+    old_requests = pd.read_parquet(source / "requests.parquet")
+    old_steps = pd.read_parquet(source / "steps.parquet")
+    for point in index["points"]:
+        pid = f"p{len(points):03d}"
+        if not (out / point["trace"]).is_file():
+            shutil.copyfile(source / point["trace"], out / point["trace"])
+        requests.append(old_requests[old_requests["point"] == point["id"]].assign(point=pid))
+        steps.append(old_steps[old_steps["point"] == point["id"]].assign(point=pid))
+        points.append({**point, "id": pid, "source": f"{source.name}/{point['source']}"})
 
 
 def point_entry(pid: str, sweep: Path, run: RunFolder, out: Path) -> dict[str, Any]:
@@ -270,17 +290,25 @@ def print_report(index: dict[str, Any], dest: Path) -> None:
         print(f"points that cannot start: median {np.median(failed):.1f} s each")
 
 
+def sweep_points(source: Path) -> pd.DataFrame:
+    """A sweep's aggregated points table, or the one a collected set kept."""
+    kept = source / "sweep_points.csv"
+    return pd.read_csv(kept) if (source / INDEX).is_file() and kept.is_file() \
+        else collect_points(source)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reports.collect_validation",
                                 description=__doc__.split("\n")[0])
     p.add_argument("dest", type=Path, help="e.g. tests/data/validation/h100_qwen3_0_6b")
-    p.add_argument("sweeps", type=Path, nargs="+", help="mode=both sweep folders")
+    p.add_argument("sweeps", type=Path, nargs="+",
+                   help="mode=both sweep folders, or sets collected earlier")
     p.add_argument("--points-csv", action="store_true",
                    help="also write the sweeps' aggregated points table (sweep_points.csv)")
     args = p.parse_args(argv)
     index = collect(args.dest, args.sweeps)
     if args.points_csv:
-        pd.concat([collect_points(s) for s in args.sweeps], ignore_index=True).to_csv(
+        pd.concat([sweep_points(s) for s in args.sweeps], ignore_index=True).to_csv(
             args.dest / "sweep_points.csv", index=False)
     print_report(index, args.dest)
     return 0

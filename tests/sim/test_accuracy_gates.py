@@ -233,3 +233,25 @@ def test_sensitivity_is_how_far_the_twin_moves_with_its_step_times() -> None:
     assert (started["err_num_blocks"] == 0).all() and (started["err_starts"] == 0).all()
     assert (started["err_tpot_p50"] > 1.0).all()
     assert started["err_e2e_p50"].median() > 1.0
+
+
+def test_collected_sets_merge_into_one(tmp_path: Path) -> None:
+    """Sets collected one GPU command each become one set: points renumbered in order, their
+    records and traces with them, and each point re-predicts exactly as in its own set."""
+    from reports.collect_validation import collect
+
+    cpu = next(s for s in SETS if s.name == "cpu_tiny_qwen3")
+    index = collect(tmp_path / "merged", [cpu.path, cpu.path])
+    merged = load_set(tmp_path / "merged")
+    n = len(cpu.points)
+    assert [p["id"] for p in merged.points] == [f"p{i:03d}" for i in range(2 * n)]
+    assert index["sources"] == ["cpu_tiny_qwen3", "cpu_tiny_qwen3"]
+    old = pd.read_parquet(cpu.path / "requests.parquet")
+    new = pd.read_parquet(merged.path / "requests.parquet")
+    assert len(new) == 2 * len(old)
+    first, twin = cpu.points[-1], merged.points[2 * n - 1]
+    assert twin["source"] == f"cpu_tiny_qwen3/{first['source']}"
+    moved = new[new["point"] == twin["id"]].drop(columns="point").reset_index(drop=True)
+    kept = old[old["point"] == first["id"]].drop(columns="point").reset_index(drop=True)
+    pd.testing.assert_frame_equal(moved, kept)
+    assert repredict(merged, twin)["metrics"] == repredict(cpu, first)["metrics"]
