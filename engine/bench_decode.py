@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +124,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               max_num_seqs=args.batch, enforce_eager=args.enforce_eager,
               max_model_len=max(args.contexts) + 1)
     rows = [measure(llm, args.batch, c, bandwidth, args.temperature) for c in args.contexts]
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "model": args.model, "attention_backend": llm.model_runner.attention_backend,
-              "cuda_graphs": llm.model_runner.cuda_graphs_enabled,
-              "copy_bandwidth_GBps": bandwidth / 1e9, "steps": rows}
-    print(json.dumps(result, indent=1))
+    result = report(llm, args.model, cuda_graphs=llm.model_runner.cuda_graphs_enabled,
+                    copy_bandwidth_GBps=bandwidth / 1e9, steps=rows)
     if args.profile:
         print(profile_table(llm, args.batch, max(args.contexts), args.temperature))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    save(result, args.out)
     return result
+
+
+def report(llm: LLM, model: str, **fields: Any) -> dict[str, Any]:
+    """A step bench's result: when, where, which engine, then `fields`; printed as JSON."""
+    result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": model,
+              "attention_backend": llm.model_runner.attention_backend, **fields}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def save(result: dict[str, Any], out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

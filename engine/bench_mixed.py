@@ -3,27 +3,26 @@
     python -m engine.bench_mixed                     # Qwen3-0.6B, the compositions below
     python -m engine.bench_mixed --out mixed.json
 
-A mixed step is a prefill chunk (after `chunk_context` computed tokens) beside `decodes`
-one-token steps of `decode_context` tokens each. Every composition runs on one engine in one
-process, twice: through the step's CUDA graph (the whole forward pass, attention by the
-mixed kernel straight from the paged cache), and eagerly, as the engine runs steps past
-`max_cudagraph_tokens` (varlen flash attention over the gathered prefix for the chunk, the
-split paged decode kernel for the decodes, every kernel launched from Python). Each time is
-the inputs' upload, the forward pass and logits, synchronised wall time over repeats (`bench_decode.timed`), so
-an eager step that is host-bound shows the host's time. The logits of both runs are compared.
+A mixed step is a prefill chunk (after `chunk_context` computed tokens) beside `decodes` one-token
+steps of `decode_context` tokens each. Every composition runs on one engine in one process, twice:
+through the step's CUDA graph (the whole forward pass, attention by the mixed kernel straight from
+the paged cache), and eagerly, as the engine runs steps past `max_cudagraph_tokens` (varlen flash
+attention over the gathered prefix for the chunk, the split paged decode kernel for the decodes,
+every kernel launched from Python). Each time is the inputs' upload, the forward pass and logits,
+synchronised wall time over repeats (`bench_decode.timed`), so an eager step that is host-bound
+shows the host's time. The logits of both runs are compared.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.bench_decode import Item, Plan, timed
+from engine.bench_decode import Item, Plan, report, save, timed
 from engine.llm import LLM
 from engine.model_runner import ModelRunner
 from engine.sequence import SamplingParams, Sequence
@@ -113,13 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               max_model_len=32768, max_num_batched_tokens=8192,
               max_cudagraph_tokens=args.max_cudagraph_tokens)
     rows = [measure(llm, comp, args.repeats) for comp in COMPOSITIONS]
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "model": args.model, "attention_backend": llm.model_runner.attention_backend,
-              "max_cudagraph_tokens": args.max_cudagraph_tokens, "steps": rows}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    result = report(llm, args.model, max_cudagraph_tokens=args.max_cudagraph_tokens, steps=rows)
+    save(result, args.out)
     return result
 
 
