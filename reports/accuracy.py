@@ -63,7 +63,8 @@ CPU_NOTE = ("CPU engine on the shared 2-core dev machine, where other jobs' load
             "a margin")
 
 
-H100_NOTE = ("piecewise-graph engine (mixed steps still host-bound, ~9 ms) on a noisy H100 "
+H100_NOTE = ("piecewise-graph engine (mixed steps still host-bound, ~9 ms; superseded by "
+             "whole-step graphs) on a noisy H100 "
              "host: its calibration's held-out mixed-step error is 10 % median, and the load "
              "points replayed twice back to back differ by a median 20 / 11 / 11 % (TTFT / "
              "TPOT / E2E p50; shared prefix at 0.1: 0 vs 34 preemptions, TTFT p99 +807 %); "
@@ -72,6 +73,15 @@ H100_NOTE = ("piecewise-graph engine (mixed steps still host-bound, ~9 ms) on a 
              "and a slower host during the sweeps than during the calibration (most errors "
              "negative); gate = the committed run's error (2026-11-21 13:45-14:01 UTC) + a "
              "margin; the tight gates are the eager set's")
+
+H200_NOTE = (
+    "whole-step CUDA graphs (mixed steps GPU-bound) on an H200 whose speed moves in phases: "
+    "the same points measured twice back to back differ by a median 5.9 / 5.1 / 5.9 % "
+    "(TTFT / TPOT / E2E p50) and up to 71 / 15 / 32 %; the twin is a median 6.8 / 5.4 / "
+    "8.2 % off (6.1 / 4.1 / 5.7 % against the second run), mostly short (the replays ran "
+    "1-17 % slower than the calibration predicted, median 2 %); the largest errors are "
+    "utilization 0.03 grid points whose preemption counts decide the tail; gate = the "
+    "committed run's error (2026-12-04 06:16-06:29 UTC) + a margin")
 
 H100_EAGER_NOTE = (
     "targets missed at some points: the median point is within 3.0 / 1.5 / 2.3 % (TTFT / "
@@ -103,15 +113,25 @@ GATES: dict[str, dict[str, Gate]] = {
         {"ttft_p50": 32, "ttft_p90": 44, "ttft_p99": 45, "tpot_p50": 12, "tpot_p90": 12,
          "tpot_p99": 14, "e2e_p50": 13, "e2e_p90": 11, "e2e_p99": 12,
          "kv_blocks_used_peak": 8, "total_preemptions": 120}, H100_EAGER_NOTE),
-    # The shipped engine (piecewise CUDA graphs up to 4096 tokens) and profile, measured on
-    # another H100 (2026-11-21 13:42-14:01 UTC, 44 points: block 128 / 32768 at 0.5 and 0.9
-    # were cut by the command's time limit): start / no-start and num_blocks exact
+    # The piecewise-graph engine (commit 06ad2a8; CUDA graphs between eager attention calls,
+    # up to 4096 tokens) and its profile (in the set's profiles/), measured on another H100
+    # (2026-11-21 13:42-14:01 UTC, 44 points: block 128 / 32768 at 0.5 and 0.9 were cut by
+    # the command's time limit): start / no-start and num_blocks exact
     # everywhere; largest |error| TTFT 41 / 30 / 468, TPOT 36 / 17 / 18, E2E 24 / 20 / 19 %,
     # peak KV blocks 14 %, preemptions 2100 % (22 vs 0); median 9.7 / 5.6 / 7.7 % at p50.
     "h100_qwen3_0_6b": _measured(
         {"ttft_p50": 50, "ttft_p90": 40, "ttft_p99": 520, "tpot_p50": 45, "tpot_p90": 22,
          "tpot_p99": 22, "e2e_p50": 30, "e2e_p90": 25, "e2e_p99": 24,
          "kv_blocks_used_peak": 18, "total_preemptions": 2500}, H100_NOTE),
+    # The shipped engine (one CUDA graph per mixed step up to 4096 tokens) and profile, on an
+    # H200 (2026-12-04, 46 points: the whole grid at 0.03 / 0.06 / 0.5 / 0.9 and the load
+    # levels): start / no-start and num_blocks exact everywhere; largest |error| TTFT 62 /
+    # 44 / 41, TPOT 18 / 16 / 27, E2E 30 / 22 / 22 %, peak KV blocks 9.2 %, preemptions 42 %;
+    # median 6.8 / 5.4 / 8.2 % at p50.
+    "h200_qwen3_0_6b": _measured(
+        {"ttft_p50": 70, "ttft_p90": 50, "ttft_p99": 48, "tpot_p50": 22, "tpot_p90": 20,
+         "tpot_p99": 30, "e2e_p50": 35, "e2e_p90": 25, "e2e_p99": 25,
+         "kv_blocks_used_peak": 12, "total_preemptions": 50}, H200_NOTE),
     # Committed run's largest |error| (README, "How accurate is kvtwin"): TTFT 22 / 68 / 76,
     # TPOT 47 / 49 / 57, E2E 37 / 48 / 47 % at p50 / p90 / p99; peak KV blocks 33 %,
     # preemptions 12.5 % (8 vs 9 and 7 vs 8).

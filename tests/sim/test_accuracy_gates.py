@@ -43,6 +43,7 @@ POINTS = [pytest.param(vset, point, id=f"{vset.name}-{point['id']}-{point['workl
           for vset in SETS for point in vset.points]
 H100 = VALIDATION_DIR / "h100_qwen3_0_6b"
 H100_EAGER = VALIDATION_DIR / "h100_qwen3_0_6b_eager"
+H200 = VALIDATION_DIR / "h200_qwen3_0_6b"
 
 
 def describe(point: dict) -> str:
@@ -73,10 +74,10 @@ def test_the_set_is_predicted_with_its_own_profile(vset) -> None:
                 f"{describe(point)}: measured with {backend}, predicted with {predicted['profile']}"
 
 
-@pytest.mark.parametrize(("path", "configs"), [(H100_EAGER, 36), (H100, 34)])
-def test_h100_validation_set(path: Path, configs: int) -> None:
-    """The eager-engine set has the whole grid; the shipped engine's lost block 128 /
-    32768 at 0.5 and 0.9 to its command's time limit."""
+@pytest.mark.parametrize(("path", "configs"), [(H100_EAGER, 36), (H100, 34), (H200, 36)])
+def test_gpu_validation_set(path: Path, configs: int) -> None:
+    """The eager-engine set and the shipped engine's H200 set have the whole grid; the
+    piecewise engine's lost block 128 / 32768 at 0.5 and 0.9 to its command's time limit."""
     if not (path / INDEX).is_file():
         pytest.skip("no H100 validation data committed yet: run the GPU sweep, then "
                     "python -m reports.collect_validation tests/data/validation/h100_qwen3_0_6b "
@@ -88,10 +89,12 @@ def test_h100_validation_set(path: Path, configs: int) -> None:
 
 
 def test_an_older_engines_set_keeps_its_own_profile() -> None:
-    """The eager set predates piecewise graphs: it is re-predicted with the profile of its
-    own engine (its profiles/), every mixed step eager; the shipped set with sim/profiles."""
-    eager, shipped = load_set(H100_EAGER), load_set(H100)
+    """The eager set predates graphs of mixed steps: it is re-predicted with the profile of
+    its own engine (its profiles/), every mixed step eager; the piecewise engine's set with
+    its own too; the shipped engine's set with sim/profiles."""
+    eager, shipped = load_set(H100_EAGER), load_set(H200)
     assert eager.profile_dir == H100_EAGER / "profiles" and shipped.profile_dir is None
+    assert load_set(H100).profile_dir == H100 / "profiles"
     point = eager.points[-1]
     assert "max_cudagraph_tokens" not in point["engine"]
     own = repredict(eager, point)
@@ -202,13 +205,19 @@ def test_one_machine_measured_the_points_twice_alike_in_memory() -> None:
     assert (started["err_tpot_p50"].abs() > 0).any()  # two real runs, not one run twice
 
 
-def test_the_shipped_engine_measured_the_load_points_twice_alike_in_memory() -> None:
-    """The load points of the shipped set replayed again right after, on the same H100."""
-    again = load_set(ROOT / "results" / "validation" / "h100_qwen3_0_6b" / "piecewise_loads_run2")
-    frame = repeat_frame(load_set(H100), again)
-    assert len(frame) == len(again.points) == 10
+@pytest.mark.parametrize(("first", "again", "points"), [
+    (H100, ROOT / "results" / "validation" / "h100_qwen3_0_6b" / "piecewise_loads_run2", 10),
+    (H200, ROOT / "results" / "validation" / "h200_qwen3_0_6b" / "run2", 46)])
+def test_an_engine_measured_the_points_twice_alike_in_memory(first: Path, again: Path,
+                                                             points: int) -> None:
+    """Points replayed again right after on the same machine: the load points of the
+    piecewise engine's H100 set, every point of the shipped engine's H200 set."""
+    second = load_set(again)
+    frame = repeat_frame(load_set(first), second)
+    assert len(frame) == len(second.points) == points
     assert (frame["err_starts"] == 0).all() and (frame["err_num_blocks"].fillna(0) == 0).all()
-    assert (frame["err_ttft_p50"].abs() > 0).all()
+    started = frame[frame["starts"]]
+    assert (started["err_ttft_p50"].abs() > 0).all()
 
 
 def test_a_set_is_repredicted_with_its_own_machines_profiles() -> None:
