@@ -33,9 +33,10 @@ import torch
 
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.loader import to_torch_dtype
+from engine.request import Request
 from engine.sequence import SamplingParams
 from workloads.tokens import TokenSpec
-from workloads.trace_requests import TraceRequest, iter_requests
+from workloads.trace_requests import request_table
 
 PEERS = ("generate_batch", "generate")
 PEER_LABELS = {"generate_batch": "HF generate_batch (continuous, paged|sdpa)",
@@ -73,7 +74,7 @@ class BenchModel:
 
 @dataclass
 class BenchWorkload:
-    requests: list[TraceRequest]
+    requests: list[Request]
     description: dict[str, Any]
 
     @property
@@ -131,7 +132,7 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(name, value, "an integer >= 1" + (" (or unset)" if allow_none else ""))
 
 
-def output_len(request: TraceRequest) -> int:
+def output_len(request: Request) -> int:
     return max(1, int(request.output_len))
 
 
@@ -169,19 +170,20 @@ def workload_from_trace(trace: Any, vocab_size: int, num_requests: int | None,
     """The first num_requests requests (all if None), replayed offline, with token ids inside
     the model's vocabulary (explicit ids above it are folded: id % vocab_size)."""
     spec = TokenSpec(vocab_size=vocab_size, low=min(1000, vocab_size // 8))
-    requests = list(iter_requests(trace, spec))[:num_requests]
+    table = request_table(trace, spec)
+    requests = [table[i] for i in range(min(len(table), num_requests or len(table)))]
     requests, folded = _fold_tokens(requests, vocab_size)
     return BenchWorkload(requests, {**source, "num_requests": len(requests),
                                     "arrivals": "ignored: every request submitted at t=0",
                                     "token_ids_folded": folded})
 
 
-def _fold_tokens(requests: list[TraceRequest],
-                 vocab_size: int) -> tuple[list[TraceRequest], bool]:
+def _fold_tokens(requests: list[Request],
+                 vocab_size: int) -> tuple[list[Request], bool]:
     if all(max(r.prompt_token_ids) < vocab_size for r in requests):
         return requests, False
-    return [TraceRequest(r.request_id, r.arrival_s, [t % vocab_size for t in r.prompt_token_ids],
-                         r.output_len) for r in requests], True
+    return [Request(r.request_id, r.arrival_s, [t % vocab_size for t in r.prompt_token_ids],
+                    r.output_len) for r in requests], True
 
 
 def engine_config(preset: str | None = None, **overrides: Any) -> EngineConfig:
@@ -231,7 +233,7 @@ class KvtwinRun:
     hf_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
-def sampling_params(request: TraceRequest, temperature: float) -> SamplingParams:
+def sampling_params(request: Request, temperature: float) -> SamplingParams:
     return SamplingParams(temperature=temperature, max_tokens=output_len(request),
                           ignore_eos=True)
 
@@ -263,7 +265,7 @@ WARMUP_REQUESTS = 96
 WARMUP_TOKENS = 8
 
 
-def warm_up_kvtwin(llm: Any, requests: list[TraceRequest], temperature: float) -> None:
+def warm_up_kvtwin(llm: Any, requests: list[Request], temperature: float) -> None:
     """An untimed run shaped like the timed one: the first WARMUP_REQUESTS prompt lengths,
     WARMUP_TOKENS outputs each, at the bench's temperature. It goes through mixed and
     decode-only steps at many batch sizes, so Triton's JIT compilation and CUDA's lazy
@@ -346,7 +348,7 @@ def generation_config(temperature: float, **extra: Any) -> Any:
     return GenerationConfig(pad_token_id=0, **sampling, **extra)
 
 
-def peer_result(requests: list[TraceRequest], outputs: list[list[int]], startup: float,
+def peer_result(requests: list[Request], outputs: list[list[int]], startup: float,
                 wall: float, **extra: Any) -> dict[str, Any]:
     prompt = sum(len(r.prompt_token_ids) for r in requests)
     output = sum(len(o) for o in outputs)
@@ -361,7 +363,7 @@ def paged_sdpa() -> str:
     return "paged|sdpa" if "paged|sdpa" in ALL_ATTENTION_FUNCTIONS else "sdpa"
 
 
-def cb_config(options: BenchOptions, requests: list[TraceRequest], device: torch.device,
+def cb_config(options: BenchOptions, requests: list[Request], device: torch.device,
               seed: int) -> Any:
     """HF's ContinuousBatchingConfig: HF's own sizing on CUDA unless given; no flash switch.
     On the CPU (where HF's memory probe is slow and meaningless) the cache holds every request
@@ -382,7 +384,7 @@ def cb_config(options: BenchOptions, requests: list[TraceRequest], device: torch
     return ContinuousBatchingConfig(**{k: v for k, v in values.items() if k in names})
 
 
-def run_hf_continuous(hf: Any, requests: list[TraceRequest], options: BenchOptions,
+def run_hf_continuous(hf: Any, requests: list[Request], options: BenchOptions,
                       device: torch.device, seed: int) -> tuple[dict[str, Any], list[list[int]]]:
     """The manager `generate_batch` drives, fed each request's own max_new_tokens (the
     `generate_batch` call takes one for all). Its start (init, CUDA graph warmup) is startup."""
@@ -404,7 +406,7 @@ def run_hf_continuous(hf: Any, requests: list[TraceRequest], options: BenchOptio
     return peer_result(requests, outputs, startup, wall, **extra), outputs
 
 
-def _drive_manager(manager: Any, requests: list[TraceRequest], device: torch.device,
+def _drive_manager(manager: Any, requests: list[Request], device: torch.device,
                    t_enter: float) -> tuple[list[list[int]], float, float]:
     t0 = clock(device)
     ids = [manager.add_request(r.prompt_token_ids, request_id=f"req_{i}",
@@ -443,14 +445,14 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
 
 
-def run_hf_static(hf: Any, requests: list[TraceRequest], options: BenchOptions,
+def run_hf_static(hf: Any, requests: list[Request], options: BenchOptions,
                   device: torch.device, seed: int) -> tuple[dict[str, Any], list[list[int]]]:
     """model.generate on left-padded batches of hf_batch_size requests, in workload order.
     A batch generates its longest output length for every row; only the requested tokens
     count (the rest is reported as padding_tokens)."""
     batch = options.hf_batch_size
     if options.warmup:
-        _static_batch(hf, [TraceRequest(0, 0.0, requests[0].prompt_token_ids[:16], 2)],
+        _static_batch(hf, [Request(0, 0.0, requests[0].prompt_token_ids[:16], 2)],
                       options.temperature, device)
     torch.manual_seed(seed)
     outputs, wasted = [], 0
@@ -465,7 +467,7 @@ def run_hf_static(hf: Any, requests: list[TraceRequest], options: BenchOptions,
                        attn_implementation=hf.config._attn_implementation), outputs
 
 
-def _static_batch(hf: Any, chunk: list[TraceRequest], temperature: float,
+def _static_batch(hf: Any, chunk: list[Request], temperature: float,
                   device: torch.device) -> tuple[list[list[int]], int]:
     width = max(len(r.prompt_token_ids) for r in chunk)
     ids = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -484,7 +486,7 @@ def _static_batch(hf: Any, chunk: list[TraceRequest], temperature: float,
 
 
 def run_peers(model: BenchModel, config: EngineConfig, state: dict[str, torch.Tensor],
-              requests: list[TraceRequest], options: BenchOptions,
+              requests: list[Request], options: BenchOptions,
               device: torch.device) -> dict[str, tuple[dict[str, Any], list[list[int]]]]:
     t0 = time.perf_counter()
     hf = build_hf_model(model, state, config.dtype, device)

@@ -301,7 +301,7 @@ def _time_shape(engine: LLMEngine, builder: StepBuilder, shape: StepShape,
     finally:
         builder.release(out)
     feats = features_of(out)
-    return {f: int(getattr(feats, f)[0]) for f in COLUMNS}, seconds
+    return {f: getattr(feats, f) for f in COLUMNS}, seconds
 
 
 # -- engine steps ----------------------------------------------------------------------------
@@ -528,7 +528,7 @@ def engine_columns(tap: StepTap, durations: list[float], seed: int) -> dict[str,
     if len(keep) > MAX_ENGINE_ROWS:
         keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_ENGINE_ROWS, replace=False))
     feats = [features_of(tap.outs[i]) for i in keep]
-    columns: dict[str, list] = {f: [int(getattr(x, f)[0]) for x in feats] for f in COLUMNS}
+    columns: dict[str, list] = {f: [getattr(x, f) for x in feats] for f in COLUMNS}
     columns["seconds"] = [float(durations[i]) for i in keep]
     columns["exec_seconds"] = [float(tap.exec_s[i]) for i in keep]
     columns["source"] = ["engine"] * len(keep)

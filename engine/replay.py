@@ -31,15 +31,15 @@ import torch
 
 from engine.llm import LLMEngine
 from engine.records import RequestRecord, StepRecord
+from engine.request import Request
 from engine.sequence import SamplingParams, Sequence
-from workloads.trace_requests import TraceRequest
 
 SPIN_S = 0.0005  # the last stretch of an idle wait is spun, not slept (sleep overshoots)
 ProgressFn = Callable[[int, int], None]  # (requests finished or rejected, total)
-ParamsFn = Callable[[TraceRequest], SamplingParams]
+ParamsFn = Callable[[Request], SamplingParams]
 
 
-def greedy_params(request: TraceRequest) -> SamplingParams:
+def greedy_params(request: Request) -> SamplingParams:
     """Forced output length: greedy, EOS ignored (as the simulator assumes)."""
     return SamplingParams(temperature=0.0, max_tokens=max(1, request.output_len),
                           ignore_eos=True)
@@ -78,7 +78,7 @@ def wait_until(engine: LLMEngine, target: float) -> None:
         pass
 
 
-def replay(engine: LLMEngine, requests: Iterable[TraceRequest], *, time_scale: float = 1.0,
+def replay(engine: LLMEngine, requests: Iterable[Request], *, time_scale: float = 1.0,
            on_progress: ProgressFn | None = None,
            sampling_params_fn: ParamsFn = greedy_params) -> ReplayResult:
     """Replay `requests` online. Request i arrives at `arrival_s * time_scale` seconds after
@@ -91,7 +91,7 @@ def replay(engine: LLMEngine, requests: Iterable[TraceRequest], *, time_scale: f
 
 
 class _Replayer:
-    def __init__(self, engine: LLMEngine, requests: list[TraceRequest], time_scale: float,
+    def __init__(self, engine: LLMEngine, requests: list[Request], time_scale: float,
                  on_progress: ProgressFn | None, params_fn: ParamsFn):
         self.engine = engine
         self.requests = requests

@@ -10,7 +10,7 @@ Preemption is by recompute of the most recently admitted running sequence.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -63,6 +63,26 @@ class SchedulerOutput:
         self.num_batched_tokens += num_new_tokens
 
 
+@dataclass(slots=True)
+class DecodeHorizon:
+    """What the running sequences do next if no request arrives: every one decodes a token a
+    step, unchanged, for `num_steps` steps; the last of them finishes a sequence when
+    `finishes`. `steps_to_finish[i]` counts the steps up to the one that finishes `seqs[i]`.
+    `admits`: a request arriving during the horizon would be admitted at the next step (so
+    the batch changes then). `all_blocks_free`: every sequence gets its blocks up to its own
+    finish (the horizons after each finish hold too, while nothing arrives)."""
+
+    seqs: list[Sequence]
+    steps_to_finish: list[int]
+    num_steps: int
+    finishes: bool
+    admits: bool
+    all_blocks_free: bool
+
+
+NextTokens = Callable[[Sequence, int], list[int]]  # (sequence, count) -> its next tokens
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, num_blocks: int,
                  eos_token_ids: Iterable[int] = ()):
@@ -81,7 +101,7 @@ class Scheduler:
 
     def add_request(self, seq: Sequence) -> bool:
         """Queue `seq`, or reject it (recorded, with a reason) when it can never run."""
-        reason = self._rejection_reason(seq)
+        reason = self.rejection_reason(seq.num_prompt_tokens)
         if reason is not None:
             seq.status, seq.finish_reason = SequenceStatus.REJECTED, reason
             self.rejected.append(seq)
@@ -89,8 +109,9 @@ class Scheduler:
         self.waiting.append(seq)
         return True
 
-    def _rejection_reason(self, seq: Sequence) -> str | None:
-        n, limit = seq.num_prompt_tokens, self.config.max_model_len
+    def rejection_reason(self, num_prompt_tokens: int) -> str | None:
+        """Why a prompt of this length can never run here (None: it can be queued)."""
+        n, limit = num_prompt_tokens, self.config.max_model_len
         if n == 0:
             return "rejected: empty prompt"
         if n > limit:
@@ -177,6 +198,49 @@ class Scheduler:
         if seq.times.first_scheduled is None:
             seq.times.first_scheduled = now
         self.running.append(seq)
+
+    # -- decode horizon: runs of identical decode steps, for the simulator ----------------------
+
+    def decode_horizon(self) -> DecodeHorizon | None:
+        """How long the next steps stay one batch of the same decodes (None: not even one
+        step is sure to: a sequence prefills, may stop on EOS, or the decodes overflow the
+        token budget). Such steps neither admit nor preempt: admission is blocked
+        (`max_num_seqs` or the budget) or nothing waits, and the horizon ends before the
+        first step whose allocation would fail."""
+        cfg, running = self.config, self.running
+        n = len(running)
+        if n == 0 or n > cfg.max_num_batched_tokens or any(is_prefilling(s) for s in running):
+            return None
+        if self.eos_token_ids and not all(s.sampling_params.ignore_eos for s in running):
+            return None
+        blocked = n >= cfg.max_num_seqs or cfg.max_num_batched_tokens - n <= 0
+        if self.waiting and not blocked:
+            return None
+        to_finish = [self._steps_to_finish(s) for s in running]
+        first = min(to_finish)
+        bm = self.block_manager
+        all_free = bm.decode_blocks_needed(running, to_finish) <= bm.num_free_blocks
+        k = first if all_free else bm.max_decode_steps(running, first)
+        return DecodeHorizon(list(running), to_finish, k, k == first, not blocked, all_free)
+
+    def _steps_to_finish(self, seq: Sequence) -> int:
+        """Decode steps up to the one that stops `seq` on length (`_stop_reason`)."""
+        return min(seq.sampling_params.max_tokens - seq.num_output_tokens,
+                   self.config.max_model_len - seq.num_tokens)
+
+    def run_decode_steps(self, seqs: list[Sequence], num_steps: int,
+                         next_tokens: NextTokens) -> list[int]:
+        """Apply `num_steps` steps of a decode horizon at once, none of them finishing a
+        sequence: what as many schedule() + update_from_output() rounds do to `seqs`. Returns
+        the step of each block taken (`BlockManager.allocate_decode_steps`)."""
+        for seq in seqs:
+            seq.token_ids.extend(next_tokens(seq, num_steps))
+        taken = self.block_manager.allocate_decode_steps(seqs, num_steps)
+        if taken is None:
+            raise RuntimeError("a decode horizon ran out of blocks")
+        for seq in seqs:
+            seq.num_computed_tokens += num_steps
+        return taken
 
     # -- applying a step's result --------------------------------------------------------------
 

@@ -6,7 +6,7 @@ give bit-identical durations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,8 +65,23 @@ class StepFeatures:
         return cls(*(np.asarray(columns[f], dtype=np.int64) for f in FEATURES), *extra)
 
 
-def features_of(out: SchedulerOutput) -> StepFeatures:
-    """The features of one planned step (arrays of length 1)."""
+@dataclass(slots=True)
+class StepRow:
+    """One step's features as plain ints (the simulator's single steps); the EXTRA_FEATURES
+    are None where unknown, as in StepFeatures."""
+
+    prefill_tokens: int
+    prefill_attn: int
+    decode_seqs: int
+    decode_ctx: int
+    num_seqs: int
+    decode_max_ctx: int | None = None
+    prefill_gather: int | None = None
+    decode_shared: int | None = None
+
+
+def features_of(out: SchedulerOutput) -> StepRow:
+    """The features of one planned step."""
     prefill_tokens = prefill_attn = decode_seqs = decode_ctx = max_ctx = keys = 0
     cached = False
     decodes = []
@@ -82,10 +97,8 @@ def features_of(out: SchedulerOutput) -> StepFeatures:
             prefill_attn += q * start + q * (q + 1) // 2
             keys += start + q
             cached = cached or start > 0
-    row = np.array((prefill_tokens, prefill_attn, decode_seqs, decode_ctx, len(out.scheduled),
-                    max_ctx, keys if cached else 0, shared_prefix_keys(decodes)),
-                   dtype=np.int64)
-    return StepFeatures(*(row[i:i + 1] for i in range(len(row))))
+    return StepRow(prefill_tokens, prefill_attn, decode_seqs, decode_ctx, len(out.scheduled),
+                   max_ctx, keys if cached else 0, shared_prefix_keys(decodes))
 
 
 def shared_prefix_keys(decodes: Iterable[tuple[Sequence, int]]) -> int:
@@ -116,42 +129,3 @@ def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int,
     longest = None if max_ctx_start is None else max_ctx_start + steps
     return StepFeatures(zeros, zeros.copy(), seqs, ctx_start + steps * num_seqs, seqs.copy(),
                         longest, zeros.copy(), np.full(num_steps, shared, dtype=np.int64))
-
-
-class DecodeDurations:
-    """Memoised durations of decode-only steps, for a step-time model whose prediction is a
-    function of the features alone (not of the step index).
-
-    Such a step's features are fixed by its sequence count n and summed context ctx, and the
-    steps of a run have ctx = r + q * n for consecutive q. Durations are kept per (n, r) for
-    q in [0, len), predicted in bulk by the model's own (elementwise) predict, so they are
-    bit-identical to predicting the run's steps directly.
-    """
-
-    def __init__(self, predict: Callable[[StepFeatures, int], np.ndarray]):
-        self._predict = predict
-        self._tables: dict[tuple, np.ndarray] = {}
-
-    def run(self, num_seqs: int, ctx_start: int, num_steps: int,
-            max_ctx_start: int | None = None, shared: int = 0) -> np.ndarray:
-        """Durations of `decode_run_features(num_seqs, ctx_start, num_steps, max_ctx_start,
-        shared)`'s steps. The longest context grows by one a step, as q does: max - q keys
-        its table, with the re-read keys."""
-        r, q = ctx_start % num_seqs, ctx_start // num_seqs
-        key = (num_seqs, r, None if max_ctx_start is None else max_ctx_start - q, shared)
-        table = self._tables.get(key)
-        if table is None or len(table) < q + num_steps:
-            table = self._grow(key, table, q + num_steps)
-        return table[q:q + num_steps]
-
-    def _grow(self, key: tuple[int, int, int | None, int], table: np.ndarray | None,
-              size: int) -> np.ndarray:
-        (n, r, offset, shared), have = key, 0 if table is None else len(table)
-        size = max(size, 2 * have, 256)
-        longest = None if offset is None else offset + have
-        more = self._predict(decode_run_features(n, r + have * n, size - have, longest,
-                                                 shared), 0)
-        table = more if table is None else np.concatenate((table, more))
-        table.flags.writeable = False
-        self._tables[key] = table
-        return table

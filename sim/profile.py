@@ -54,22 +54,19 @@ import numpy as np
 
 from engine.config import DecodeSplit
 from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
-from sim.step_time import (
+from sim.step_terms import (
     BATCH_BASES,
     DECODE_TERMS,
     HOST_DECODE_TERMS,
     HOST_MIXED_TERMS,
-    IRLS_ITERATIONS,
     MIXED_TERMS,
-    CalibratedStepTime,
-    LinearTerms,
     decode_terms,
     design_matrix,
-    fit_nonnegative,
     mixed_terms,
     padded_batch,
     term_column,
 )
+from sim.step_time import IRLS_ITERATIONS, CalibratedStepTime, LinearTerms, fit_nonnegative
 
 FORMAT = "kvtwin-profile/3"
 FORMAT_V2 = "kvtwin-profile/2"

@@ -16,21 +16,24 @@ Scheduler, so the records are identical to single-stepping (a tested property).
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
 import simpy
 
 from engine.config import EngineConfig
-from engine.records import RequestRecord, StepRecord
+from engine.records import StepRecord
+from engine.request import Request, RequestTable, as_table
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import SamplingParams, Sequence
 from sim.features import features_of
-from sim.skipping import memoised_durations, plan_decode_run
+from sim.request_log import RequestLog
+from sim.skipping import plan_decode_run
 from sim.step_log import StepLog
 from sim.step_time import StepTimeModel
-from workloads.trace_requests import TraceRequest
 
 TokenFn = Callable[[int, int, int], list[int]]  # (request index, position, count) -> ids
 
@@ -53,7 +56,7 @@ def fake_tokens(index: int, position: int, count: int = 1) -> list[int]:
 
 @dataclass
 class SimResult:
-    requests: list[RequestRecord]
+    requests: pd.DataFrame  # the RequestRecord columns, in arrival order
     steps: StepLog
     scheduler: Scheduler
     stats: dict[str, int] = field(default_factory=dict)
@@ -73,17 +76,20 @@ class Simulator:
         self.env = simpy.Environment()
         self.clock = 0.0  # authoritative time; SimPy's clock follows it
         self.steps = StepLog()
-        self.decode_durations = memoised_durations(step_time)
         self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0, "decode_runs": 0}
 
-    def run(self, requests: list[TraceRequest]) -> SimResult:
+    def run(self, requests: RequestTable | Iterable[Request]) -> SimResult:
         """Sequences are made when their request arrives and dropped, as records, when they
-        finish: only the live ones hold their tokens."""
-        self.order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
-        self.requests = [requests[i] for i in self.order]
-        self.arrivals = [float(r.arrival_s) for r in self.requests]
-        self.records: list[RequestRecord | None] = [None] * len(requests)
-        self.index: dict[int, int] = {}  # live seq_id -> index of its request in `requests`
+        finish: only the live ones hold their tokens. A request the scheduler rejects on its
+        length never has its prompt built."""
+        table = as_table(requests)
+        self.table = table
+        self.order = np.argsort(np.asarray(table.arrival_s, dtype=float), kind="stable")
+        self.arrivals = np.asarray(table.arrival_s, dtype=float)[self.order].tolist()
+        self.prompt_lens = np.asarray(table.prompt_len, dtype=np.int64)[self.order]
+        self.log = RequestLog(np.asarray(table.request_id)[self.order],
+                              np.asarray(self.arrivals), self.prompt_lens)
+        self.index: dict[int, int] = {}  # live seq_id -> index of its request in the table
         self._position: dict[int, int] = {}  # live seq_id -> arrival order
         self.cursor = 0
         with gc_paused():
@@ -91,20 +97,22 @@ class Simulator:
             self.env.process(self._arrivals())
             done = self.env.process(self._engine())
             self.env.run(until=done)
-        assert all(r is not None for r in self.records), "a request never finished"
-        return SimResult(self.records, self.steps, self.scheduler, dict(self.stats))
+        assert self.log.ended.all(), "a request never finished"
+        return SimResult(self.log.to_frame(), self.steps, self.scheduler, dict(self.stats))
 
     def _sequence(self, position: int) -> Sequence:
-        req = self.requests[position]
-        params = SamplingParams(max_tokens=max(1, req.output_len), ignore_eos=True)
-        seq = Sequence(req.prompt_token_ids, params, req.request_id, self.arrivals[position])
-        self.index[seq.seq_id] = self.order[position]
+        i = int(self.order[position])
+        params = SamplingParams(max_tokens=max(1, int(self.table.output_len[i])),
+                                ignore_eos=True)
+        seq = Sequence(self.table.prompt_of(i), params, self.table.request_id[i],
+                       self.arrivals[position])
+        self.index[seq.seq_id] = i
         self._position[seq.seq_id] = position
         return seq
 
     def _record(self, seq: Sequence) -> None:
-        """Keep a finished (or rejected) sequence as its record only."""
-        self.records[self._position.pop(seq.seq_id)] = RequestRecord.from_sequence(seq)
+        """Keep a finished sequence as its record only."""
+        self.log.end(self._position.pop(seq.seq_id), seq)
         del self.index[seq.seq_id]
 
     # -- processes -----------------------------------------------------------------------------
@@ -139,15 +147,16 @@ class Simulator:
 
     def admit_arrivals(self, now: float) -> int:
         """Add every request that has arrived by `now`; returns how many were accepted."""
-        accepted, arrivals = 0, self.arrivals
+        accepted, arrivals, sched = 0, self.arrivals, self.scheduler
         while self.cursor < len(arrivals) and arrivals[self.cursor] <= now:
-            seq = self._sequence(self.cursor)
+            position = self.cursor
             self.cursor += 1
-            if self.scheduler.add_request(seq):
-                accepted += 1
-            else:
-                seq.times.finish = seq.times.arrival
-                self._record(seq)
+            reason = sched.rejection_reason(int(self.prompt_lens[position]))
+            if reason is not None:
+                self.log.reject(position, reason)
+                continue
+            sched.add_request(self._sequence(position))
+            accepted += 1
         return accepted
 
     @property
@@ -159,21 +168,25 @@ class Simulator:
         out = self.scheduler.schedule(start)
         if out.is_empty:
             raise RuntimeError("the scheduler planned an empty step with work pending")
-        duration = float(self.step_time.predict(features_of(out), len(self.steps))[0])
+        duration = self.step_time.step(features_of(out), len(self.steps))
         yield from self.run_step(out, start, start + duration)
 
     def run_step(self, out: SchedulerOutput, start: float, end: float) -> Iterator[simpy.Event]:
         """Run a step the Scheduler planned at `start`: it ends at `end`, then is applied."""
         record = StepRecord.from_output(len(self.steps), start, out, self.scheduler)
         yield from self.advance_to(end)
-        sampled = [self.token_fn(self.index[i.seq.seq_id], i.seq.num_tokens, 1)[0]
-                   if i.samples else None for i in out.scheduled]
+        sampled = [self.next_tokens(i.seq, 1)[0] if i.samples else None
+                   for i in out.scheduled]
         for seq in self.scheduler.update_from_output(out, sampled, end):
             self._record(seq)
         record.end_s = end
         self.steps.append(record)
         self.stats["single_steps"] += 1
         self._progress()
+
+    def next_tokens(self, seq: Sequence, count: int) -> list[int]:
+        """The stand-in tokens `seq` samples next."""
+        return self.token_fn(self.index[seq.seq_id], seq.num_tokens, count)
 
     def advance_to(self, t: float) -> Iterator[simpy.Event]:
         yield self.env.timeout(max(0.0, t - self.env.now))

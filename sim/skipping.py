@@ -1,18 +1,18 @@
 """Event skipping: advance runs of identical-composition decode steps in bulk.
 
-A run is planned only when single-stepping provably repeats one composition: every running
-sequence decodes one token per step; no admission can happen (nothing waits, or `max_num_seqs`
-or the token budget is reached, which no decode step changes); and the run stops at the first
-step in which a sequence finishes, and before the first step in which an allocation would fail
-(preemption) or an admissible request arrives. Within the run the only per-sequence effects
-are the token appended and `BlockManager.allocate_slots(seq, 1)`; the BlockManager does those
-rounds in bulk (`allocate_decode_steps`), in the same (step, running order). A run that ends
-on a finishing step runs that step through the Scheduler, as single-stepping does.
+The Scheduler says how long its batch stays the same decodes if nothing arrives
+(`Scheduler.decode_horizon`: every running sequence decodes, nothing can be admitted before
+an arrival, up to the first finish and before the first failed allocation). The twin adds
+time: it predicts the steps' durations and cuts the run before the first step that would
+admit an arriving request. Within the run the Scheduler applies the steps in bulk
+(`Scheduler.run_decode_steps`); a run that ends on a finishing step runs that step through
+`Scheduler.schedule()`, as single-stepping does. The records are single-stepping's (a tested
+property).
 
-When nothing waits and the blocks of every running sequence up to its finish are free (none
-freed by the finishes counted), the runs that follow each other from finish to finish (until an
-arrival) are planned at once, as segments of one `DecodeRun`: after a finishing step,
-single-stepping would plan exactly the next segment.
+When nothing waits and the blocks of every running sequence up to its finish are free, the
+runs that follow each other from finish to finish (until an arrival) are planned at once,
+as segments of one `PlannedRun`: after a finishing step, single-stepping would plan exactly
+the next segment.
 """
 
 from __future__ import annotations
@@ -24,19 +24,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
-from engine.scheduler import SchedulerOutput, is_prefilling
+from engine.scheduler import DecodeHorizon, SchedulerOutput
 from engine.sequence import Sequence
-from sim.features import DecodeDurations, decode_run_features, shared_prefix_keys
+from sim.features import shared_prefix_keys
 from sim.step_log import DecodeRunSteps
-from sim.step_time import CalibratedStepTime, RooflineStepTime, StepTimeModel
+from sim.step_time import DecodeRun
 
 if TYPE_CHECKING:
     from sim.simulator import Simulator
 
 MIN_RUN = 2
-# Step-time models whose prediction depends on the features only: decode runs use memoised
-# durations (others, like replayed engine times, are indexed by step and predicted per run).
-FEATURE_ONLY = (CalibratedStepTime, RooflineStepTime)
+FIRST_CHUNK = 64  # steps predicted before looking for the next arrival (then doubling)
 
 
 @dataclass
@@ -52,66 +50,51 @@ class Segment:
         return len(self.ends) - 1 if self.finishes else len(self.ends)
 
 
-def plan_decode_run(sim: Simulator) -> DecodeRun | None:
-    sched, cfg = sim.scheduler, sim.config
-    running = sched.running
-    n = len(running)
-    if n == 0 or n > cfg.max_num_batched_tokens or any(is_prefilling(s) for s in running):
+def plan_decode_run(sim: Simulator) -> PlannedRun | None:
+    horizon = sim.scheduler.decode_horizon()
+    if horizon is None or horizon.num_steps < MIN_RUN:
         return None
-    if sched.eos_token_ids and not all(s.sampling_params.ignore_eos for s in running):
+    stop = sim.next_arrival if horizon.admits else float("inf")
+    ends = step_ends(sim, horizon.seqs, 0, horizon.num_steps, sim.clock, stop)
+    if len(ends) < MIN_RUN:
         return None
-    blocked = n >= cfg.max_num_seqs or cfg.max_num_batched_tokens - n <= 0
-    if sched.waiting and not blocked:
-        return None
-    to_finish = [_steps_to_finish(s, cfg.max_model_len) for s in running]
-    bm = sched.block_manager
-    all_free = bm.decode_blocks_needed(running, to_finish) <= bm.num_free_blocks
-    first = _first_segment(sim, list(running), min(to_finish), blocked, all_free)
-    if first is None:
-        return None
-    segments = [first]
-    if not blocked and first.finishes and all_free:
-        remaining = {s.seq_id: k for s, k in zip(running, to_finish, strict=True)}
-        _plan_next_segments(sim, segments, remaining)
-    return DecodeRun(sim, segments)
-
-
-def _steps_to_finish(seq: Sequence, max_model_len: int) -> int:
-    """Decode steps up to the one that finishes `seq` (forced length or max_model_len)."""
-    return min(seq.sampling_params.max_tokens - seq.num_output_tokens,
-               max_model_len - seq.num_tokens)
-
-
-def _first_segment(sim: Simulator, seqs: list[Sequence], to_finish: int, blocked: bool,
-                   all_free: bool) -> Segment | None:
-    """Up to the first finish; `all_free`: every sequence gets its blocks up to its finish."""
-    k = to_finish if all_free else sim.scheduler.block_manager.max_decode_steps(seqs, to_finish)
-    if k < MIN_RUN:
-        return None
-    ends = durations_to_ends(sim.clock, _durations(sim, seqs, 0, k))
-    if not blocked:
-        k = _before_arrival(ends, sim.next_arrival)
-    if k < MIN_RUN:
-        return None
-    return Segment(seqs, ends[:k], finishes=k == to_finish)
+    finishes = horizon.finishes and len(ends) == horizon.num_steps
+    segments = [Segment(horizon.seqs, ends, finishes)]
+    if horizon.admits and finishes and horizon.all_blocks_free:
+        _plan_next_segments(sim, segments, horizon)
+    return PlannedRun(sim, segments)
 
 
 def _plan_next_segments(sim: Simulator, segments: list[Segment],
-                        remaining: dict[int, int]) -> None:
+                        horizon: DecodeHorizon) -> None:
     """Segments from finish to finish, up to the last finish or the next arrival."""
+    remaining = {s.seq_id: k for s, k in zip(horizon.seqs, horizon.steps_to_finish,
+                                             strict=True)}
     done = len(segments[0].ends)
     while segments[-1].finishes:
         seqs = [s for s in segments[-1].seqs if remaining[s.seq_id] > done]
-        if not seqs:
-            return
         start = float(segments[-1].ends[-1])
-        if start >= sim.next_arrival:
+        if not seqs or start >= sim.next_arrival:
             return
         k = min(remaining[s.seq_id] for s in seqs) - done
-        ends = durations_to_ends(start, _durations(sim, seqs, done, k))
-        k_run = _before_arrival(ends, sim.next_arrival)
-        segments.append(Segment(seqs, ends[:k_run], finishes=k_run == k))
-        done += k_run
+        ends = step_ends(sim, seqs, done, k, start, sim.next_arrival)
+        segments.append(Segment(seqs, ends, finishes=len(ends) == k))
+        done += len(ends)
+
+
+def step_ends(sim: Simulator, seqs: list[Sequence], offset: int, k: int, start: float,
+              stop: float) -> np.ndarray:
+    """End times of up to `k` decode steps of `seqs` from `start` (`offset` steps from now),
+    through the first that ends at or after `stop` (an arrival: the step after it admits
+    it). Predicted in chunks, so a run cut short by an arrival predicts few steps more."""
+    chunks, done, size = [], 0, FIRST_CHUNK
+    while done < k and start < stop:
+        count = min(size, k - done)
+        ends = durations_to_ends(start, _durations(sim, seqs, offset + done, count))
+        chunks.append(ends)
+        done, start, size = done + count, float(ends[-1]), 2 * size
+    ends = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    return ends[:_before_arrival(ends, stop)]
 
 
 def _before_arrival(ends: np.ndarray, arrival: float) -> int:
@@ -120,28 +103,21 @@ def _before_arrival(ends: np.ndarray, arrival: float) -> int:
     return min(int(ends.searchsorted(arrival)), len(ends) - 1) + 1
 
 
-def memoised_durations(step_time: StepTimeModel) -> DecodeDurations | None:
-    return DecodeDurations(step_time.predict) if isinstance(step_time, FEATURE_ONLY) else None
-
-
 def _durations(sim: Simulator, seqs: list[Sequence], offset: int, k: int) -> np.ndarray:
     """Durations of `k` decode steps of `seqs`, starting `offset` steps from now."""
-    n = len(seqs)
+    n, model = len(seqs), sim.step_time
     ctx = sum(s.num_computed_tokens + 1 for s in seqs) + offset * n
-    longest = None  # kept out of the memo's key unless the model reads it
-    if getattr(sim.step_time, "uses_longest_decode", False):
+    longest = None  # computed only when the model reads it
+    if model.reads_longest:
         longest = max(s.num_computed_tokens + 1 for s in seqs) + offset
     shared = 0
-    if getattr(sim.step_time, "uses_shared_decode", False):
+    if model.reads_shared:
         shared = shared_prefix_keys((s, s.num_computed_tokens + 1 + offset) for s in seqs)
-    if sim.decode_durations is not None:
-        return sim.decode_durations.run(n, ctx, k, longest, shared)
-    return sim.step_time.predict(decode_run_features(n, ctx, k, longest, shared),
-                                 len(sim.steps) + offset)
+    return model.decode_run(DecodeRun(n, ctx, k, longest, shared), len(sim.steps) + offset)
 
 
 @dataclass
-class DecodeRun:
+class PlannedRun:
     sim: Simulator
     segments: list[Segment]
 
@@ -164,11 +140,7 @@ class DecodeRun:
         added = self._admit_arrivals_in_run(segment)
         bm = sched.block_manager
         used = bm.num_used_blocks
-        self._append_tokens(segment.seqs, bulk)
-        taken = bm.allocate_decode_steps(segment.seqs, bulk)
-        assert taken is not None, "a planned decode run ran out of blocks"
-        for seq in segment.seqs:
-            seq.num_computed_tokens += bulk
+        taken = sched.run_decode_steps(segment.seqs, bulk, sim.next_tokens)
         sim.steps.add_decode_run(DecodeRunSteps(
             sim.clock, segment.ends[:bulk], len(segment.seqs), waiting,
             [j for j in added if j < bulk], used, taken, bm.num_blocks))
@@ -187,11 +159,6 @@ class DecodeRun:
             j = int(np.searchsorted(starts, sim.next_arrival, side="left"))
             added += [j] * sim.admit_arrivals(sim.next_arrival)
         return added
-
-    def _append_tokens(self, seqs: list[Sequence], k: int) -> None:
-        sim = self.sim
-        for seq in seqs:
-            seq.token_ids.extend(sim.token_fn(sim.index[seq.seq_id], seq.num_tokens, k))
 
     def _finishing_step(self, segment: Segment) -> Iterator[simpy.Event]:
         sim = self.sim

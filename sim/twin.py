@@ -3,7 +3,7 @@ metrics. The entry point shared by `python -m sim` and `run.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from engine.config import EngineConfig, ModelConfig
+from engine.request import Request, RequestTable, as_table
 from reports.metrics import requests_frame, summarize
 from sim.capacity import CapacityPlan, plan_capacity
 from sim.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
@@ -19,8 +20,8 @@ from sim.profile import PROFILE_DIR, Profile, ProfileKey, find_profile, slug
 from sim.simulator import Simulator, gc_paused
 from sim.step_log import StepLog
 from sim.step_time import RooflineStepTime, StepTimeModel
-from workloads import TokenSpec, Trace, iter_requests
-from workloads.trace_requests import TraceRequest
+from workloads import TokenSpec, Trace
+from workloads.trace_requests import request_table
 
 PREDICTORS = ("auto", "calibrated", "roofline")
 
@@ -113,17 +114,18 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
     return TwinSetup(model_cfg, keys[0], hw, keys[1], config, profile, step_time, memory)
 
 
-def trace_requests(trace: Trace, model: ModelConfig) -> list[TraceRequest]:
-    """The trace's prompts as token ids within the model's vocabulary."""
+def trace_requests(trace: Trace, model: ModelConfig) -> RequestTable:
+    """The trace's requests, their prompts (made on demand) within the model's vocabulary."""
     spec = TokenSpec(vocab_size=model.vocab_size, low=min(1000, model.vocab_size // 8))
-    return list(iter_requests(trace, spec))
+    return request_table(trace, spec)
 
 
-def simulate(setup: TwinSetup, requests: list[TraceRequest], skip: bool = True,
+def simulate(setup: TwinSetup, requests: RequestTable | Iterable[Request], skip: bool = True,
              on_progress: Callable[[int], None] | None = None) -> TwinRun:
     """Simulate `requests`; a configuration that cannot start gives a run with no steps."""
     cfg, memory = setup.config, setup.memory
-    mean_len = _mean_len(requests)
+    requests = as_table(requests)
+    mean_len = requests.mean_len()
     capacity = plan_capacity(setup.model, setup.hardware, cfg, setup.profile, mean_len,
                              memory)
     if not memory.starts:
@@ -134,15 +136,9 @@ def simulate(setup: TwinSetup, requests: list[TraceRequest], skip: bool = True,
                     setup.model.eos_token_ids(), skip=skip, on_progress=on_progress)
     with gc_paused():  # a full collection would walk every prompt token of `requests`
         result = sim.run(requests)
-        reqs, steps = requests_frame(result.requests), result.steps.to_frame()
+        reqs, steps = result.requests, result.steps.to_frame()
         metrics = summarize(reqs, steps, num_blocks=memory.num_blocks)
     return TwinRun(setup, capacity, reqs, steps, metrics, result.stats)
-
-
-def _mean_len(requests: list[TraceRequest]) -> float | None:
-    if not requests:
-        return None
-    return sum(len(r.prompt_token_ids) + r.output_len for r in requests) / len(requests)
 
 
 def _empty_steps() -> pd.DataFrame:

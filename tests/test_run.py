@@ -133,10 +133,10 @@ def test_real_side_runs_in_a_fresh_process() -> None:
     """The path GPU points take (spawned process), exercised here on the CPU."""
     import run
     from engine.config import EngineConfig
+    from engine.request import Request
     from sim.catalog import load_model
-    from workloads.trace_requests import TraceRequest
 
-    requests = [TraceRequest(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
+    requests = [Request(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
     config = EngineConfig(dtype="float32", device="cpu", max_model_len=256,
                           cpu_memory_gib=0.05)
     reqs, steps, info = run._fresh_process(run.replay_side, load_model("tiny_qwen3"), config,

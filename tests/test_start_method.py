@@ -7,10 +7,10 @@ import pytest
 
 import run
 from engine.config import EngineConfig
+from engine.request import Request
 from sim.catalog import load_model
-from workloads.trace_requests import TraceRequest
 
-REQUESTS = [TraceRequest(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
+REQUESTS = [Request(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
 CONFIG = EngineConfig(dtype="float32", device="cpu", max_model_len=256, cpu_memory_gib=0.05)
 
 

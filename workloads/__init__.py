@@ -17,14 +17,14 @@ from workloads.summary_text import format_summary
 from workloads.tokens import PromptTokens, TokenSpec, prompt_token_ids
 from workloads.tokens_bulk import all_prompt_token_ids
 from workloads.trace_io import read_trace, write_trace
-from workloads.trace_requests import TraceRequest, iter_requests
+from workloads.trace_requests import request_table
 from workloads.validate import make_trace
 
 __all__ = [
     "PRESETS", "Constant", "Empirical", "Fixed", "Gamma", "ImportReport", "LogNormal",
     "MultiTurn", "Offline", "Poisson", "PromptTokens", "Ramp", "SharedPrefix", "SpecError",
-    "TokenSpec", "Trace", "TraceError", "TraceImportWarning", "TraceRequest", "TraceSummary",
+    "TokenSpec", "Trace", "TraceError", "TraceImportWarning", "TraceSummary",
     "TraceWarning", "Uniform", "all_prompt_token_ids", "build_trace", "cacheable_tokens",
-    "describe", "format_summary", "import_azure", "import_csv", "iter_requests", "make_preset",
-    "make_trace", "prompt_token_ids", "read_trace", "regenerate", "write_trace",
+    "describe", "format_summary", "import_azure", "import_csv", "make_preset", "make_trace",
+    "prompt_token_ids", "read_trace", "regenerate", "request_table", "write_trace",
 ]

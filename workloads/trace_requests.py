@@ -1,28 +1,26 @@
-"""What an engine or the simulator consumes: one request at a time, token ids included."""
+"""A trace as the requests an engine or the simulator consumes, prompts made on demand."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import numpy as np
 
-from workloads.schema import Trace
-from workloads.tokens import TokenSpec
-from workloads.tokens_bulk import all_prompt_token_ids
-
-
-@dataclass(frozen=True)
-class TraceRequest:
-    request_id: int
-    arrival_s: float
-    prompt_token_ids: list[int]
-    output_len: int
+from engine.request import RequestTable
+from workloads.schema import TOKENS_COLUMN, Trace
+from workloads.tokens import PromptPlan, TokenSpec
 
 
-def iter_requests(trace: Trace, spec: TokenSpec | None = None) -> Iterator[TraceRequest]:
-    """The trace's requests in arrival order (token ids built once, in bulk)."""
-    prompts = all_prompt_token_ids(trace, spec)
-    ids = trace.df["request_id"].tolist()
-    arrivals = trace.df["arrival_s"].tolist()
-    outputs = trace.df["output_len"].tolist()
-    for i, (rid, arrival, output) in enumerate(zip(ids, arrivals, outputs, strict=True)):
-        yield TraceRequest(rid, arrival, prompts.row_list(i), output)
+def request_table(trace: Trace, spec: TokenSpec | None = None) -> RequestTable:
+    """The trace's requests in trace (arrival) order; a prompt's token ids are made when
+    the request is asked for (`workloads.tokens`' scheme, the same ids every time)."""
+    df = trace.df
+    if trace.has_explicit_tokens:
+        column = df[TOKENS_COLUMN]
+        def prompt_of(i: int) -> list[int]:
+            return np.asarray(column.iat[i]).tolist()
+    else:
+        plan = PromptPlan(trace, spec)
+        def prompt_of(i: int) -> list[int]:
+            return plan.prompt_of(i).tolist()
+    return RequestTable(df["request_id"].to_numpy(), df["arrival_s"].to_numpy(dtype=float),
+                        df["prompt_len"].to_numpy(dtype=np.int64),
+                        df["output_len"].to_numpy(dtype=np.int64), prompt_of)

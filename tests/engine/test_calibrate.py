@@ -25,6 +25,7 @@ from engine.calibrate import (
 from engine.config import EngineConfig
 from engine.llm import LLMEngine
 from engine.memory import estimate_activation_bytes
+from engine.request import Request
 from sim.catalog import load_hardware, load_model
 from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from sim.memory_model import predict_memory
@@ -38,14 +39,8 @@ from sim.profile import (
     find_profile,
 )
 from sim.simulator import Simulator
-from sim.step_time import (
-    DECODE_TERMS,
-    MIXED_TERMS,
-    LinearTerms,
-    design_matrix,
-    fit_nonnegative,
-)
-from workloads.trace_requests import TraceRequest
+from sim.step_terms import DECODE_TERMS, MIXED_TERMS, design_matrix
+from sim.step_time import LinearTerms, fit_nonnegative
 
 MODEL = load_model("tiny_qwen3")
 CONFIG = EngineConfig(dtype="float32", device="cpu", attention_backend="sdpa",
@@ -120,7 +115,7 @@ def test_host_overhead_is_added_to_the_device_time(profile: Profile) -> None:
     model = profile.step_time()
     one = StepFeatures.from_columns(dict(prefill_tokens=[0], prefill_attn=[0],
                                          decode_seqs=[8], decode_ctx=[800], num_seqs=[8]))
-    host = model.host_decode.predict(one, None)[0]
+    host = model.host_decode.predict(one)[0]
     assert host > 0
     from sim.profile import _device_only
     assert model.predict(one)[0] == pytest.approx(_device_only(model).predict(one)[0] + host)
@@ -163,9 +158,9 @@ def test_round_trip_and_use_in_the_sim(profile: Profile, tmp_path) -> None:
     features = profile.features()
     assert np.array_equal(loaded.step_time().predict(features),
                           profile.step_time().predict(features))
-    trace = [TraceRequest(i, 0.002 * i, list(range(3, 40 + 5 * i)), 5) for i in range(6)]
+    trace = [Request(i, 0.002 * i, list(range(3, 40 + 5 * i)), 5) for i in range(6)]
     result = Simulator(CONFIG, 512, loaded.step_time()).run(trace)
-    assert all(r.output_len == 5 for r in result.requests)
+    assert (result.requests["output_len"] == 5).all()
     assert result.steps.to_frame().end_s.iloc[-1] > 0
 
 
@@ -210,7 +205,7 @@ def test_a_splitting_decode_kernel_fits_the_longest_share(profile: Profile,
     """The sdpa backend records no split rule (the longest context itself is the term); a
     profile of the Triton kernel's rule fits the longest sequence's share of its splits."""
     from engine.config import DecodeSplit
-    from sim.step_time import split_term
+    from sim.step_terms import split_term
 
     assert profile.meta["decode_split"] is None and profile.decode_split is None
     rule = DecodeSplit(num_kv_heads=2, target_programs=64, min_share=16, block_n=8)
@@ -220,7 +215,7 @@ def test_a_splitting_decode_kernel_fits_the_longest_share(profile: Profile,
     assert split_term(rule) in model.decode_terms
     assert "decode_max_ctx" not in model.decode_terms
     share = model.decode_coef[model.decode_terms.index(split_term(rule))]
-    assert model.uses_longest_decode == bool(share)
+    assert model.reads_longest == bool(share)
     reloaded = Profile.load(split.save(tmp_path)).step_time()
     assert reloaded.decode_terms == model.decode_terms
     assert np.array_equal(reloaded.predict(split.features()), model.predict(split.features()))
@@ -235,9 +230,9 @@ def test_version_2_profiles_load_and_predict_as_before() -> None:
     assert json.loads((PROFILE_DIR / key.filename).read_text())["format"] == "kvtwin-profile/2"
     f, fit = committed.features(), committed.fit
     assert f.decode_max_ctx is None and f.prefill_gather is None
-    dec = LinearTerms.from_dict(fit["decode"], "d").predict(f, committed.buckets)
-    mix = LinearTerms.from_dict(fit["mixed"], "m").predict(f, None)
-    hosts = [LinearTerms.from_dict(fit[k], k).predict(f, None)
+    dec = LinearTerms.from_dict(fit["decode"], "d", committed.buckets).predict(f)
+    mix = LinearTerms.from_dict(fit["mixed"], "m").predict(f)
+    hosts = [LinearTerms.from_dict(fit[k], k).predict(f)
              for k in ("host_decode", "host_mixed")]
     expected = np.where(f.is_decode_only, dec + hosts[0], mix + hosts[1])
     assert np.array_equal(committed.step_time().predict(f), expected)

@@ -185,7 +185,7 @@ def test_mixed_buffer_formula_is_what_the_graphs_allocate() -> None:
 def test_the_sim_pads_mixed_steps_as_the_runner_does(torch_backend: str) -> None:
     """The rows the runner gives a step (a graph bucket up to the limit, else a multiple
     of 64) are the rows the sim's `padded_tokens` terms count."""
-    from sim.step_time import padded_tokens
+    from sim.step_terms import padded_tokens
 
     runner = runner_tests.make_runner(None, 16, device=DEVICE, max_num_batched_tokens=1024,
                                       max_cudagraph_tokens=256, attention_backend=torch_backend)

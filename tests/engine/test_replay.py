@@ -11,8 +11,8 @@ import pytest
 from engine.llm import LLM, LLMEngine
 from engine.records import RequestRecord, StepRecord
 from engine.replay import ReplayResult, greedy_params, records_frames, replay
+from engine.request import Request
 from sim.catalog import load_model
-from workloads.trace_requests import TraceRequest
 
 MODEL = load_model("tiny_qwen3")
 ARGS = dict(dtype="float32", device="cpu", max_model_len=128, block_size=8, max_num_seqs=4,
@@ -27,16 +27,16 @@ def prompt(i: int, n: int) -> list[int]:
     return ((np.arange(n) * 37 + i * 101) % 500 + 3).tolist()
 
 
-def spaced_trace() -> list[TraceRequest]:
+def spaced_trace() -> list[Request]:
     """A burst, requests arriving while steps run, then an idle gap and a second burst."""
     arrivals = [0.0, 0.0, 0.006, 0.012, 0.018, 0.3, 0.3, 0.307]
     lengths = [(20, 6), (45, 3), (9, 8), (70, 2), (30, 5), (12, 4), (33, 7), (8, 1)]
-    return [TraceRequest(i, a, prompt(i, p), out)
+    return [Request(i, a, prompt(i, p), out)
             for i, (a, (p, out)) in enumerate(zip(arrivals, lengths, strict=True))]
 
 
 @pytest.fixture(scope="module")
-def spaced() -> tuple[list[TraceRequest], ReplayResult]:
+def spaced() -> tuple[list[Request], ReplayResult]:
     trace = spaced_trace()
     return trace, replay(make_engine(), trace)
 
@@ -85,7 +85,7 @@ def test_a_step_after_an_idle_gap_starts_at_the_arrival(spaced) -> None:
 
 
 def test_idle_gap_sleeps_instead_of_spinning() -> None:
-    trace = [TraceRequest(0, 0.0, prompt(0, 10), 2), TraceRequest(1, 0.4, prompt(1, 10), 2)]
+    trace = [Request(0, 0.0, prompt(0, 10), 2), Request(1, 0.4, prompt(1, 10), 2)]
     engine = make_engine()  # built outside the measured span: start-up may use many threads
     cpu0 = time.process_time()
     result = replay(engine, trace)
@@ -95,7 +95,7 @@ def test_idle_gap_sleeps_instead_of_spinning() -> None:
 
 
 def test_offline_trace_runs_back_to_back() -> None:
-    trace = [TraceRequest(i, 0.0, prompt(i, 5 + 9 * i), 1 + i % 4) for i in range(7)]
+    trace = [Request(i, 0.0, prompt(i, 5 + 9 * i), 1 + i % 4) for i in range(7)]
     result = replay(make_engine(), trace)
     assert [r.output_len for r in result.requests] == [t.output_len for t in trace]
     starts = [s.start_s for s in result.steps]
@@ -104,8 +104,8 @@ def test_offline_trace_runs_back_to_back() -> None:
 
 
 def test_rejected_requests_are_recorded() -> None:
-    trace = [TraceRequest(0, 0.0, prompt(0, 10), 3), TraceRequest(1, 0.005, [], 3),
-             TraceRequest(2, 0.01, prompt(2, 200), 3), TraceRequest(3, 0.02, prompt(3, 6), 2)]
+    trace = [Request(0, 0.0, prompt(0, 10), 3), Request(1, 0.005, [], 3),
+             Request(2, 0.01, prompt(2, 200), 3), Request(3, 0.02, prompt(3, 6), 2)]
     result = replay(make_engine(), trace)
     rejected = {r.request_id: r for r in result.requests if r.rejected}
     assert set(rejected) == {1, 2}
@@ -118,7 +118,7 @@ def test_rejected_requests_are_recorded() -> None:
 
 
 def test_only_rejected_requests() -> None:
-    result = replay(make_engine(), [TraceRequest(0, 0.0, [], 3), TraceRequest(1, 0.01, [], 1)])
+    result = replay(make_engine(), [Request(0, 0.0, [], 3), Request(1, 0.01, [], 1)])
     assert all(r.rejected for r in result.requests) and result.steps == []
 
 
@@ -138,7 +138,7 @@ def test_tokens_equal_offline_generate(spaced) -> None:
 
 
 def test_time_scale_stretches_arrivals() -> None:
-    trace = [TraceRequest(0, 0.0, prompt(0, 8), 1), TraceRequest(1, 0.1, prompt(1, 8), 1)]
+    trace = [Request(0, 0.0, prompt(0, 8), 1), Request(1, 0.1, prompt(1, 8), 1)]
     result = replay(make_engine(), trace, time_scale=0.5)
     assert [r.arrival_s for r in result.requests] == [0.0, 0.05]
     assert result.steps[1].start_s == 0.05
@@ -165,6 +165,6 @@ def test_records_frames_have_the_record_columns(spaced) -> None:
 
 def test_replay_needs_a_fresh_engine() -> None:
     engine = make_engine()
-    replay(engine, [TraceRequest(0, 0.0, prompt(0, 4), 1)])
+    replay(engine, [Request(0, 0.0, prompt(0, 4), 1)])
     with pytest.raises(ValueError, match="fresh engine"):
-        replay(engine, [TraceRequest(1, 0.0, prompt(1, 4), 1)])
+        replay(engine, [Request(1, 0.0, prompt(1, 4), 1)])

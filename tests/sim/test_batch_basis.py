@@ -9,14 +9,14 @@ import pytest
 from engine.config import graph_buckets
 from sim.features import StepFeatures
 from sim.profile import FitData, Profile, ProfileKey, kind_terms
-from sim.step_time import (
+from sim.step_terms import (
     BATCH_KNOTS,
     batch_knot_terms,
     decode_terms,
     design_matrix,
-    fit_nonnegative,
     term_column,
 )
+from sim.step_time import fit_nonnegative
 
 BUCKETS = graph_buckets(256)
 

@@ -11,14 +11,8 @@ from sim.catalog import load_hardware, load_model
 from sim.features import StepFeatures
 from sim.memory_model import mixed_graph_bytes, predict_memory
 from sim.profile import Profile, ProfileKey
-from sim.step_time import (
-    CalibratedStepTime,
-    design_matrix,
-    fit_nonnegative,
-    mixed_terms,
-    padded_tokens,
-    term_column,
-)
+from sim.step_terms import design_matrix, mixed_terms, padded_tokens, term_column
+from sim.step_time import CalibratedStepTime, fit_nonnegative
 
 
 def test_token_buckets_step_up_as_the_count_grows() -> None:
@@ -85,7 +79,8 @@ def test_a_fit_reads_another_configurations_token_limit() -> None:
     assert term_column(f, "eager(512)", None)[0] == 1.0
     assert term_column(f, "eager(4096)", None)[0] == 0.0
     assert moved.predict(f)[0] != model.predict(f)[0]
-    old = CalibratedStepTime(np.ones(3), np.ones(2), None, "test", mixed_terms=("const", "x"))
+    old = CalibratedStepTime(np.ones(3), np.ones(2), None, "test",
+                             mixed_terms=("const", "num_tokens"))
     assert old.token_limit is None
 
 

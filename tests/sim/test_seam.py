@@ -17,10 +17,10 @@ from pandas.testing import assert_frame_equal
 
 from engine.llm import LLMEngine
 from engine.replay import ReplayResult, records_frames, replay
+from engine.request import Request
 from sim.catalog import load_model
 from sim.simulator import Simulator, TokenFn
 from sim.step_time import ReplayedStepTime
-from workloads.trace_requests import TraceRequest
 
 MODEL = load_model("tiny_qwen3")
 BASE = dict(dtype="float32", device="cpu", max_model_len=128, block_size=8, max_num_seqs=3,
@@ -42,7 +42,7 @@ def tokens(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(3, 500, n).tolist()
 
 
-def shared_prefix_trace(max_len: int) -> list[TraceRequest]:
+def shared_prefix_trace(max_len: int) -> list[Request]:
     """Two prefix groups, bursts (one larger than max_num_seqs), arrivals during steps, idle
     gaps and one empty prompt. Listed out of arrival order on purpose (both must sort)."""
     groups = [tokens(1, 24), tokens(2, 17)]
@@ -50,12 +50,12 @@ def shared_prefix_trace(max_len: int) -> list[TraceRequest]:
     trace = []
     for i, arrival in enumerate(arrivals):
         body = groups[i % 2] + tokens(10 + i, 3 + (7 * i) % 19)
-        trace.append(TraceRequest(100 + i, arrival, body[: max_len - 16], 4 + (5 * i) % 11))
-    trace.append(TraceRequest(99, 0.012, [], 3))
+        trace.append(Request(100 + i, arrival, body[: max_len - 16], 4 + (5 * i) % 11))
+    trace.append(Request(99, 0.012, [], 3))
     return trace[::-1]
 
 
-def engine_token_fn(trace: list[TraceRequest], result: ReplayResult) -> TokenFn:
+def engine_token_fn(trace: list[Request], result: ReplayResult) -> TokenFn:
     """The engine's sampled tokens, by (trace index, position, count)."""
     def token_fn(index: int, position: int, count: int) -> list[int]:
         offset = position - len(trace[index].prompt_token_ids)
@@ -63,14 +63,14 @@ def engine_token_fn(trace: list[TraceRequest], result: ReplayResult) -> TokenFn:
     return token_fn
 
 
-def simulate(engine: LLMEngine, trace: list[TraceRequest], result: ReplayResult,
+def simulate(engine: LLMEngine, trace: list[Request], result: ReplayResult,
              skip: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     sim = Simulator(engine.config, engine.num_blocks,
                     ReplayedStepTime(np.asarray(result.step_durations_s)),
                     eos_token_ids=frozenset(engine.model_config.eos_token_ids()), skip=skip,
                     token_fn=engine_token_fn(trace, result))
     out = sim.run(trace)
-    requests = pd.DataFrame([r.to_dict() for r in out.requests])
+    requests = out.requests
     return requests, out.steps.to_frame()
 
 
@@ -79,7 +79,7 @@ def by_id(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def run(request) -> tuple[str, LLMEngine, list[TraceRequest], ReplayResult]:
+def run(request) -> tuple[str, LLMEngine, list[Request], ReplayResult]:
     engine = LLMEngine(MODEL, **(BASE | CASES[request.param]))
     trace = shared_prefix_trace(engine.config.max_model_len)
     return request.param, engine, trace, replay(engine, trace)

@@ -1,5 +1,6 @@
-"""The simulator's fast paths equal their plain definitions: stand-in tokens, memoised decode
-durations, the compact step log, runs planned across several finishes, the paused GC."""
+"""The simulator's fast paths equal their plain definitions: stand-in tokens, decode runs
+predicted in one pass, the compact step log, runs planned across several finishes, the
+paused GC."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import pytest
 
 from engine.config import EngineConfig, graph_buckets
 from engine.records import StepRecord
+from engine.request import Request
 from sim.catalog import load_hardware, load_model
-from sim.features import DecodeDurations, decode_run_features
+from sim.features import decode_run_features
 from sim.simulator import Simulator, fake_tokens, gc_paused
 from sim.step_log import DecodeRunSteps, StepLog
-from sim.step_time import CalibratedStepTime, RooflineStepTime
-from workloads.trace_requests import TraceRequest
+from sim.step_time import CalibratedStepTime, DecodeRun, RooflineStepTime
 
 
 @pytest.mark.parametrize(("index", "position", "count"),
@@ -38,14 +39,13 @@ def step_time_models() -> list:
 
 
 @pytest.mark.parametrize("model", step_time_models(), ids=["roofline", "calibrated"])
-def test_memoised_decode_durations_equal_predicting_the_run(model) -> None:
-    memo = DecodeDurations(model.predict)
+def test_decode_runs_equal_predicting_their_steps(model) -> None:
     rng = np.random.default_rng(0)
     for _ in range(200):
         n, k = int(rng.integers(1, 70)), int(rng.integers(1, 900))
         ctx = int(rng.integers(n, 40 * n * 1024))
         direct = model.predict(decode_run_features(n, ctx, k), 0)
-        assert np.array_equal(memo.run(n, ctx, k), direct)
+        assert np.array_equal(model.decode_run(DecodeRun(n, ctx, k)), direct)
 
 
 def row(step: int, start: float, end: float, waiting: int = 0, used: int = 3) -> StepRecord:
@@ -74,7 +74,7 @@ def test_one_run_is_planned_across_several_finishes() -> None:
     """Three decodes finishing at different steps, nothing arriving: one plan, three
     segments, each ended by a step through the Scheduler; records as single-stepping's."""
     config = EngineConfig(block_size=16, max_model_len=1024, max_num_seqs=4).validate()
-    requests = [TraceRequest(i, 0.0, [i + 5] * 40, 100 * (i + 1)) for i in range(3)]
+    requests = [Request(i, 0.0, [i + 5] * 40, 100 * (i + 1)) for i in range(3)]
     model = step_time_models()[1]
     runs = {skip: Simulator(config, 200, model, skip=skip).run(requests) for skip in (0, 1)}
     stats = runs[1].stats

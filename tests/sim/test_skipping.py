@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.config import EngineConfig, graph_buckets
+from engine.request import Request
 from sim.simulator import Simulator
 from sim.step_time import CalibratedStepTime
-from workloads.trace_requests import TraceRequest
 
 STEP_TIME = CalibratedStepTime(
     decode_coef=np.array([3e-3, 1.7e-5, 3.1e-8]),
@@ -39,12 +39,12 @@ UNIQUE = CalibratedStepTime(
     decode_terms=("const", "padded_batch", "decode_ctx", "decode_unique_ctx"))
 
 
-def simulate(config: EngineConfig, num_blocks: int, requests: list[TraceRequest],
+def simulate(config: EngineConfig, num_blocks: int, requests: list[Request],
              skip: bool, step_time: CalibratedStepTime = STEP_TIME
              ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     sim = Simulator(config, num_blocks, step_time, skip=skip)
     result = sim.run(requests)
-    reqs = pd.DataFrame([r.to_dict() for r in result.requests])
+    reqs = result.requests
     return reqs, result.steps.to_frame(), result.stats
 
 
@@ -69,7 +69,7 @@ def scenarios(draw: st.DrawFn):
         plen = draw(st.integers(0, max_model_len))
         prompt = (shared[: draw(st.integers(0, 24))] + [100 + i] * max_model_len)[:plen]
         arrival = draw(st.sampled_from([0.0, 0.01, 0.05])) * draw(st.integers(0, 40))
-        requests.append(TraceRequest(i, arrival, prompt, draw(st.integers(1, max_model_len))))
+        requests.append(Request(i, arrival, prompt, draw(st.integers(1, max_model_len))))
     return config, num_blocks, requests
 
 
@@ -88,7 +88,7 @@ def test_skipping_matches_single_stepping(scenario, step_time) -> None:
                          ids=["sum", "longest", "share", "unique"])
 def test_skipping_really_skips_on_a_long_decode(step_time) -> None:
     config = EngineConfig(block_size=16, max_model_len=2048, max_num_seqs=4).validate()
-    requests = [TraceRequest(i, 0.1 * i, [i + 5] * 100 * (i + 1), 500) for i in range(4)]
+    requests = [Request(i, 0.1 * i, [i + 5] * 100 * (i + 1), 500) for i in range(4)]
     reqs_a, steps_a, _ = simulate(config, 1000, requests, False, step_time)
     reqs_b, steps_b, stats = simulate(config, 1000, requests, True, step_time)
     assert stats["skipped_steps"] > 0.9 * len(steps_b)

@@ -7,8 +7,9 @@ import numpy as np
 
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import SamplingParams, Sequence
-from sim.features import DecodeDurations, StepFeatures, decode_run_features, features_of
-from sim.step_time import CalibratedStepTime, term_column
+from sim.features import StepFeatures, decode_run_features, features_of
+from sim.step_terms import compile_term, term_column
+from sim.step_time import CalibratedStepTime, DecodeRun
 
 
 def step(items: list[tuple[int, int, bool]]) -> SchedulerOutput:
@@ -22,10 +23,10 @@ def step(items: list[tuple[int, int, bool]]) -> SchedulerOutput:
 
 def test_features_of_gives_the_longest_decode_and_the_gathered_keys() -> None:
     f = features_of(step([(99, 1, True), (9, 1, True), (0, 30, False), (64, 16, False)]))
-    assert f.decode_ctx[0] == 110 and f.decode_max_ctx[0] == 100
-    assert f.prefill_gather[0] == 30 + 80  # every chunk's keys once one has a prefix
+    assert f.decode_ctx == 110 and f.decode_max_ctx == 100
+    assert f.prefill_gather == 30 + 80  # every chunk's keys once one has a prefix
     fresh = features_of(step([(0, 30, False), (5, 1, True)]))
-    assert fresh.prefill_gather[0] == 0 and fresh.decode_max_ctx[0] == 6
+    assert fresh.prefill_gather == 0 and fresh.decode_max_ctx == 6
 
 
 def model() -> CalibratedStepTime:
@@ -36,11 +37,11 @@ def model() -> CalibratedStepTime:
 
 
 def test_decode_runs_with_their_longest_context_match_single_steps() -> None:
-    m, memo = model(), DecodeDurations(model().predict)
+    m = model()
     direct = m.predict(decode_run_features(4, 4 * 50 + 3, 300, 80))
-    assert np.array_equal(memo.run(4, 4 * 50 + 3, 300, 80), direct)
+    assert np.array_equal(m.decode_run(DecodeRun(4, 4 * 50 + 3, 300, 80)), direct)
     later = m.predict(decode_run_features(4, 4 * 60 + 3, 20, 90))
-    assert np.array_equal(memo.run(4, 4 * 60 + 3, 20, 90), later)
+    assert np.array_equal(m.decode_run(DecodeRun(4, 4 * 60 + 3, 20, 90)), later)
     assert (direct > m.predict(decode_run_features(4, 4 * 50 + 3, 300))).all()
 
 
@@ -57,7 +58,7 @@ def test_steps_without_the_extra_features_estimate_them() -> None:
 def test_decode_share_is_the_longest_contexts_share_of_the_bucket_splits() -> None:
     """The kernel splits by the batch it runs (the graph bucket), so 5 decodes split as 8."""
     from engine.config import DecodeSplit
-    from sim.step_time import split_term
+    from sim.step_terms import split_term
 
     rule = DecodeSplit(num_kv_heads=2, target_programs=64, max_splits=8, min_share=16,
                        block_n=8)
@@ -77,7 +78,7 @@ def test_decode_combine_marks_mixed_steps_whose_own_decodes_are_split() -> None:
     decodes make 8 and 32 of 64 programs (split), 40 make 80 (whole); no decodes, nothing to
     combine. The term belongs to the mixed model of a profile that records the split rule."""
     from engine.config import DecodeSplit
-    from sim.step_time import mixed_terms, split_term
+    from sim.step_terms import mixed_terms, split_term
 
     rule = DecodeSplit(num_kv_heads=2, target_programs=64, max_splits=8, min_share=16,
                        block_n=8)
@@ -109,13 +110,13 @@ def test_decodes_re_reading_a_cached_prefix_count_it_once() -> None:
         item.seq.block_hashes = [first, 100 + len(item.seq.token_ids)]
         item.seq.num_cached_tokens = hit
     f = features_of(out)
-    assert f.decode_shared[0] == 64
-    assert term_column(f, "decode_unique_ctx", None)[0] == f.decode_ctx[0] - 64
-    memo = DecodeDurations(CalibratedStepTime(
-        np.array([1e-3, 1e-6, 1e-7]), np.array([1e-2]), None, "test",
-        decode_terms=("const", "decode_ctx", "decode_unique_ctx"),
-        mixed_terms=("const",)).predict)
-    assert memo.run(5, 205, 3, None, 64)[0] < memo.run(5, 205, 3, None, 0)[0]
+    assert f.decode_shared == 64
+    assert compile_term("decode_unique_ctx", None).value(f) == f.decode_ctx - 64
+    m = CalibratedStepTime(np.array([1e-3, 1e-6, 1e-7]), np.array([1e-2]), None, "test",
+                           decode_terms=("const", "decode_ctx", "decode_unique_ctx"),
+                           mixed_terms=("const",))
+    assert m.decode_run(DecodeRun(5, 205, 3, None, 64))[0] < \
+        m.decode_run(DecodeRun(5, 205, 3, None, 0))[0]
 
 
 def test_a_scaled_model_makes_every_step_that_much_longer() -> None:

@@ -141,13 +141,16 @@ def test_token_spec_and_row_are_checked(chat: Trace) -> None:
         prompt_token_ids(chat, 120)
 
 
-def test_iter_requests_carries_ids_times_tokens_and_outputs(chat: Trace) -> None:
-    from workloads.trace_requests import iter_requests
+def test_the_request_table_carries_ids_times_tokens_and_outputs(chat: Trace) -> None:
+    from workloads.trace_requests import request_table
 
-    requests = list(iter_requests(chat))
+    table = request_table(chat)
+    requests = list(table)
     bulk = all_prompt_token_ids(chat)
     assert [r.request_id for r in requests] == chat.df["request_id"].tolist()
     assert [r.arrival_s for r in requests] == chat.df["arrival_s"].tolist()
     assert [r.output_len for r in requests] == chat.df["output_len"].tolist()
     assert all(type(t) is int for t in requests[5].prompt_token_ids)
     assert requests[7].prompt_token_ids == bulk.row_list(7)
+    assert all(table.prompt_of(i) == bulk.row_list(i) for i in range(len(table)))
+    assert table.prompt_len.tolist() == [len(r.prompt_token_ids) for r in requests]
