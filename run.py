@@ -6,7 +6,7 @@
     python run.py mode=both model=tiny_qwen3 hardware=cpu engine=cpu_tiny
     python run.py mode=bench workload=nanovllm_bench +bench.hf_requests=64
 
-mode=bench is `python -m engine.bench` on the composed model, engine and workload (offline,
+mode=bench is `python -m engine.tools.bench` on the composed model, engine and workload (offline,
 every request at t=0) against HF transformers in the same process; it prints the table and
 writes bench.json. Its own knobs are BenchOptions fields, given as +bench.<field>=<value>
 (peers, hf_requests, hf_batch_size, temperature, warmup, hf_num_blocks, hf_max_batch_tokens).
@@ -29,10 +29,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from engine.config import EngineConfig
-from engine.memory import StartupError
+from conf.schema import MODES, register
+from engine.core.config import EngineConfig
+from engine.core.memory import StartupError
 from reports.run_folder import write_run
-from sim.run_config import MODES, register
 
 register()
 
@@ -131,8 +131,8 @@ def replay_side(model: Any, config: EngineConfig, requests: list[Any], path: str
     """Build the engine and replay the trace on the wall clock (torch lives only here)."""
     from tqdm.auto import tqdm
 
-    from engine.llm import LLMEngine
-    from engine.replay import records_frames, replay
+    from engine.runtime.llm import LLMEngine
+    from engine.runtime.replay import records_frames, replay
 
     engine = LLMEngine(path or model, config)
     with tqdm(total=len(requests), desc="replay", unit="req", disable=not progress) as bar:
@@ -181,7 +181,7 @@ def _same_process(fn: Any, *args: Any) -> Any:
 # never touches CUDA, so a forked child starts CUDA as fresh as a spawned one. If CUDA
 # cannot start in a forked child, this and every later point fall back to spawn.
 _START = {"method": os.environ.get("KVTWIN_START_METHOD", "spawn")}
-_PRELOAD = ["engine.llm", "engine.replay"]
+_PRELOAD = ["engine.runtime.llm", "engine.runtime.replay"]
 
 
 def _fresh_process(fn: Any, *args: Any) -> Any:
@@ -218,7 +218,7 @@ def _cuda_fork_error(err: BaseException) -> bool:
 
 
 def _calibrate(cfg: DictConfig) -> dict[str, Any]:
-    from engine.calibrate import calibrate
+    from engine.tools.calibrate import calibrate
 
     command = "python run.py mode=calibrate " + " ".join(HydraConfig.get().overrides.task)
     source = cfg.model.path or _choice("model") or _entry(cfg.model)["name"]
@@ -232,8 +232,8 @@ def _calibrate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _bench(cfg: DictConfig) -> dict[str, Any]:
-    """engine.bench on this run's model, engine and workload; bench.json in the run folder."""
-    from engine import bench
+    """engine.tools.bench on this run's model, engine and workload; bench.json in the run folder."""
+    from engine.tools import bench
 
     model = _bench_model(cfg)
     config = engine_config(cfg).validate(model.config)
@@ -251,8 +251,8 @@ def _bench(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _bench_model(cfg: DictConfig) -> Any:
-    from engine.bench import BenchModel, resolve_model
-    from sim.catalog import model_from_dict
+    from engine.core.catalog import model_from_dict
+    from engine.tools.bench import BenchModel, resolve_model
 
     if cfg.model.path:
         return resolve_model(cfg.model.path)

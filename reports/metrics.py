@@ -1,6 +1,6 @@
 """Serving metrics from request and step records, defined as vLLM's `bench serve` defines them.
 
-Inputs are DataFrames whose columns are the fields of `engine.records.RequestRecord` and
+Inputs are DataFrames whose columns are the fields of `engine.core.records.RequestRecord` and
 `StepRecord` (the same schema from the simulator and the engine); `requests_frame` and
 `steps_frame` build them from record objects or dicts. Pure pandas/numpy (no torch).
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.records import RequestRecord, StepRecord
+from engine.core.records import RequestRecord, StepRecord
 
 REQUEST_SCHEMA = tuple(f.name for f in fields(RequestRecord))
 STEP_SCHEMA = tuple(f.name for f in fields(StepRecord))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.config import EngineConfig, GiB, ModelConfig
-from engine.memory import blocks_per_request, largest_max_model_len, max_concurrency
-from sim.catalog import Hardware
+from engine.core.catalog import Hardware
+from engine.core.config import EngineConfig, GiB, ModelConfig
+from engine.core.memory import blocks_per_request, largest_max_model_len, max_concurrency
 from sim.memory_model import MemoryPrediction, predict_memory
 from sim.profile import Profile
 

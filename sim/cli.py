@@ -16,9 +16,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError, EngineConfig
+from engine.core.catalog import list_hardware, list_models
+from engine.core.config import ConfigError, EngineConfig
 from sim.capacity import format_plan, plan_capacity
-from sim.catalog import list_hardware, list_models
 from sim.twin import PREDICTORS, TwinRun, setup_twin, simulate, trace_requests
 from workloads import PRESETS, make_preset, read_trace
 

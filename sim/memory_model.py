@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import EngineConfig, GiB, ModelConfig, graph_buckets
-from engine.memory import (
+from engine.core.catalog import Hardware
+from engine.core.config import EngineConfig, GiB, ModelConfig, graph_buckets
+from engine.core.memory import (
     MemoryTerms,
     StartupError,
     blocks_per_request,
@@ -23,7 +24,6 @@ from engine.memory import (
     mixed_buffer_bytes,
     num_blocks_from_terms,
 )
-from sim.catalog import Hardware
 from sim.profile import Profile
 
 

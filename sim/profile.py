@@ -26,11 +26,11 @@ real `LLMEngine.step` calls (schedule + records + execute_model + update_from_ou
 duration a replay measures. The fit: device time (execute_model) per step kind from both
 sources, plus host overhead (step minus execute_model) from the engine rows.
 
-Version 3 adds sample columns (`sim.features.EXTRA_FEATURES`: the longest decode's context,
+Version 3 adds sample columns (`engine.core.features.EXTRA_FEATURES`: the longest decode's context,
 the prefix keys gathered for prefill chunks, and in later version-3 files the prefix keys the
 decodes re-read), the terms over them, and a fit that is unbiased in seconds
 (`sim.step_time.fit_nonnegative`; `fit.loss` names it). `meta.decode_split`, where present,
-is the paged-decode kernel's split rule (`engine.config.DecodeSplit`): the longest decode
+is the paged-decode kernel's split rule (`engine.core.config.DecodeSplit`): the longest decode
 then enters as its share of the splits. `meta.decode_batch_basis` ("knots", written by
 calibrations since it was added; "hinges" where absent) says how the fixed cost of a decode
 step follows its batch (`sim.step_time.decode_terms`). Version-3 files without the later
@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import DecodeSplit
-from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
+from engine.core.config import DecodeSplit
+from engine.core.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from sim.step_terms import (
     BATCH_BASES,
     DECODE_TERMS,

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from engine.records import REQUEST_FIELDS
-from engine.sequence import Sequence
+from engine.core.records import REQUEST_FIELDS
+from engine.core.sequence import Sequence
 
 _FLOATS = ("first_scheduled_s", "first_token_s", "finish_s")
 _INTS = ("output_len", "num_cached_tokens", "num_preemptions")
@@ -47,6 +47,6 @@ class RequestLog:
         self.ended[row] = True
 
     def to_frame(self) -> pd.DataFrame:
-        """The RequestRecord columns (engine.records), in order."""
+        """The RequestRecord columns (engine.core.records), in order."""
         c = self.columns
         return pd.DataFrame({name: c[name] for name in REQUEST_FIELDS})

@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from engine.config import EngineConfig
-from engine.records import StepRecord
-from engine.request import Request, RequestTable, as_table
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import SamplingParams, Sequence
-from sim.features import features_of
+from engine.core.config import EngineConfig
+from engine.core.features import features_of
+from engine.core.records import StepRecord
+from engine.core.request import Request, RequestTable, as_table
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import SamplingParams, Sequence
 from sim.request_log import RequestLog
 from sim.skipping import plan_decode_run
 from sim.step_log import StepLog

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
-from engine.scheduler import DecodeHorizon, SchedulerOutput
-from engine.sequence import Sequence
-from sim.features import shared_prefix_keys
+from engine.core.features import shared_prefix_keys
+from engine.core.scheduler import DecodeHorizon, SchedulerOutput
+from engine.core.sequence import Sequence
 from sim.step_log import DecodeRunSteps
 from sim.step_time import DecodeRun
 

@@ -9,7 +9,7 @@ from operator import attrgetter
 import numpy as np
 import pandas as pd
 
-from engine.records import StepRecord
+from engine.core.records import StepRecord
 
 COLUMNS = tuple(f.name for f in fields(StepRecord))
 FLOAT_COLUMNS = ("start_s", "end_s")

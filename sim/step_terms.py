@@ -18,9 +18,9 @@ from functools import cache
 
 import numpy as np
 
-from engine.config import DecodeSplit, token_buckets
-from engine.step_input import TOKEN_MULTIPLE
-from sim.features import StepFeatures, StepRow
+from engine.core.config import DecodeSplit, token_buckets
+from engine.core.features import StepFeatures, StepRow
+from engine.runtime.step_input import TOKEN_MULTIPLE
 
 # Version-1 profiles' terms (still read, and the defaults of CalibratedStepTime).
 DECODE_TERMS = ("const", "padded_batch", "decode_ctx")
@@ -146,7 +146,7 @@ def padded_batch_of(decode_seqs: int, buckets: list[int] | None) -> int:
 
 def padded_tokens(num_tokens: np.ndarray, limit: int) -> np.ndarray:
     """Rows a mixed step runs: its graph bucket up to `limit`, else padded to
-    TOKEN_MULTIPLE (engine.model_runner.ModelRunner.eager_rows)."""
+    TOKEN_MULTIPLE (engine.runtime.model_runner.ModelRunner.eager_rows)."""
     n = np.asarray(num_tokens, dtype=np.int64)
     edges = np.asarray(token_buckets(limit) or [0], dtype=np.int64)
     bucket = edges[np.minimum(np.searchsorted(edges, n), len(edges) - 1)]

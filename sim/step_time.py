@@ -17,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.config import DTYPE_BYTES, ModelConfig
-from sim.features import StepFeatures, StepRow, decode_run_features
+from engine.core.config import DTYPE_BYTES, ModelConfig
+from engine.core.features import StepFeatures, StepRow, decode_run_features
 from sim.step_terms import (
     DECODE_TERMS,
     MIXED_TERMS,

@@ -10,11 +10,11 @@ from typing import Any
 
 import pandas as pd
 
-from engine.config import EngineConfig, ModelConfig
-from engine.request import Request, RequestTable, as_table
+from engine.core.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
+from engine.core.config import EngineConfig, ModelConfig
+from engine.core.request import Request, RequestTable, as_table
 from reports.metrics import requests_frame, summarize
 from sim.capacity import CapacityPlan, plan_capacity
-from sim.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
 from sim.memory_model import MemoryPrediction, predict_memory
 from sim.profile import PROFILE_DIR, Profile, ProfileKey, find_profile, slug
 from sim.simulator import Simulator, gc_paused

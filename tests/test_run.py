@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from sim.run_config import register
+from conf.schema import register
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -35,7 +35,7 @@ def test_every_group_option_composes(group: str) -> None:
 
 
 def test_groups_mirror_the_catalog_and_presets() -> None:
-    from sim.catalog import list_hardware, list_models
+    from engine.core.catalog import list_hardware, list_models
     from workloads import PRESETS
 
     assert options("model") == sorted(list_models())
@@ -132,9 +132,9 @@ def test_both_mode_on_the_cpu_compares_sim_with_the_real_engine(tmp_path: Path) 
 def test_real_side_runs_in_a_fresh_process() -> None:
     """The path GPU points take (spawned process), exercised here on the CPU."""
     import run
-    from engine.config import EngineConfig
-    from engine.request import Request
-    from sim.catalog import load_model
+    from engine.core.catalog import load_model
+    from engine.core.config import EngineConfig
+    from engine.core.request import Request
 
     requests = [Request(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
     config = EngineConfig(dtype="float32", device="cpu", max_model_len=256,

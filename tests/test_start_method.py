@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 import run
-from engine.config import EngineConfig
-from engine.request import Request
-from sim.catalog import load_model
+from engine.core.catalog import load_model
+from engine.core.config import EngineConfig
+from engine.core.request import Request
 
 REQUESTS = [Request(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
 CONFIG = EngineConfig(dtype="float32", device="cpu", max_model_len=256, cpu_memory_gib=0.05)

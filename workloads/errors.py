@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import ConfigError
+from engine.core.config import ConfigError
 
 
 class TraceError(ValueError):

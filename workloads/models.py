@@ -8,15 +8,15 @@ from workloads.errors import SpecError
 
 
 def catalog_models() -> list[str]:
-    from sim.catalog import list_models
+    from engine.core.catalog import list_models
 
     return list_models()
 
 
 def model_kv_bytes_per_token(model: str, dtype: str = "bfloat16") -> int:
     """KV cache bytes per token (K and V, all layers) of a catalog model or an HF config path."""
-    from engine.config import DTYPE_BYTES, ModelConfig  # pure Python, no torch
-    from sim.catalog import load_model
+    from engine.core.catalog import load_model
+    from engine.core.config import DTYPE_BYTES, ModelConfig  # pure Python, no torch
 
     if dtype not in DTYPE_BYTES:
         raise SpecError("dtype", dtype, f"one of {', '.join(DTYPE_BYTES)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.request import RequestTable
+from engine.core.request import RequestTable
 from workloads.schema import TOKENS_COLUMN, Trace
 from workloads.tokens import PromptPlan, TokenSpec
 

@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers import fused
+from engine.layers.kernels import dispatch
 
 
 class SiluAndMul(nn.Module):
     """x = [gate | up] along the last dim -> silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.use_fused(x):
-            from engine.layers.fused_kernels import silu_and_mul
+        if dispatch.use_triton(x):
+            from engine.layers.kernels.elementwise import silu_and_mul
 
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from engine.layers.attention_backends import paged_forward
 from engine.layers.context import DecodeBatch, ForwardContext, get_forward_context
-from engine.layers.varlen_attention import paged_forward
 
 BACKENDS = ("sdpa", "torch", "flash_attn")
 

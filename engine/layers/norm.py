@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers import fused
+from engine.layers.kernels import dispatch
 
 
 class RMSNorm(nn.Module):
@@ -15,8 +15,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.use_fused(x):
-            from engine.layers.fused_kernels import rms_norm
+        if dispatch.use_triton(x):
+            from engine.layers.kernels.elementwise import rms_norm
 
             return rms_norm(x, self.weight, self.eps)[0]
         dtype = x.dtype
@@ -27,8 +27,8 @@ class RMSNorm(nn.Module):
     def forward_with_residual(self, x: torch.Tensor,
                               residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual): the pre-norm decoder's residual stream."""
-        if fused.use_fused(x):
-            from engine.layers.fused_kernels import rms_norm
+        if dispatch.use_triton(x):
+            from engine.layers.kernels.elementwise import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
         x = x + residual

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.layers import fused
+from engine.layers.kernels import dispatch
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -64,8 +64,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [T, heads, head_dim]; positions: [T]."""
-        if fused.use_fused(q):
-            from engine.layers.fused_kernels import rotary
+        if dispatch.use_triton(q):
+            from engine.layers.kernels.elementwise import rotary
 
             return (rotary(q, self.cos_cache, self.sin_cache, positions),
                     rotary(k, self.cos_cache, self.sin_cache, positions))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.layers import fused
+from engine.core.sequence import SamplingParams
 from engine.layers.host import to_device
-from engine.sequence import SamplingParams
+from engine.layers.kernels import dispatch
 
 SEED_RANGE = 1 << 31
 
@@ -32,7 +32,7 @@ class Sampler:
         if all(greedy_rows):
             return logits.argmax(dim=-1)
         generators = generators or [None] * len(params)
-        if fused.use_fused(logits) and not any(_filters(p, logits.shape[-1]) for p in params):
+        if dispatch.use_triton(logits) and not any(_filters(p, logits.shape[-1]) for p in params):
             return self._gumbel(logits, params, generators)
         probs = self._probs(logits, params)
         noise = self._exponential(probs, greedy_rows, generators)
@@ -45,7 +45,7 @@ class Sampler:
     def _gumbel(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
         """Greedy rows take the same pass with no noise and temperature 1."""
-        from engine.layers.fused_kernels import gumbel_argmax
+        from engine.layers.kernels.elementwise import gumbel_argmax
 
         device = logits.device
         seeds = torch.randint(SEED_RANGE, (len(params),), device=device,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.core.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM, MistralForCausalLM
 from engine.models.qwen3 import Qwen3ForCausalLM
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.layers import fused
+from engine.core.config import ModelConfig
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
+from engine.layers.kernels import dispatch
 from engine.layers.linear import Linear, MergedLinear, VocabEmbedding
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -45,7 +45,7 @@ class LlamaAttention(nn.Module):
         kernel stores them where `kv_store` points)."""
         qkv = self.qkv_proj(hidden)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        if fused.use_fused(qkv):
+        if dispatch.use_triton(qkv):
             store = self.attn.kv_store()
             q, k = self._fused_qk(positions, qkv, store)
             return q, k, v, store is not None
@@ -63,7 +63,7 @@ class LlamaAttention(nn.Module):
     def _fused_qk(self, positions: torch.Tensor, qkv: torch.Tensor,
                   store: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         """One kernel for q/k norm and RoPE, which also writes K/V to `store`, if given."""
-        from engine.layers.fused_kernels import qk_norm_rope
+        from engine.layers.kernels.elementwise import qk_norm_rope
 
         norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
         eps = self.q_norm.eps if self.q_norm is not None else 0.0

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import random
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.scheduler import Scheduler
-from engine.sequence import SamplingParams, Sequence
+from engine.core.config import EngineConfig
+from engine.core.kv.block_manager import BlockManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import SamplingParams, Sequence
 
 
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.core.config import EngineConfig
 from sim.twin import setup_twin, simulate, trace_requests
 from workloads import make_preset
 from workloads.presets import TRACE_DIR

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.config import EngineConfig
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import SamplingParams, Sequence, SequenceStatus
+from engine.core.config import EngineConfig
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import SamplingParams, Sequence, SequenceStatus
 
 
 @dataclass

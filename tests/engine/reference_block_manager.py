@@ -1,6 +1,6 @@
 """The previous BlockManager (one object per block, an OrderedDict free queue), kept verbatim
-as an oracle: the struct-of-arrays engine.block_manager must behave exactly like it.
-Its hash chain is xxh3 over (parent hash, token bytes), as engine.block_manager's."""
+as an oracle: the struct-of-arrays engine.core.kv.block_manager must behave exactly like it.
+Its hash chain is xxh3 over (parent hash, token bytes), as engine.core.kv.block_manager's."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from xxhash import xxh3_64_intdigest
 
-from engine.block_manager import PrefixCacheStats
-from engine.sequence import Sequence
+from engine.core.kv.block_manager import PrefixCacheStats
+from engine.core.sequence import Sequence
 
 NO_PARENT = 0  # hash seed of the first block
 ROOT = -1      # parent content id of the first block

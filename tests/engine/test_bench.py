@@ -1,4 +1,4 @@
-"""engine.bench on the CPU: the JSON it writes, its numbers, HF peers on the same weights."""
+"""engine.tools.bench on the CPU: the JSON it writes, its numbers, HF peers on the same weights."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine import bench
-from engine.config import ConfigError
+from engine.core.config import ConfigError
+from engine.tools import bench
 from tests.engine.hf_tiny import hf_model, save_hf
 from workloads import make_preset
 
@@ -39,7 +39,7 @@ def test_cli_writes_the_json_under_results_bench(tmp_path: Path, monkeypatch: py
     check_environment(result)
     check_kvtwin(result, make_preset("nanovllm_bench", n=6, **SMALL))
     check_peers(result, make_preset("nanovllm_bench", n=6, **SMALL), 3)
-    assert result["command"] == "python -m engine.bench " + " ".join(argv)
+    assert result["command"] == "python -m engine.tools.bench " + " ".join(argv)
     assert result["engine_config"]["dtype"] == "float32"
     assert result["engine_config"]["max_num_seqs"] == 16  # from conf/engine/cpu_tiny.yaml
     assert result["sampling"]["temperature"] == 0.6 and "greedy_match" not in result

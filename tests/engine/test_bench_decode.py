@@ -1,13 +1,14 @@
-"""engine.bench_decode: its decode plan is a valid decode step; it refuses to run without a GPU."""
+"""engine.tools.bench_decode: its decode plan is a valid decode step; it refuses to run
+without a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine import bench_decode
-from engine.llm import LLM
-from sim.catalog import load_model
+from engine.core.catalog import load_model
+from engine.runtime.llm import LLM
+from engine.tools import bench_decode
 
 
 def test_decode_plan_is_one_token_per_sequence_over_its_own_blocks() -> None:

@@ -1,14 +1,15 @@
-"""engine.bench_mixed: its compositions are valid mixed steps; it refuses to run without a GPU."""
+"""engine.tools.bench_mixed: its compositions are valid mixed steps; it refuses to run
+without a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine import bench_mixed
-from engine.bench_mixed import Composition
-from engine.llm import LLM
-from sim.catalog import load_model
+from engine.core.catalog import load_model
+from engine.runtime.llm import LLM
+from engine.tools import bench_mixed
+from engine.tools.bench_mixed import Composition
 
 
 def test_mixed_plan_is_decodes_then_a_chunk_over_their_own_blocks() -> None:
@@ -24,7 +25,7 @@ def test_mixed_plan_is_decodes_then_a_chunk_over_their_own_blocks() -> None:
 
 
 def test_every_composition_fits_the_default_graphs() -> None:
-    from engine.config import token_buckets
+    from engine.core.config import token_buckets
 
     largest = token_buckets(4096)[-1]
     assert all(0 < c.num_tokens <= largest for c in bench_mixed.COMPOSITIONS)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import engine.prefix_cache as prefix_cache
-from engine.block_manager import BlockManager, hash_block
-from engine.sequence import Sequence
+import engine.core.kv.prefix_cache as prefix_cache
+from engine.core.kv.block_manager import BlockManager, hash_block
+from engine.core.sequence import Sequence
 
 MASK = (1 << 64) - 1
 

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
-import engine.prefix_cache as cache_module
+import engine.core.kv.prefix_cache as cache_module
 import tests.engine.reference_block_manager as ref_module
-from engine.block_manager import BlockManager, provisional_content_id
-from engine.config import EngineConfig
-from engine.prefix_cache import PENDING, ROOT
-from engine.scheduler import Scheduler, SchedulerOutput, is_prefilling
-from engine.sequence import SamplingParams, Sequence
+from engine.core.config import EngineConfig
+from engine.core.kv.block_manager import BlockManager, provisional_content_id
+from engine.core.kv.prefix_cache import PENDING, ROOT
+from engine.core.scheduler import Scheduler, SchedulerOutput, is_prefilling
+from engine.core.sequence import SamplingParams, Sequence
 from tests.engine.driver import next_token
 from tests.engine.reference_block_manager import ReferenceBlockManager
 from tests.engine.test_core_properties import scenarios

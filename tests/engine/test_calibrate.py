@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.calibrate import (
+from engine.core.catalog import load_hardware, load_model
+from engine.core.config import EngineConfig
+from engine.core.features import EXTRA_FEATURES, FEATURES, StepFeatures
+from engine.core.memory import estimate_activation_bytes
+from engine.core.request import Request
+from engine.runtime.llm import LLMEngine
+from engine.tools.calibrate import (
     CalibrationGrid,
     EngineWorkload,
     StepShape,
@@ -22,12 +28,6 @@ from engine.calibrate import (
     parse_args,
     run_requests,
 )
-from engine.config import EngineConfig
-from engine.llm import LLMEngine
-from engine.memory import estimate_activation_bytes
-from engine.request import Request
-from sim.catalog import load_hardware, load_model
-from sim.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from sim.memory_model import predict_memory
 from sim.profile import (
     FORMAT,
@@ -204,7 +204,7 @@ def test_a_splitting_decode_kernel_fits_the_longest_share(profile: Profile,
                                                           tmp_path: Path) -> None:
     """The sdpa backend records no split rule (the longest context itself is the term); a
     profile of the Triton kernel's rule fits the longest sequence's share of its splits."""
-    from engine.config import DecodeSplit
+    from engine.core.config import DecodeSplit
     from sim.step_terms import split_term
 
     assert profile.meta["decode_split"] is None and profile.decode_split is None
@@ -383,7 +383,7 @@ def test_a_failing_engine_phase_or_step_does_not_sink_the_calibration(monkeypatc
                                                                      capsys) -> None:
     """One GPU command is all a calibration gets: an engine workload that raises leaves a
     synthetic-only profile, and a synthetic step that raises is left out."""
-    import engine.calibrate as cal
+    import engine.tools.calibrate as cal
 
     def broken_workload(engine, requests, arrive_every=0):
         engine.add_request(requests[0][0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.core.config import ConfigError, EngineConfig, ModelConfig
 
 QWEN3_06B = {
     "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 1024,

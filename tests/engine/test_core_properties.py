@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.config import EngineConfig
-from engine.scheduler import Scheduler, is_prefilling
-from engine.sequence import SequenceStatus
+from engine.core.config import EngineConfig
+from engine.core.scheduler import Scheduler, is_prefilling
+from engine.core.sequence import SequenceStatus
 from tests.engine.driver import drive
 
 PREFIXES = [[7] * 40, list(range(100, 140)), [5, 6] * 20]
@@ -91,7 +91,7 @@ def test_same_stream_gives_identical_schedules(scenario) -> None:
 
 def test_is_prefilling_tracks_pending_sample() -> None:
     sched = Scheduler(EngineConfig(block_size=4, max_model_len=16), 8)
-    from engine.sequence import Sequence
+    from engine.core.sequence import Sequence
     seq = Sequence([1, 2, 3])
     assert is_prefilling(seq)
     sched.add_request(seq)

@@ -8,9 +8,9 @@ import copy
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from engine.config import EngineConfig
-from engine.scheduler import Scheduler
-from engine.sequence import SamplingParams, Sequence
+from engine.core.config import EngineConfig
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import SamplingParams, Sequence
 
 
 @st.composite

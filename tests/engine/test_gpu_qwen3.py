@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from engine.llm import LLM
-from engine.sequence import SamplingParams
+from engine.core.sequence import SamplingParams
+from engine.runtime.llm import LLM
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

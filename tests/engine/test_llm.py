@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.llm import LLM
-from engine.memory import MaxModelLenTooLargeError, NoCacheMemoryError
-from engine.sequence import SamplingParams
+from engine.core.memory import MaxModelLenTooLargeError, NoCacheMemoryError
+from engine.core.sequence import SamplingParams
+from engine.runtime.llm import LLM
 from tests.engine.hf_tiny import hf_logits, hf_model, save_hf
 
 MAX_TOKENS = 6

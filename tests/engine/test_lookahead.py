@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.llm import LLM
-from engine.lookahead import Lookahead
-from engine.records import StepRecord
-from engine.sequence import SamplingParams
+from engine.core.records import StepRecord
+from engine.core.sequence import SamplingParams
+from engine.runtime.llm import LLM
+from engine.runtime.lookahead import Lookahead
 from tests.engine.hf_tiny import hf_model, save_hf
 from tests.engine.test_llm import PROMPTS, random_tokens
 

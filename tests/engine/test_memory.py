@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import GiB, ModelConfig
-from engine.memory import (
+from engine.core.config import GiB, ModelConfig
+from engine.core.memory import (
     MaxModelLenTooLargeError,
     MemoryTerms,
     NoCacheMemoryError,

@@ -17,7 +17,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.layers.mixed_attention import block_q, mixed_attention, mixed_grid_tiles  # noqa: E402
+from engine.layers.kernels.mixed_attention import block_q, mixed_attention, mixed_grid_tiles  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 

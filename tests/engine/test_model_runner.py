@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, EngineConfig
+from engine.core.config import ConfigError, EngineConfig
+from engine.core.sequence import SamplingParams, Sequence
 from engine.layers.attention import store_kv
 from engine.layers.sampler import Sampler
-from engine.loader import read_model_config
-from engine.model_runner import ModelRunner
-from engine.sequence import SamplingParams, Sequence
+from engine.runtime.loader import read_model_config
+from engine.runtime.model_runner import ModelRunner
 from tests.engine.hf_tiny import hf_logits, hf_model, save_hf, tiny_model_config
 
 ATOL = 1e-4
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 
 
-# -- a tiny stand-in for the scheduler: same output contract as engine.scheduler -------------
+# -- a tiny stand-in for the scheduler: same output contract as engine.core.scheduler -------------
 
 @dataclass
 class Scheduled:
@@ -170,7 +170,7 @@ def attach_mixed_graphs(runner: ModelRunner) -> None:
 def check_padding(runner: ModelRunner, step: object) -> None:
     """Eager rows on the varlen backends: padded to TOKEN_MULTIPLE (within the token budget)
     with token 0, position 0 and slot -1 (nothing stored); none on sdpa."""
-    from engine.step_input import TOKEN_MULTIPLE
+    from engine.runtime.step_input import TOKEN_MULTIPLE
 
     if step.input_ids is None:  # a mixed-graph step: its buffers are checked with the graphs
         assert runner.mixed is not None and runner.mixed.covers(step.host)
@@ -227,7 +227,7 @@ def generate_like_hf(hf: object, path: Path, max_tokens: int,
                      **engine_args: object) -> object:
     """LLM.generate (chunked prefill, prefix hits) on HF's saved weights == HF greedy; returns
     the engine for further checks."""
-    from engine.llm import LLM
+    from engine.runtime.llm import LLM
 
     save_hf(hf, path)
     prefix = tokens(30, seed=40)

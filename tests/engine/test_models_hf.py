@@ -10,18 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
+from engine.core.config import ModelConfig
 from engine.layers.context import dense_context, forward_context
 from engine.layers.rotary import compute_inv_freq, default_inv_freq
-from engine.loader import (
+from engine.models import get_model_class
+from engine.models.weights import WeightLoadError, export_hf_state_dict, load_hf_weights
+from engine.runtime.loader import (
     build_model,
     create_model,
     iter_safetensors,
     load_model,
     read_model_config,
 )
-from engine.models import get_model_class
-from engine.models.weights import WeightLoadError, export_hf_state_dict, load_hf_weights
 from tests.engine.hf_tiny import LLAMA3_SCALING, hf_logits, hf_model, save_hf
 
 KINDS = ["qwen3", "llama3", "mistral"]

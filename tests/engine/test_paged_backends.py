@@ -19,9 +19,10 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.layers import triton_kernels, varlen_attention  # noqa: E402
+from engine.layers import attention_backends  # noqa: E402
 from engine.layers.attention import store_kv  # noqa: E402
-from engine.layers.triton_kernels import (  # noqa: E402
+from engine.layers.kernels import paged_cache  # noqa: E402
+from engine.layers.kernels.paged_cache import (  # noqa: E402
     MAX_SPLITS,
     decode_splits,
     paged_decode,
@@ -37,8 +38,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 def torch_backend(monkeypatch: pytest.MonkeyPatch) -> str:
     """The `torch` backend; on the CPU with the SDPA stand-in for varlen flash attention."""
     if not CUDA:
-        monkeypatch.setattr(varlen_attention, "torch_varlen", lambda: varlen_attention.sdpa_varlen)
-        monkeypatch.setattr("engine.model_runner.resolve_backend", lambda *a: "torch")
+        monkeypatch.setattr(attention_backends, "torch_varlen",
+                            lambda: attention_backends.sdpa_varlen)
+        monkeypatch.setattr("engine.runtime.model_runner.resolve_backend", lambda *a: "torch")
     return "torch"
 
 
@@ -70,7 +72,7 @@ def test_paged_decode_matches_gathered_sdpa(block_size: int, heads: int, kv_head
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Split 4 ways (16 keys or more each), some sequences leave splits empty and one spans
     them all; programs ordered by KV head or by sequence, sequences started longest first."""
-    monkeypatch.setattr(triton_kernels, "HEAD_MAJOR", head_major)
+    monkeypatch.setattr(paged_cache, "HEAD_MAJOR", head_major)
     lens = [1, 7, 70, 0, 129]  # 0: a CUDA-graph padding row, must come out finite
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
     k_cache, v_cache = random_cache(num_blocks, block_size, kv_heads, 32, torch.float32, 1)
@@ -156,7 +158,7 @@ def test_mixed_graphs_mixed_batch_matches_hf(hf_saved: tuple, block_size: int,
 
 
 def test_a_step_past_the_graphs_is_refused_by_them(torch_backend: str) -> None:
-    from engine.step_input import HostBatch
+    from engine.runtime.step_input import HostBatch
 
     runner = runner_tests.make_runner(None, 16, device=DEVICE, max_cudagraph_tokens=256,
                                       attention_backend=torch_backend)
@@ -170,9 +172,9 @@ def test_a_step_past_the_graphs_is_refused_by_them(torch_backend: str) -> None:
 
 
 def test_mixed_buffer_formula_is_what_the_graphs_allocate() -> None:
-    """engine.memory.mixed_buffer_bytes (the sim's graph-memory formula at another
+    """engine.core.memory.mixed_buffer_bytes (the sim's graph-memory formula at another
     token limit) counts exactly the static buffers MixedGraphs holds."""
-    from engine.memory import blocks_per_request, mixed_buffer_bytes
+    from engine.core.memory import blocks_per_request, mixed_buffer_bytes
 
     runner = runner_tests.make_runner(None, 16, dtype="bfloat16", max_cudagraph_tokens=256,
                                       max_model_len=1000, max_num_seqs=12)
@@ -213,8 +215,8 @@ def test_llm_on_the_torch_backend_generates_like_hf(tmp_path: object, torch_back
 # -- host-side step layout ---------------------------------------------------------------------
 
 def test_block_table_rows_follow_growth_and_preemption() -> None:
-    from engine.sequence import Sequence
-    from engine.step_input import BlockTables
+    from engine.core.sequence import Sequence
+    from engine.runtime.step_input import BlockTables
 
     tables = BlockTables(block_size=4)
     seq = Sequence(list(range(10)))
@@ -231,7 +233,7 @@ def test_block_table_rows_follow_growth_and_preemption() -> None:
 
 
 def test_padded_row_counts() -> None:
-    from engine.step_input import pad_tail, padded_len
+    from engine.runtime.step_input import pad_tail, padded_len
 
     assert [padded_len(n, 64) for n in (1, 63, 64, 65, 8191)] == [64, 64, 64, 128, 8192]
     assert padded_len(1000, 64, cap=1000) == 1000  # never past the token budget...
@@ -242,8 +244,8 @@ def test_padded_row_counts() -> None:
 
 
 def test_decode_order_starts_the_longest_decodes_first_then_graph_padding() -> None:
-    from engine.sequence import Sequence
-    from engine.step_input import BlockTables, build_host_batch
+    from engine.core.sequence import Sequence
+    from engine.runtime.step_input import BlockTables, build_host_batch
 
     class Item:
         def __init__(self, seq: Sequence, n: int):
@@ -262,7 +264,7 @@ def test_decode_order_starts_the_longest_decodes_first_then_graph_padding() -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (CUDA and varlen_attention.flash_attn_available()),
+@pytest.mark.skipif(not (CUDA and attention_backends.flash_attn_available()),
                     reason="needs a CUDA GPU and the flash-attn package")
 def test_flash_attn_backend_mixed_batch_matches_hf(hf_saved: tuple) -> None:
     """flash_attn_with_kvcache pages by 256-token blocks, so only block_size 256 runs it."""
@@ -271,8 +273,8 @@ def test_flash_attn_backend_mixed_batch_matches_hf(hf_saved: tuple) -> None:
 
 
 def test_backend_choice_and_its_errors() -> None:
-    from engine.config import ConfigError
-    from engine.model_runner import resolve_backend
+    from engine.core.config import ConfigError
+    from engine.runtime.model_runner import resolve_backend
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu, 16) == "sdpa"
@@ -280,7 +282,7 @@ def test_backend_choice_and_its_errors() -> None:
     assert resolve_backend("sdpa", cuda, 16) == "sdpa"
     with pytest.raises(ConfigError, match="attention_backend='torch'.*need CUDA"):
         resolve_backend("torch", cpu, 16)
-    if varlen_attention.flash_attn_available():
+    if attention_backends.flash_attn_available():
         assert resolve_backend("auto", cuda, 256) == "flash_attn"
         with pytest.raises(ConfigError, match="block_size=16 is invalid.*multiple of 256"):
             resolve_backend("flash_attn", cuda, 16)

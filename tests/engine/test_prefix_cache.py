@@ -4,9 +4,9 @@ implementation (`ReferenceBlockManager`) on hand-made cases."""
 
 from __future__ import annotations
 
-from engine.block_manager import BlockManager, FreeBlockQueue
-from engine.prefix_cache import NO_PARENT, hash_block
-from engine.sequence import Sequence
+from engine.core.kv.block_manager import BlockManager, FreeBlockQueue
+from engine.core.kv.prefix_cache import NO_PARENT, hash_block
+from engine.core.sequence import Sequence
 from tests.engine.reference_block_manager import ReferenceBlockManager
 
 

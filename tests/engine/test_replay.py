@@ -8,11 +8,11 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from engine.llm import LLM, LLMEngine
-from engine.records import RequestRecord, StepRecord
-from engine.replay import ReplayResult, greedy_params, records_frames, replay
-from engine.request import Request
-from sim.catalog import load_model
+from engine.core.catalog import load_model
+from engine.core.records import RequestRecord, StepRecord
+from engine.core.request import Request
+from engine.runtime.llm import LLM, LLMEngine
+from engine.runtime.replay import ReplayResult, greedy_params, records_frames, replay
 
 MODEL = load_model("tiny_qwen3")
 ARGS = dict(dtype="float32", device="cpu", max_model_len=128, block_size=8, max_num_seqs=4,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.config import EngineConfig
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import SamplingParams, Sequence, SequenceStatus
+from engine.core.config import EngineConfig
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import SamplingParams, Sequence, SequenceStatus
 
 
 def make(policy: str = "v1", num_blocks: int = 64, **kw) -> Scheduler:

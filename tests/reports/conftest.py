@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.config import EngineConfig
-from engine.memory import max_concurrency
+from engine.core.config import EngineConfig
+from engine.core.memory import max_concurrency
 from reports.metrics import summarize
 from reports.run_folder import write_run
 from sim.twin import TwinRun, setup_twin, simulate, trace_requests

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import EngineConfig
-from engine.records import RequestRecord, StepRecord
-from engine.scheduler import Scheduler
-from engine.sequence import SamplingParams, Sequence
+from engine.core.config import EngineConfig
+from engine.core.records import RequestRecord, StepRecord
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import SamplingParams, Sequence
 from reports.metrics import (
     itl_samples,
     kv_usage_timeline,

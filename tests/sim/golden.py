@@ -77,7 +77,7 @@ def frame_hash(df: pd.DataFrame) -> str:
 
 
 def run_case(case: Case) -> dict[str, Any]:
-    from engine.config import EngineConfig
+    from engine.core.config import EngineConfig
     from sim.twin import setup_twin, simulate, trace_requests
     from workloads import make_preset
 

@@ -1,9 +1,10 @@
 """Accuracy gates: the twin re-predicts every committed validation point, on the CPU.
 
 Each set under tests/data/validation/<set>/ was collected from mode=both sweeps by
-`python -m reports.collect_validation`: per point the configuration, the trace and what the
+`python -m reports.validation.collect`: per point the configuration, the trace and what the
 real engine measured. The twin re-runs each point from those files with the committed profile
-in sim/profiles/, and every quantity must stay within its gate in `reports.accuracy.GATES`
+in sim/profiles/, and every quantity must stay within its gate in
+`reports.validation.accuracy.GATES`
 (start / no-start and num_blocks exact; peak KV blocks, preemptions and TTFT / TPOT / E2E at
 p50 / p90 / p99 within their percent limits). A regression in the simulator, the scheduler,
 the memory model or a profile fails here.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from reports.accuracy import (
+from reports.validation.accuracy import (
     GATES,
     INDEX,
     ROOT,
@@ -36,7 +37,7 @@ from reports.accuracy import (
     sensitivity_frame,
     violations,
 )
-from reports.collect_validation import blocks_in_error, expand_steps
+from reports.validation.collect import blocks_in_error, expand_steps
 
 SETS = find_sets()
 POINTS = [pytest.param(vset, point, id=f"{vset.name}-{point['id']}-{point['workload_label']}")
@@ -80,7 +81,7 @@ def test_gpu_validation_set(path: Path, configs: int) -> None:
     piecewise engine's lost block 128 / 32768 at 0.5 and 0.9 to its command's time limit."""
     if not (path / INDEX).is_file():
         pytest.skip("no H100 validation data committed yet: run the GPU sweep, then "
-                    "python -m reports.collect_validation tests/data/validation/h100_qwen3_0_6b "
+                    "python -m reports.validation.collect tests/data/validation/h100_qwen3_0_6b "
                     "<sweep folders> (see README, 'How accurate is kvtwin')")
     vset = next(s for s in SETS if s.path == path)
     grid = {(p["engine"]["block_size"], p["engine"]["max_model_len"],
@@ -247,7 +248,7 @@ def test_sensitivity_is_how_far_the_twin_moves_with_its_step_times() -> None:
 def test_collected_sets_merge_into_one(tmp_path: Path) -> None:
     """Sets collected one GPU command each become one set: points renumbered in order, their
     records and traces with them, and each point re-predicts exactly as in its own set."""
-    from reports.collect_validation import collect
+    from reports.validation.collect import collect
 
     cpu = next(s for s in SETS if s.name == "cpu_tiny_qwen3")
     index = collect(tmp_path / "merged", [cpu.path, cpu.path])

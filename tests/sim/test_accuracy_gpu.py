@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
+from engine.core.config import EngineConfig
 from sim.twin import setup_twin
 
 MEASURED = sorted((Path(__file__).parents[1] / "data").glob("*_memory.json"))

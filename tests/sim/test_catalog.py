@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import ModelConfig
-from sim.catalog import (
+from engine.core.catalog import (
     CONF_DIR,
     Hardware,
     list_hardware,
@@ -19,6 +18,7 @@ from sim.catalog import (
     load_model,
     model_from_dict,
 )
+from engine.core.config import ModelConfig
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -154,7 +154,7 @@ def test_h100_total_is_the_measured_cuda_total():
 
 
 def test_cpu_entry_mirrors_the_engine_default():
-    from engine.config import EngineConfig
+    from engine.core.config import EngineConfig
 
     hw = load_hardware("cpu")
     assert hw.kind == "cpu"
@@ -190,7 +190,7 @@ def test_missing_hardware_and_model_fields_are_named():
 
 def test_catalog_loads_without_hydra_or_torch():
     """A capacity planner installs no torch: the catalog must not import it (nor need Hydra)."""
-    code = ("import sys; from sim.catalog import load_model, load_hardware; "
+    code = ("import sys; from engine.core.catalog import load_model, load_hardware; "
             "load_model('Qwen3-0.6B'); load_hardware('h100_80gb'); "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'hydra' not in sys.modules, 'hydra imported'")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import EngineConfig
-from sim.features import StepFeatures, StepRow
+from engine.core.config import EngineConfig
+from engine.core.features import StepFeatures, StepRow
 from sim.profile import PROFILE_DIR, ProfileKey, find_profile
 from sim.step_terms import compile_term
 from sim.step_time import DecodeRun, RooflineStepTime, StepTimeModel

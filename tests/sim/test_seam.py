@@ -3,7 +3,7 @@ reproduces the engine's run exactly — every step's batch and cache state, ever
 times, prefix hits and preemptions, with times equal as floats, not approximately.
 
 Why exactness is possible: the simulator drives the engine's own Scheduler and BlockManager,
-and `engine.replay` partitions engine time with the simulator's arrival rule (admit at step
+and `engine.runtime.replay` partitions engine time with the simulator's arrival rule (admit at step
 boundaries everything that has arrived; when idle, jump to the next arrival). A step ends at
 `start + duration` in both, computed by the same float addition from the same two floats.
 """
@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal
 
-from engine.llm import LLMEngine
-from engine.replay import ReplayResult, records_frames, replay
-from engine.request import Request
-from sim.catalog import load_model
+from engine.core.catalog import load_model
+from engine.core.request import Request
+from engine.runtime.llm import LLMEngine
+from engine.runtime.replay import ReplayResult, records_frames, replay
 from sim.simulator import Simulator, TokenFn
 from sim.step_time import ReplayedStepTime
 

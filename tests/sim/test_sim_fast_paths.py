@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.config import EngineConfig, graph_buckets
-from engine.records import StepRecord
-from engine.request import Request
-from sim.catalog import load_hardware, load_model
-from sim.features import decode_run_features
+from engine.core.catalog import load_hardware, load_model
+from engine.core.config import EngineConfig, graph_buckets
+from engine.core.features import decode_run_features
+from engine.core.records import StepRecord
+from engine.core.request import Request
 from sim.simulator import Simulator, fake_tokens, gc_paused
 from sim.step_log import DecodeRunSteps, StepLog
 from sim.step_time import CalibratedStepTime, DecodeRun, RooflineStepTime

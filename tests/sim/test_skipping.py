@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.config import EngineConfig, graph_buckets
-from engine.request import Request
+from engine.core.config import EngineConfig, graph_buckets
+from engine.core.request import Request
 from sim.simulator import Simulator
 from sim.step_time import CalibratedStepTime
 
@@ -26,7 +26,7 @@ LONGEST = CalibratedStepTime(
     mixed_terms=("const", "prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx",
                  "num_seqs", "decode_max_ctx"))
 
-# A model of a kernel that splits sequences (engine.config.DecodeSplit): the longest one's
+# A model of a kernel that splits sequences (engine.core.config.DecodeSplit): the longest one's
 # share of its splits, a rule small enough to split the batches drawn here.
 SHARE = CalibratedStepTime(
     decode_coef=np.array([3e-3, 1.7e-5, 3.1e-8, 4.3e-6]),

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from engine.config import EngineConfig
-from engine.memory import MaxModelLenTooLargeError, NoCacheMemoryError
+from engine.core.config import EngineConfig
+from engine.core.memory import MaxModelLenTooLargeError, NoCacheMemoryError
 from sim.cli import main as sim_main
 from sim.twin import setup_twin, simulate, trace_requests
 from workloads import make_preset
@@ -39,8 +39,8 @@ def test_prediction_states_its_sources() -> None:
 
 
 def test_cpu_prediction_equals_the_cpu_engine_exactly() -> None:
-    from engine.llm import LLMEngine
-    from sim.catalog import load_model
+    from engine.core.catalog import load_model
+    from engine.runtime.llm import LLMEngine
 
     config = EngineConfig(dtype="float32", device="cpu", max_model_len=512, block_size=16,
                           cpu_memory_gib=0.05, max_num_batched_tokens=1024)
@@ -56,8 +56,8 @@ def test_cpu_prediction_equals_the_cpu_engine_exactly() -> None:
 @pytest.mark.parametrize(("memory_gib", "error"), [
     (0.001, NoCacheMemoryError), (0.0025, MaxModelLenTooLargeError)])
 def test_cpu_startup_errors_match_the_engine_word_for_word(memory_gib, error) -> None:
-    from engine.llm import LLMEngine
-    from sim.catalog import load_model
+    from engine.core.catalog import load_model
+    from engine.runtime.llm import LLMEngine
 
     kwargs = dict(dtype="float32", device="cpu", max_model_len=2048, cpu_memory_gib=memory_gib,
                   max_num_batched_tokens=512, max_num_seqs=16)

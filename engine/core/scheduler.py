@@ -1,0 +1,281 @@
+"""One step's plan: which sequences run and how many tokens each. Pure Python (no torch).
+
+Policies (DESIGN.md "Scheduling policy"):
+- ``v1``: decodes and chunked prefills share one token budget in a mixed batch; running
+  sequences are served first, then waiting ones are admitted unless this step preempted.
+- ``prefill_first``: a step is all prefill when any prefill can run, otherwise all decode.
+Preemption is by recompute of the most recently admitted running sequence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from engine.core.config import EngineConfig
+from engine.core.kv.block_manager import BlockManager
+from engine.core.sequence import Sequence, SequenceStatus
+
+
+def is_prefilling(seq: Sequence) -> bool:
+    return seq.num_output_tokens == 0 or seq.num_uncomputed_tokens > 1
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """`seq` computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)."""
+
+    seq: Sequence
+    num_new_tokens: int
+    num_computed_tokens: int
+    samples: bool  # the step reaches the sequence's last known token, so it samples one
+    is_decode: bool
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled if not s.is_decode)
+
+    @property
+    def num_decode_seqs(self) -> int:
+        return sum(1 for s in self.scheduled if s.is_decode)
+
+    def add(self, seq: Sequence, num_new_tokens: int, admitted: bool = False) -> None:
+        """An admission is always a prefill, even a one-token recompute after a prefix hit."""
+        uncomputed = seq.num_uncomputed_tokens
+        samples = num_new_tokens == uncomputed
+        # not is_prefilling(seq), with the count at hand
+        is_decode = not admitted and num_new_tokens == 1 and uncomputed <= 1 and \
+            seq.num_output_tokens > 0
+        self.scheduled.append(ScheduledSequence(
+            seq, num_new_tokens, seq.num_computed_tokens, samples, is_decode))
+        self.num_batched_tokens += num_new_tokens
+
+
+@dataclass(slots=True)
+class DecodeHorizon:
+    """What the running sequences do next if no request arrives: every one decodes a token a
+    step, unchanged, for `num_steps` steps; the last of them finishes a sequence when
+    `finishes`. `steps_to_finish[i]` counts the steps up to the one that finishes `seqs[i]`.
+    `admits`: a request arriving during the horizon would be admitted at the next step (so
+    the batch changes then). `all_blocks_free`: every sequence gets its blocks up to its own
+    finish (the horizons after each finish hold too, while nothing arrives)."""
+
+    seqs: list[Sequence]
+    steps_to_finish: list[int]
+    num_steps: int
+    finishes: bool
+    admits: bool
+    all_blocks_free: bool
+
+
+NextTokens = Callable[[Sequence, int], list[int]]  # (sequence, count) -> its next tokens
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int,
+                 eos_token_ids: Iterable[int] = ()):
+        self.config = config
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.rejected: list[Sequence] = []
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- admission control ----------------------------------------------------------------------
+
+    def add_request(self, seq: Sequence) -> bool:
+        """Queue `seq`, or reject it (recorded, with a reason) when it can never run."""
+        reason = self.rejection_reason(seq.num_prompt_tokens)
+        if reason is not None:
+            seq.status, seq.finish_reason = SequenceStatus.REJECTED, reason
+            self.rejected.append(seq)
+            return False
+        self.waiting.append(seq)
+        return True
+
+    def rejection_reason(self, num_prompt_tokens: int) -> str | None:
+        """Why a prompt of this length can never run here (None: it can be queued)."""
+        n, limit = num_prompt_tokens, self.config.max_model_len
+        if n == 0:
+            return "rejected: empty prompt"
+        if n > limit:
+            return f"rejected: prompt of {n} tokens is longer than max_model_len={limit}"
+        bm = self.block_manager
+        if bm.blocks_needed(n) > bm.num_blocks:
+            return (f"rejected: prompt of {n} tokens needs {bm.blocks_needed(n)} KV blocks, "
+                    f"the cache has {bm.num_blocks}")
+        return None
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def schedule(self, now: float = 0.0) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        if self.config.policy == "prefill_first":
+            self._schedule_prefill_first(out, budget, now)
+        else:
+            budget = self._schedule_running(out, budget, self.running)
+            if not out.preempted:
+                self._admit_waiting(out, budget, now)
+        return out
+
+    def _schedule_prefill_first(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        partial = [s for s in self.running if is_prefilling(s)]
+        budget = self._schedule_running(out, budget, partial)
+        if not out.preempted:
+            self._admit_waiting(out, budget, now)
+        if out.is_empty:
+            self._schedule_running(out, self.config.max_num_batched_tokens, self.running)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int,
+                          candidates: list[Sequence]) -> int:
+        for seq in list(candidates):
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._allocate_or_preempt(seq, n, out):
+                break
+            out.add(seq, n)
+            budget -= n
+        return budget
+
+    def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Preempt from the back of `running` until `seq` gets its blocks; False if `seq` went."""
+        while not self.block_manager.allocate_slots(seq, n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        cfg, bm = self.config, self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            computed = bm.get_computed_blocks(seq)
+            num_cached = len(computed) * bm.block_size
+            n = seq.num_tokens - num_cached
+            if n > budget and not cfg.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not bm.allocate_slots(seq, n, computed):
+                break
+            self.waiting.popleft()
+            self._start(seq, num_cached, now)
+            out.add(seq, n, admitted=True)
+            budget -= n
+
+    def _start(self, seq: Sequence, num_cached: int, now: float) -> None:
+        self.block_manager.stats.record(seq.num_tokens, num_cached)
+        seq.num_computed_tokens = seq.num_cached_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        if seq.times.first_scheduled is None:
+            seq.times.first_scheduled = now
+        self.running.append(seq)
+
+    # -- decode horizon: runs of identical decode steps, for the simulator ----------------------
+
+    def decode_horizon(self) -> DecodeHorizon | None:
+        """How long the next steps stay one batch of the same decodes (None: not even one
+        step is sure to: a sequence prefills, may stop on EOS, or the decodes overflow the
+        token budget). Such steps neither admit nor preempt: admission is blocked
+        (`max_num_seqs` or the budget) or nothing waits, and the horizon ends before the
+        first step whose allocation would fail."""
+        cfg, running = self.config, self.running
+        n = len(running)
+        if n == 0 or n > cfg.max_num_batched_tokens or any(is_prefilling(s) for s in running):
+            return None
+        if self.eos_token_ids and not all(s.sampling_params.ignore_eos for s in running):
+            return None
+        blocked = n >= cfg.max_num_seqs or cfg.max_num_batched_tokens - n <= 0
+        if self.waiting and not blocked:
+            return None
+        to_finish = [self._steps_to_finish(s) for s in running]
+        first = min(to_finish)
+        bm = self.block_manager
+        all_free = bm.decode_blocks_needed(running, to_finish) <= bm.num_free_blocks
+        k = first if all_free else bm.max_decode_steps(running, first)
+        return DecodeHorizon(list(running), to_finish, k, k == first, not blocked, all_free)
+
+    def _steps_to_finish(self, seq: Sequence) -> int:
+        """Decode steps up to the one that stops `seq` on length (`_stop_reason`)."""
+        return min(seq.sampling_params.max_tokens - seq.num_output_tokens,
+                   self.config.max_model_len - seq.num_tokens)
+
+    def run_decode_steps(self, seqs: list[Sequence], num_steps: int,
+                         next_tokens: NextTokens) -> list[int]:
+        """Apply `num_steps` steps of a decode horizon at once, none of them finishing a
+        sequence: what as many schedule() + update_from_output() rounds do to `seqs`. Returns
+        the step of each block taken (`BlockManager.allocate_decode_steps`)."""
+        for seq in seqs:
+            seq.token_ids.extend(next_tokens(seq, num_steps))
+        taken = self.block_manager.allocate_decode_steps(seqs, num_steps)
+        if taken is None:
+            raise RuntimeError("a decode horizon ran out of blocks")
+        for seq in seqs:
+            seq.num_computed_tokens += num_steps
+        return taken
+
+    # -- applying a step's result --------------------------------------------------------------
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None],
+                           now: float = 0.0) -> list[Sequence]:
+        """Advance each scheduled sequence by the step; returns the sequences that finished."""
+        finished = []
+        for item, token in zip(out.scheduled, sampled, strict=True):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # mid-prefill: nothing sampled yet
+            assert token is not None, f"sequence {seq.request_id} completed a step unsampled"
+            self._append_token(seq, token, now)
+            if seq.finish_reason is not None:
+                finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        return finished
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        seq.append_token(token)
+        if seq.times.first_token is None:
+            seq.times.first_token = now
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            seq.finish_reason, seq.status = reason, SequenceStatus.FINISHED
+            seq.times.finish = now
+            self.block_manager.free(seq)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.sampling_params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or \
+                seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
