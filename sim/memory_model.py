@@ -1,5 +1,5 @@
 """Predict every start-up memory term, then num_blocks and the start-up verdict through
-`engine/memory.py` — the same arithmetic and the same errors as the engine.
+`engine.core.memory` (`decide_num_blocks`, `check_startup`): the engine's own rule and errors.
 
 Sources, stated per term:
 - weights: exact, from the model config and dtype;
@@ -18,11 +18,10 @@ from engine.core.memory import (
     MemoryTerms,
     StartupError,
     blocks_per_request,
-    bytes_per_block,
     check_startup,
+    decide_num_blocks,
     estimate_activation_bytes,
     mixed_buffer_bytes,
-    num_blocks_from_terms,
 )
 from sim.profile import Profile
 
@@ -81,13 +80,10 @@ def _mixed_buffers(model: ModelConfig, config: EngineConfig, tokens: int) -> int
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
                    profile: Profile | None = None) -> MemoryPrediction:
     terms, sources = _terms(model, hardware, config, profile)
-    block_bytes = bytes_per_block(model, config.block_size, config.dtype)
-    num_blocks = config.num_gpu_blocks_override
-    if num_blocks is None:
-        num_blocks = num_blocks_from_terms(terms, block_bytes)
-    prediction = MemoryPrediction(terms, block_bytes, num_blocks, sources)
+    size = decide_num_blocks(terms, model, config)
+    prediction = MemoryPrediction(terms, size.block_bytes, size.num_blocks, sources)
     try:
-        check_startup(num_blocks, config.block_size, config.max_model_len, block_bytes)
+        check_startup(size, config)
     except StartupError as err:
         prediction.error, prediction.error_type = str(err), type(err).__name__
     return prediction

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from engine.core.config import DTYPE_BYTES, GiB, ModelConfig
+from engine.core.config import DTYPE_BYTES, EngineConfig, GiB, ModelConfig
 
 
 class StartupError(ValueError):
@@ -57,9 +57,24 @@ def bytes_per_block(model: ModelConfig, block_size: int, kv_dtype: str) -> int:
     return block_size * model.kv_bytes_per_token(kv_dtype)
 
 
-def num_blocks_from_terms(terms: MemoryTerms, block_bytes: int) -> int:
-    """May be zero or negative: that is the 'no memory for cache blocks' case."""
-    return terms.kv_cache_bytes // block_bytes
+@dataclass(frozen=True)
+class KVCacheSize:
+    """The KV cache a configuration gets: `num_blocks` of `block_bytes` each (zero or
+    negative: no memory is left for cache blocks)."""
+
+    num_blocks: int
+    block_bytes: int
+
+
+def decide_num_blocks(terms: MemoryTerms, model: ModelConfig,
+                      config: EngineConfig) -> KVCacheSize:
+    """The engine's rule, which the twin calls too: `num_gpu_blocks_override` when set,
+    else what the budget leaves after every other term, in whole blocks."""
+    block_bytes = bytes_per_block(model, config.block_size, config.dtype)
+    num_blocks = config.num_gpu_blocks_override
+    if num_blocks is None:
+        num_blocks = terms.kv_cache_bytes // block_bytes
+    return KVCacheSize(num_blocks, block_bytes)
 
 
 def blocks_per_request(max_model_len: int, block_size: int) -> int:
@@ -75,9 +90,10 @@ def largest_max_model_len(num_blocks: int, block_size: int) -> int:
     return max(num_blocks, 0) * block_size
 
 
-def check_startup(num_blocks: int, block_size: int, max_model_len: int,
-                  block_bytes: int) -> None:
+def check_startup(size: KVCacheSize, config: EngineConfig) -> None:
     """Raise the error the engine would raise at start-up, or return if it starts."""
+    num_blocks, block_bytes = size.num_blocks, size.block_bytes
+    block_size, max_model_len = config.block_size, config.max_model_len
     if num_blocks <= 0:
         raise NoCacheMemoryError(
             "No available memory for the cache blocks "

@@ -13,11 +13,10 @@ import torch
 from engine.core.config import EngineConfig, GiB, ModelConfig, graph_buckets
 from engine.core.memory import (
     MemoryTerms,
-    bytes_per_block,
     check_startup,
+    decide_num_blocks,
     estimate_activation_bytes,
     max_concurrency,
-    num_blocks_from_terms,
 )
 from engine.core.records import RequestRecord, StepRecord
 from engine.core.scheduler import Scheduler, SchedulerOutput
@@ -65,10 +64,10 @@ class LLMEngine:
         free_before = _cuda_free_bytes(self.device)
         self.model_runner = ModelRunner(self.model_config, self.config, self.device, model_path)
         self.memory = self._profile_memory(free_before)
-        self.block_bytes = bytes_per_block(self.model_config, self.config.block_size,
-                                           self.config.dtype)
         self.memory.cuda_graph_bytes = self._probe_graph_memory()
-        self.num_blocks = self._decide_num_blocks()
+        size = decide_num_blocks(self.memory, self.model_config, self.config)
+        check_startup(size, self.config)
+        self.num_blocks, self.block_bytes = size.num_blocks, size.block_bytes
         self.model_runner.allocate_kv_cache(self.num_blocks)
         self.cuda_graph_bytes_captured = self.model_runner.capture_cuda_graphs()
         self.model_runner.warm_up()
@@ -113,14 +112,6 @@ class LLMEngine:
         runner.release_cuda_graphs()
         runner.release_kv_cache()
         return probed
-
-    def _decide_num_blocks(self) -> int:
-        cfg = self.config
-        num_blocks = cfg.num_gpu_blocks_override
-        if num_blocks is None:
-            num_blocks = num_blocks_from_terms(self.memory, self.block_bytes)
-        check_startup(num_blocks, cfg.block_size, cfg.max_model_len, self.block_bytes)
-        return num_blocks
 
     def memory_report(self) -> dict[str, Any]:
         cfg = self.config
