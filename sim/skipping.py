@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import simpy
 
-from engine.core.features import shared_prefix_keys
+from engine.core.features import StepRow, shared_prefix_keys
 from engine.core.scheduler import DecodeHorizon, SchedulerOutput
 from engine.core.sequence import Sequence
 from sim.step_log import DecodeRunSteps
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from sim.simulator import Simulator
 
 MIN_RUN = 2
-FIRST_CHUNK = 64  # steps predicted before looking for the next arrival (then doubling)
+MIN_CHUNK = 16  # steps predicted at least before looking for the next arrival
 
 
 @dataclass
@@ -86,15 +86,29 @@ def step_ends(sim: Simulator, seqs: list[Sequence], offset: int, k: int, start: 
               stop: float) -> np.ndarray:
     """End times of up to `k` decode steps of `seqs` from `start` (`offset` steps from now),
     through the first that ends at or after `stop` (an arrival: the step after it admits
-    it). Predicted in chunks, so a run cut short by an arrival predicts few steps more."""
-    chunks, done, size = [], 0, FIRST_CHUNK
+    it). Predicted in chunks, the first sized by the first step's duration (steps only grow
+    longer), so a run cut short by an arrival predicts few steps more."""
+    first = _first_step(sim, seqs, offset)
+    first_index = len(sim.steps) + offset
+    size = k if stop == float("inf") else _steps_within(sim, first, first_index, stop - start)
+    chunks, done = [], 0
     while done < k and start < stop:
         count = min(size, k - done)
-        ends = durations_to_ends(start, _durations(sim, seqs, offset + done, count))
+        run = DecodeRun(first.num_seqs, first.ctx_start + done * first.num_seqs, count,
+                        None if first.max_ctx_start is None else first.max_ctx_start + done,
+                        first.shared)
+        ends = durations_to_ends(start, sim.step_time.decode_run(run, first_index + done))
         chunks.append(ends)
         done, start, size = done + count, float(ends[-1]), 2 * size
     ends = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
     return ends[:_before_arrival(ends, stop)]
+
+
+def _steps_within(sim: Simulator, first: DecodeRun, index: int, seconds: float) -> int:
+    """Decode steps that fit in `seconds` at the first one's duration, two more for margin."""
+    row = StepRow(0, 0, first.num_seqs, first.ctx_start, first.num_seqs, first.max_ctx_start,
+                  0, first.shared)
+    return max(MIN_CHUNK, int(seconds / max(sim.step_time.step(row, index), 1e-9)) + 2)
 
 
 def _before_arrival(ends: np.ndarray, arrival: float) -> int:
@@ -103,8 +117,9 @@ def _before_arrival(ends: np.ndarray, arrival: float) -> int:
     return min(int(ends.searchsorted(arrival)), len(ends) - 1) + 1
 
 
-def _durations(sim: Simulator, seqs: list[Sequence], offset: int, k: int) -> np.ndarray:
-    """Durations of `k` decode steps of `seqs`, starting `offset` steps from now."""
+def _first_step(sim: Simulator, seqs: list[Sequence], offset: int) -> DecodeRun:
+    """The decode step of `seqs` `offset` steps from now, as a run of one step. The prefix
+    keys re-read stay put within a run: a decode's keys pass its cached prefix."""
     n, model = len(seqs), sim.step_time
     ctx = sum(s.num_computed_tokens + 1 for s in seqs) + offset * n
     longest = None  # computed only when the model reads it
@@ -113,7 +128,7 @@ def _durations(sim: Simulator, seqs: list[Sequence], offset: int, k: int) -> np.
     shared = 0
     if model.reads_shared:
         shared = shared_prefix_keys((s, s.num_computed_tokens + 1 + offset) for s in seqs)
-    return model.decode_run(DecodeRun(n, ctx, k, longest, shared), len(sim.steps) + offset)
+    return DecodeRun(n, ctx, 1, longest, shared)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 
 import numpy as np
@@ -274,6 +274,8 @@ class PaddedBatch(Term):
     batch_only = True
 
     def column(self, f: StepFeatures) -> np.ndarray:
+        if f.uniform_batch is not None:
+            return np.full(len(f), float(padded_batch_of(f.uniform_batch, self._buckets)))
         return padded_batch(f.decode_seqs, self._buckets).astype(np.float64)
 
     def value(self, s: StepRow) -> float:
@@ -319,9 +321,10 @@ class DecodeShare(Term):
 
     def column(self, f: StepFeatures) -> np.ndarray:
         longest = Feature("decode_max_ctx").column(f).astype(np.int64)
+        if f.uniform_batch is not None:
+            batch = padded_batch_of(f.uniform_batch, self.batch._buckets)
+            return share_staircase(self.split, longest, batch).astype(np.float64)
         batch = self.batch.column(f).astype(np.int64)
-        if len(batch) and batch[0] == batch[-1] and (batch == batch[0]).all():  # a decode run
-            return share_staircase(self.split, longest, int(batch[0])).astype(np.float64)
         out = np.empty(len(f), dtype=np.int64)
         for b in np.unique(batch).tolist():  # one staircase per batch size
             rows = batch == b
@@ -412,6 +415,7 @@ class Hinge(Term):
         return max(self.inner.value(s) - self.knot, 0.0)
 
 
+FEATURE_NAMES = frozenset(f.name for f in fields(StepFeatures))
 _PLAIN = {"const": Const, "num_tokens": NumTokens, "mean_ctx": MeanCtx,
           "prefill_seqs": PrefillSeqs, "decode_unique_ctx": DecodeUniqueCtx,
           "gather_mean": GatherMean}
@@ -439,7 +443,7 @@ def compile_term(term: str, buckets: list[int] | None) -> Term:
         return PaddedTokens(term_args(term)[0])
     if base == "eager":
         return Eager(term_args(term)[0])
-    if term not in StepFeatures.__dataclass_fields__:
+    if term not in FEATURE_NAMES:
         raise ValueError(f"step-time term {term!r} is invalid: not a feature of StepFeatures")
     return Feature(term)
 

@@ -18,7 +18,12 @@ from typing import Protocol
 import numpy as np
 
 from engine.core.config import DTYPE_BYTES, ModelConfig
-from engine.core.features import StepFeatures, StepRow, decode_run_features
+from engine.core.features import (
+    DecodeRunFeatures,
+    StepFeatures,
+    StepRow,
+    decode_run_features,
+)
 from sim.step_terms import (
     DECODE_TERMS,
     MIXED_TERMS,
@@ -150,7 +155,8 @@ class DecodeRunTerms:
     def run(self, run: DecodeRun) -> np.ndarray:
         lead, host = self.base(run.num_seqs)
         total = np.full(run.num_steps, lead)
-        f = run.features() if self.rest or not self.host_fixed else None
+        f = DecodeRunFeatures(run.num_seqs, run.ctx_start, run.num_steps, run.max_ctx_start,
+                              run.shared)
         for term, c in self.rest:
             total = total + c * term.column(f)
         if self.host is None:

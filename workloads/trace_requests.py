@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 from engine.core.request import RequestTable
@@ -15,12 +17,17 @@ def request_table(trace: Trace, spec: TokenSpec | None = None) -> RequestTable:
     df = trace.df
     if trace.has_explicit_tokens:
         column = df[TOKENS_COLUMN]
-        def prompt_of(i: int) -> list[int]:
-            return np.asarray(column.iat[i]).tolist()
+        def prompt_of(i: int) -> array:
+            return _ids(column.iat[i])
     else:
         plan = PromptPlan(trace, spec)
-        def prompt_of(i: int) -> list[int]:
-            return plan.prompt_of(i).tolist()
+        def prompt_of(i: int) -> array:
+            return _ids(plan.prompt_of(i))
     return RequestTable(df["request_id"].to_numpy(), df["arrival_s"].to_numpy(dtype=float),
                         df["prompt_len"].to_numpy(dtype=np.int64),
                         df["output_len"].to_numpy(dtype=np.int64), prompt_of)
+
+
+def _ids(tokens: np.ndarray) -> array:
+    """Token ids as a Sequence holds them (int64s), copied in one block."""
+    return array("q", np.asarray(tokens, dtype=np.int64).tobytes())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
 
 import numpy as np
 
@@ -36,6 +38,10 @@ class StepFeatures:
     # Keys the decodes re-read from a cached prefix that another decode of the step also
     # reads (prefix-cache hits): the kernel finds those blocks in the GPU's L2, not in HBM.
     decode_shared: np.ndarray | None = None
+
+    # Set where every step has the same decode batch (a run of decode steps): terms of the
+    # batch alone compute once.
+    uniform_batch: ClassVar[int | None] = None
 
     def __len__(self) -> int:
         return len(self.num_seqs)
@@ -129,3 +135,53 @@ def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int,
     longest = None if max_ctx_start is None else max_ctx_start + steps
     return StepFeatures(zeros, zeros.copy(), seqs, ctx_start + steps * num_seqs, seqs.copy(),
                         longest, zeros.copy(), np.full(num_steps, shared, dtype=np.int64))
+
+
+class DecodeRunFeatures(StepFeatures):
+    """The features of `decode_run_features`, each column made when a term reads it: a run
+    of decode steps is predicted in one pass, and most terms read two or three columns."""
+
+    def __init__(self, num_seqs: int, ctx_start: int, num_steps: int,
+                 max_ctx_start: int | None = None, shared: int = 0):
+        self._n, self._ctx, self._k = num_seqs, ctx_start, num_steps
+        self._longest, self._shared = max_ctx_start, shared
+        self.uniform_batch = num_seqs  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return self._k
+
+    @cached_property
+    def _steps(self) -> np.ndarray:
+        return np.arange(self._k, dtype=np.int64)
+
+    @cached_property
+    def decode_ctx(self) -> np.ndarray:  # type: ignore[override]
+        return self._ctx + self._steps * self._n
+
+    @cached_property
+    def decode_max_ctx(self) -> np.ndarray | None:  # type: ignore[override]
+        return None if self._longest is None else self._longest + self._steps
+
+    @cached_property
+    def decode_seqs(self) -> np.ndarray:  # type: ignore[override]
+        return np.full(self._k, self._n, dtype=np.int64)
+
+    @property
+    def num_seqs(self) -> np.ndarray:  # type: ignore[override]
+        return self.decode_seqs
+
+    @cached_property
+    def decode_shared(self) -> np.ndarray:  # type: ignore[override]
+        return np.full(self._k, self._shared, dtype=np.int64)
+
+    @cached_property
+    def prefill_tokens(self) -> np.ndarray:  # type: ignore[override]
+        return np.zeros(self._k, dtype=np.int64)
+
+    @property
+    def prefill_attn(self) -> np.ndarray:  # type: ignore[override]
+        return self.prefill_tokens
+
+    @property
+    def prefill_gather(self) -> np.ndarray:  # type: ignore[override]
+        return self.prefill_tokens

@@ -23,11 +23,12 @@ class Request:
 
 class RequestTable:
     """Requests as columns (lists or numpy arrays of one length), in trace order; the
-    prompt of row i is `prompt_of(i)`, made when asked (the same ids every time)."""
+    prompt of row i is `prompt_of(i)` (a list or an int64 array of ids), made when asked
+    (the same ids every time)."""
 
     def __init__(self, request_id: Sequence[Any], arrival_s: Sequence[float],
                  prompt_len: Sequence[int], output_len: Sequence[int],
-                 prompt_of: Callable[[int], list[int]]):
+                 prompt_of: Callable[[int], Sequence[int]]):
         n = len(request_id)
         if not len(arrival_s) == len(prompt_len) == len(output_len) == n:
             raise ValueError("request columns must have one length: "
@@ -50,7 +51,7 @@ class RequestTable:
 
     def __getitem__(self, i: int) -> Request:
         return Request(_plain(self.request_id[i]), float(self.arrival_s[i]),
-                       self.prompt_of(i), int(self.output_len[i]))
+                       list(self.prompt_of(i)), int(self.output_len[i]))
 
     def __iter__(self) -> Iterator[Request]:
         return (self[i] for i in range(len(self)))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -53,11 +55,13 @@ class Sequence:
 
     _ids = itertools.count()
 
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams | None = None,
+    def __init__(self, token_ids: Iterable[int], sampling_params: SamplingParams | None = None,
                  request_id: str | int | None = None, arrival: float = 0.0):
         self.seq_id = next(Sequence._ids)
         self.request_id = self.seq_id if request_id is None else request_id
-        self.token_ids = list(token_ids)
+        # int64s in one buffer: 8 bytes a token (a list holds a 36-byte object per id), and a
+        # block's bytes for its prefix-cache hash are a slice, not a conversion.
+        self.token_ids = array("q", token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling_params = sampling_params or SamplingParams()
         self.status = SequenceStatus.WAITING
@@ -88,8 +92,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens].tolist()
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:].tolist()
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -240,6 +240,5 @@ def _cuda_free_bytes(device: torch.device) -> int:
 
 
 def _to_output(seq: Sequence) -> RequestOutput:
-    return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
-                         seq.output_token_ids, seq.finish_reason,
-                         RequestRecord.from_sequence(seq))
+    return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.output_token_ids,
+                         seq.finish_reason, RequestRecord.from_sequence(seq))

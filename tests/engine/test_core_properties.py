@@ -59,7 +59,7 @@ def test_random_streams_keep_every_invariant(scenario) -> None:
         assert seq.status is SequenceStatus.FINISHED
         assert seq.num_output_tokens == expected_output_len(len(prompt), max_tokens,
                                                             config.max_model_len)
-        assert seq.token_ids[: len(prompt)] == prompt
+        assert seq.token_ids[: len(prompt)].tolist() == prompt
     bm = sched.block_manager
     assert bm.num_free_blocks == num_blocks, "blocks leaked after every request finished"
     assert 0 <= bm.stats.hits <= bm.stats.queries

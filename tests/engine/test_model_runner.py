@@ -96,7 +96,7 @@ def check_step(runner: ModelRunner, hf: object, plan: StepPlan,
     sampled = [plan.scheduled[i].seq for i in step.sample_seqs]
     assert len(logits) == len(sampled)
     for seq, row in zip(sampled, logits, strict=True):
-        expected = hf_logits(hf, seq.token_ids)[-1]
+        expected = hf_logits(hf, seq.token_ids.tolist())[-1]
         torch.testing.assert_close(row.float().cpu(), expected.float(), atol=atol, rtol=0)
     return sampled
 
@@ -144,7 +144,7 @@ def run_mixed_batch(hf: object, path: Path, bs: int, device: str, dtype: str = "
     finish_step(plan, {c.seq_id: 17})
 
     hit_blocks = chunk // bs
-    b = Sequence(a.token_ids[: hit_blocks * bs] + tokens(6, seed=2), GREEDY)
+    b = Sequence(a.token_ids[: hit_blocks * bs].tolist() + tokens(6, seed=2), GREEDY)
     b.block_table = a.block_table[:hit_blocks]  # shared, already computed by A in step 1
     b.num_computed_tokens = b.num_cached_tokens = hit_blocks * bs
     plan = schedule(blocks, (a, a.num_tokens - chunk), (b, b.num_uncomputed_tokens), (c, 1))
@@ -197,7 +197,7 @@ def test_three_chunk_prefill_and_execute_model_outputs(hf_saved: tuple, block_si
         finish_step(plan, {})
     plan = schedule(blocks, (seq, seq.num_uncomputed_tokens))
     (token,) = runner.execute_model(plan)
-    assert token == int(hf_logits(hf, seq.token_ids)[-1].argmax())
+    assert token == int(hf_logits(hf, seq.token_ids.tolist())[-1].argmax())
 
 
 def test_greedy_generation_matches_hf(hf_saved: tuple) -> None:
@@ -214,7 +214,7 @@ def test_greedy_generation_matches_hf(hf_saved: tuple) -> None:
         plan = schedule(blocks, *[(s, s.num_uncomputed_tokens) for s in seqs])
         out = runner.execute_model(plan)
         finish_step(plan, {s.seq_id: t for s, t in zip(seqs, out, strict=True)})
-    assert [s.token_ids for s in seqs] == expected
+    assert [s.token_ids.tolist() for s in seqs] == expected
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama3"])

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -35,7 +37,7 @@ IDS = ["h100", "h100@512", "h200", "h200@512", "cpu", "cpu@512", "roofline"]
 
 
 def as_features(rows: list[StepRow]) -> StepFeatures:
-    names = StepFeatures.__dataclass_fields__
+    names = [f.name for f in fields(StepFeatures)]
     return StepFeatures(*(np.array([getattr(r, n) for r in rows], dtype=np.int64)
                           for n in names))
 

@@ -152,5 +152,5 @@ def test_the_request_table_carries_ids_times_tokens_and_outputs(chat: Trace) -> 
     assert [r.output_len for r in requests] == chat.df["output_len"].tolist()
     assert all(type(t) is int for t in requests[5].prompt_token_ids)
     assert requests[7].prompt_token_ids == bulk.row_list(7)
-    assert all(table.prompt_of(i) == bulk.row_list(i) for i in range(len(table)))
+    assert all(table.prompt_of(i).tolist() == bulk.row_list(i) for i in range(len(table)))
     assert table.prompt_len.tolist() == [len(r.prompt_token_ids) for r in requests]

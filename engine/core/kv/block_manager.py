@@ -40,7 +40,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None  # set while the block is published in the prefix cache
-    token_src: list[int] | None = None
+    token_src: SeqOf[int] | None = None
     token_start: int = 0
     content_id: int = ROOT         # unique per publication
     parent_content_id: int = ROOT

@@ -41,12 +41,14 @@ PENDING = 0    # the content id of a lazily published block, until it is hashed
 
 # A block published with its hash: (block hash, content id, parent content id, token source,
 # token start). The tokens are (a sequence's append-only token list, offset): never copied.
-Published = tuple[int, int, int, list[int], int]
+Published = tuple[int, int, int, SeqOf[int], int]
 HASH, CONTENT, PARENT, SRC, START = range(5)
 
 
 def token_bytes(token_ids: SeqOf[int]) -> bytes:
     """The ids as int64 little-endian bytes ('Q' converts faster, same bytes when >= 0)."""
+    if isinstance(token_ids, array) and token_ids.typecode == "q":  # a Sequence's own
+        return token_ids.tobytes()
     try:
         return array("Q", token_ids).tobytes()
     except OverflowError:
@@ -58,7 +60,8 @@ def hash_block(parent_hash: int, token_ids: SeqOf[int]) -> int:
     return xxh3_64_intdigest(parent_hash.to_bytes(8, "little") + token_bytes(token_ids))
 
 
-def extend_chain(tokens: list[int], hashes: list[int], block_size: int, num_blocks: int) -> None:
+def extend_chain(tokens: SeqOf[int], hashes: list[int], block_size: int,
+                 num_blocks: int) -> None:
     """Append the chain hashes of `tokens`' blocks up to `num_blocks` (hash_block, in bulk)."""
     done = len(hashes)
     if done >= num_blocks:
@@ -84,7 +87,7 @@ class LazyPrefix:
     frees its blocks."""
 
     root: int              # the first block's hash
-    tokens: list[int]
+    tokens: SeqOf[int]
     hashes: list[int]      # as far as computed
     table: list[int]
     contents: list[int]
