@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from conf.schema import MODES, register
 from engine.core.config import EngineConfig
 from engine.core.memory import StartupError
-from reports.run_folder import write_run
+from reports.run_folder import StepsWriter, write_run
 
 register()
 
@@ -46,24 +46,26 @@ def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     base = {"mode": cfg.mode, "config": _config_summary(cfg), "sim": None, "real": None,
             "error": None, "error_type": None}
+    steps = StepsWriter(out)  # step records stream here as they come
     try:
-        summary, records = run_mode(cfg)
+        summary, records = run_mode(cfg, steps)
     except KeyboardInterrupt:
-        _record(out, {**base, "status": "interrupted", "error": "interrupted (Ctrl-C)"}, {})
+        _record(out, {**base, "status": "interrupted", "error": "interrupted (Ctrl-C)"}, {},
+                steps)
         where = Path(HydraConfig.get().sweep.dir) if _in_sweep() else out
         print(f"interrupted: what was finished is in {where}"
               + (f"; rebuild the sweep report with python -m reports {where}"
                  if _in_sweep() else ""), file=sys.stderr)
         raise
     except Exception as err:  # recorded, never lost; a sweep goes on
-        _record(out, _failed(base, err), {})
+        _record(out, _failed(base, err), {}, steps)
         if not _in_sweep():
             raise
         return
-    _record(out, {**base, **summary}, records)
+    _record(out, {**base, **summary}, records, steps)
 
 
-def run_mode(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
+def run_mode(cfg: DictConfig, steps: StepsWriter) -> tuple[dict[str, Any], Records]:
     if cfg.mode not in RUN_MODES:
         raise ValueError(f"mode={cfg.mode!r} is invalid: must be one of {', '.join(RUN_MODES)}")
     if cfg.fail_point:
@@ -76,35 +78,45 @@ def run_mode(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
     summary: dict[str, Any] = {"status": "ok"}
     records: Records = {}
     if cfg.mode in ("sim", "both"):
-        _run_sim(cfg, requests_and_setup, summary, records)
+        _run_sim(cfg, requests_and_setup, summary, records, steps)
     if cfg.mode in ("real", "both"):
         _run_real(cfg, requests_and_setup, summary, records)
     return summary, records
 
 
 def _prepare(cfg: DictConfig) -> tuple[Any, list[Any]]:
-    from sim.twin import setup_twin, trace_requests
+    from sim.twin import setup_twin
+    from workloads.trace_requests import model_requests
 
     setup = setup_twin(_entry(cfg.model), _entry(cfg.hardware), engine_config(cfg),
                        cfg.predictor, keys=(_choice("model"), _choice("hardware")))
     trace = load_workload(cfg)
-    return setup, trace_requests(trace, setup.model)
+    return setup, model_requests(trace, setup.model.vocab_size)
 
 
 def _run_sim(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
-             records: Records) -> None:
+             records: Records, writer: StepsWriter) -> None:
+    """The twin's steps stream to the run folder as they are made, and into their
+    metrics; the requests come at the end."""
+    from reports.metrics import StepStats, twin_metrics
     from sim.twin import simulate
 
     setup, requests = prepared
+    stats = StepStats()
+
+    def on_steps(chunk: Any) -> None:
+        stats.add(chunk)
+        writer.add(chunk, "sim")
+
     with _progress(cfg, len(requests), "simulate") as bar:
-        run = simulate(setup, requests, skip=cfg.skip,
+        run = simulate(setup, requests, skip=cfg.skip, on_steps=on_steps,
                        on_progress=lambda n: bar.update(n - bar.n))
-    summary["sim"] = run.summary()
+    summary["sim"] = run.summary(twin_metrics(run, stats))
     if not setup.memory.starts:
         summary.update(status="cannot_start", error=setup.memory.error,
                        error_type=setup.memory.error_type)
         return
-    records["sim"] = (run.requests, run.steps)
+    records["sim"] = (run.requests, None)
 
 
 def _run_real(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
@@ -301,8 +313,9 @@ def _failed(base: dict[str, Any], err: BaseException) -> dict[str, Any]:
             "error_type": type(err).__name__, "traceback": traceback.format_exc()}
 
 
-def _record(out: Path, summary: dict[str, Any], records: Records) -> None:
-    write_run(out, summary, records or None)
+def _record(out: Path, summary: dict[str, Any], records: Records,
+            steps: StepsWriter | None = None) -> None:
+    write_run(out, summary, records or None, steps)
     try:
         from reports.html import EMBED, ensure_plotly_js
         from reports.run_page import write_run_page

@@ -123,31 +123,132 @@ def itl_samples(steps_df: pd.DataFrame) -> np.ndarray:
 
 # -- summary ------------------------------------------------------------------------------------
 
-def summarize(requests_df: pd.DataFrame, steps_df: pd.DataFrame, *, num_blocks: int,
+class StepStats:
+    """The metrics of step records, taken over chunks of steps in step order, so a long
+    run's steps never have to be held at once: ITL samples as (gap, count) pairs (12 bytes
+    per decode step, never one sample per token), counts, peaks and the duration-weighted
+    sum of blocks used."""
+
+    def __init__(self) -> None:
+        self.num_steps = self.max_running = self.max_waiting = self.peak_used = 0
+        self.weighted_used = self.total_duration = self.used_sum = 0.0
+        self._last_end: float | None = None
+        self._gaps: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+
+    def add(self, steps: pd.DataFrame) -> StepStats:
+        df = _checked(steps, STEP_COLUMNS, "steps").sort_values("step", kind="stable")
+        if len(df) == 0:
+            return self
+        end = _num(df, "end_s").to_numpy()
+        decode = _num(df, "num_decode_seqs").fillna(0).to_numpy().astype(np.int64)
+        self._add_itl(end, decode)
+        used = _num(df, "num_blocks_used").to_numpy()
+        durations = (end - _num(df, "start_s").to_numpy())
+        self.num_steps += len(df)
+        self.max_running = max(self.max_running, int(_num(df, "num_running").max()))
+        self.max_waiting = max(self.max_waiting, int(_num(df, "num_waiting").max()))
+        self.peak_used = max(self.peak_used, int(used.max()))
+        weights = np.clip(np.nan_to_num(durations, nan=0.0), 0.0, None)
+        self.weighted_used += float(used @ weights)
+        self.total_duration += float(weights.sum())
+        self.used_sum += float(used.sum())
+        return self
+
+    def _add_itl(self, end: np.ndarray, decode: np.ndarray) -> None:
+        """Step k's decodes each wait end[k] - end[k-1] for their token (see itl_samples)."""
+        if self._last_end is not None:
+            end, decode = np.concatenate(([self._last_end], end)), np.concatenate(([0], decode))
+        self._last_end = float(end[-1])
+        keep = decode[1:] > 0
+        self._gaps.append(np.diff(end)[keep])
+        self._counts.append(decode[1:][keep].astype(np.uint32))
+
+    def itl(self) -> tuple[np.ndarray, np.ndarray]:
+        """ITL sample values and how many samples each stands for."""
+        if not self._gaps:
+            return np.empty(0), np.empty(0, dtype=np.uint32)
+        return np.concatenate(self._gaps), np.concatenate(self._counts)
+
+    def summary(self, num_blocks: int) -> dict[str, Any]:
+        if self.total_duration > 0:
+            mean = self.weighted_used / self.total_duration
+        else:
+            mean = self.used_sum / self.num_steps if self.num_steps else None
+        peak = float(self.peak_used)
+        return {
+            "num_steps": self.num_steps, "max_concurrency": self.max_running,
+            "max_waiting": self.max_waiting, "num_blocks": num_blocks,
+            "kv_blocks_used_peak": int(peak), "kv_blocks_used_mean": mean,
+            "kv_usage_peak": peak / num_blocks if num_blocks > 0 else None,
+            "kv_usage_mean": mean / num_blocks if num_blocks > 0 and mean is not None else None,
+        }
+
+
+def weighted_stats(values: np.ndarray, counts: np.ndarray, name: str,
+                   percentiles: Sequence[float]) -> dict[str, Any]:
+    """`_stats` of the samples in which values[i] appears counts[i] times, without making
+    them: numpy's linear-interpolation percentile located by cumulative counts."""
+    keep = (counts > 0) & ~np.isnan(values)
+    values, counts = values[keep], counts[keep].astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return _stats(np.empty(0), name, percentiles)
+    order = np.argsort(values, kind="stable")
+    values, ends = values[order], np.cumsum(counts[order])
+    def at(rank: int) -> float:  # the rank-th smallest sample (0-based)
+        return float(values[np.searchsorted(ends, rank, side="right")])
+    def percentile(pct: float) -> float:  # numpy's "linear" method, float for float
+        h = (total - 1) * (pct / 100)
+        lo = min(int(np.floor(h)), total - 1)
+        t = h - np.floor(h) if h < total - 1 else 0.0
+        a, b = at(lo), at(min(lo + 1, total - 1))
+        return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+    def median() -> float:  # numpy's: the middle sample, or the mean of the middle two
+        mid = total // 2
+        return at(mid) if total % 2 else (at(mid - 1) + at(mid)) / 2
+    out: dict[str, Any] = {f"{name}_mean_s": float(values @ counts[order] / total),
+                           f"{name}_median_s": median()}
+    for q in percentiles:
+        out[f"{name}_p{q:g}_s"] = percentile(q)
+    return out
+
+
+def summarize(requests_df: pd.DataFrame, steps_df: pd.DataFrame | StepStats | None, *,
+              num_blocks: int,
               slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
               slo_e2e_s: float | None = None,
               percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, Any]:
-    """Every headline metric of a run, JSON-serialisable (plain ints/floats; NaN -> None)."""
+    """Every headline metric of a run, JSON-serialisable (plain ints/floats; NaN -> None).
+    The steps come as a frame, or as the StepStats of a run whose steps were streamed."""
     _check_percentiles(percentiles)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer) \
             or num_blocks < 0:
         raise ValueError(f"num_blocks={num_blocks!r} is invalid: must be an integer >= 0")
     requests = _checked(requests_df, REQUEST_COLUMNS, "requests")
-    steps = _checked(steps_df, STEP_COLUMNS, "steps")
+    steps = steps_df if isinstance(steps_df, StepStats) else StepStats().add(steps_df)
     latencies = request_latencies(requests)
     duration = _duration(requests)
     summary: dict[str, Any] = {**_counts(requests), "duration_s": duration}
     summary.update(_throughputs(latencies, duration))
-    samples = {name: latencies[f"{name}_s"].to_numpy() for name in LATENCY_METRICS
-               if name != "itl"}
-    samples["itl"] = itl_samples(steps)
     for name in LATENCY_METRICS:
-        summary.update(_stats(samples[name], name, percentiles))
+        if name == "itl":
+            summary.update(weighted_stats(*steps.itl(), name, percentiles))
+        else:
+            summary.update(_stats(latencies[f"{name}_s"].to_numpy(), name, percentiles))
     slos = {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s, "e2e_s": slo_e2e_s}
     summary.update(_goodput(latencies, duration, slos))
     summary["prefix_cache_hit_rate"] = _hit_rate(requests)
-    summary.update(_step_stats(steps, int(num_blocks)))
+    summary.update(steps.summary(int(num_blocks)))
     return {key: _plain(value) for key, value in summary.items()}
+
+
+def twin_metrics(run: Any, steps: StepStats | None = None, **slos: float | None
+                 ) -> dict[str, Any]:
+    """`summarize` of a simulated run (sim.twin.TwinRun); `steps`: the StepStats of a run
+    whose step records streamed elsewhere."""
+    return summarize(run.requests, steps if steps is not None else run.steps,
+                     num_blocks=run.num_blocks, **slos)
 
 
 def _check_percentiles(percentiles: Sequence[float]) -> None:
@@ -223,32 +324,6 @@ def _hit_rate(requests: pd.DataFrame) -> float | None:
     admitted = requests[~_rejected(requests) & _num(requests, "first_scheduled_s").notna()]
     prompt = _num(admitted, "prompt_len").sum()
     return float(_num(admitted, "num_cached_tokens").sum() / prompt) if prompt > 0 else None
-
-
-def _step_stats(steps: pd.DataFrame, num_blocks: int) -> dict[str, Any]:
-    used = _num(steps, "num_blocks_used").to_numpy()
-    peak = float(used.max()) if used.size else 0.0
-    mean = _time_weighted_mean(used, _num(steps, "end_s") - _num(steps, "start_s"))
-    return {
-        "num_steps": len(steps),
-        "max_concurrency": int(_num(steps, "num_running").max()) if len(steps) else 0,
-        "max_waiting": int(_num(steps, "num_waiting").max()) if len(steps) else 0,
-        "num_blocks": num_blocks,
-        "kv_blocks_used_peak": int(peak),
-        "kv_blocks_used_mean": mean,
-        "kv_usage_peak": peak / num_blocks if num_blocks > 0 else None,
-        "kv_usage_mean": mean / num_blocks if num_blocks > 0 and mean is not None else None,
-    }
-
-
-def _time_weighted_mean(values: np.ndarray, durations: pd.Series) -> float | None:
-    """Mean over steps weighted by step duration; the plain mean when no step has a duration."""
-    if values.size == 0:
-        return None
-    weights = durations.fillna(0.0).clip(lower=0.0).to_numpy()
-    if weights.sum() <= 0:
-        return float(values.mean())
-    return float(np.average(values, weights=weights))
 
 
 def _plain(value: Any) -> Any:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 SUMMARY = "summary.json"
 REQUESTS = "requests.parquet"
@@ -61,26 +64,72 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+class StepsWriter:
+    """steps.parquet written as step records come, chunk by chunk and source by source, so
+    a long run never holds all its steps; a file of its own until `close`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path) / STEPS
+        self._writer: pq.ParquetWriter | None = None
+        self._empty: pd.DataFrame | None = None  # written if no step ever comes
+        self.rows = 0
+
+    def add(self, steps: pd.DataFrame, source: str) -> None:
+        if steps.empty:
+            self._empty = steps.assign(source=source)
+            return
+        table = pa.Table.from_pandas(steps.assign(source=source), preserve_index=False)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table.cast(self._writer.schema))
+        self.rows += len(steps)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        elif self._empty is not None:
+            self._empty.to_parquet(self.path, index=False)
+
+
 def write_run(path: Path, summary: dict[str, Any],
-              records: dict[str, tuple[pd.DataFrame, pd.DataFrame]] | None = None) -> Path:
-    """Write summary.json and, per source, the request and step records."""
+              records: dict[str, tuple[pd.DataFrame, pd.DataFrame | None]] | None = None,
+              steps: StepsWriter | None = None) -> Path:
+    """Write summary.json and, per source, the request and step records; a source's steps
+    are None where they were streamed to `steps` already."""
     path.mkdir(parents=True, exist_ok=True)
     summary = {**summary, "versions": summary.get("versions") or versions()}
     (path / SUMMARY).write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
+    writer = steps or StepsWriter(path)
     if records:
         reqs = [df.assign(source=src) for src, (df, _) in records.items()]
-        steps = [df.assign(source=src) for src, (_, df) in records.items()]
         pd.concat(reqs, ignore_index=True).to_parquet(path / REQUESTS, index=False)
-        pd.concat(steps, ignore_index=True).to_parquet(path / STEPS, index=False)
+        for src, (_, frame) in records.items():
+            if frame is not None:
+                writer.add(frame, src)
+    writer.close()
     return path
 
 
-def read_run(path: Path) -> RunFolder:
+def read_run(path: Path, steps: bool = True) -> RunFolder:
+    """A run folder; `steps=False` leaves the step records on disk (see `iter_steps`)."""
     path = Path(path)
     summary = json.loads((path / SUMMARY).read_text())
     reqs = pd.read_parquet(path / REQUESTS) if (path / REQUESTS).is_file() else pd.DataFrame()
-    steps = pd.read_parquet(path / STEPS) if (path / STEPS).is_file() else pd.DataFrame()
-    return RunFolder(path, summary, reqs, steps)
+    frame = pd.read_parquet(path / STEPS) if steps and (path / STEPS).is_file() \
+        else pd.DataFrame()
+    return RunFolder(path, summary, reqs, frame)
+
+
+def iter_steps(path: Path, columns: list[str], rows: int = 1 << 20) -> Iterator[pd.DataFrame]:
+    """A run's step records (`columns` and `source`), `rows` at a time, in file order."""
+    file = Path(path) / STEPS
+    if not file.is_file():
+        return
+    for batch in pq.ParquetFile(file).iter_batches(batch_size=rows,
+                                                   columns=[*columns, "source"]):
+        yield batch.to_pandas()
 
 
 def find_runs(root: Path) -> list[Path]:

@@ -13,9 +13,9 @@ from typing import Any
 import pandas as pd
 
 from reports.html import EMBED, badge, esc, figure_div, key_values, page, plotly_script, section
-from reports.metrics import kv_usage_timeline, request_latencies
-from reports.plots import kv_timeline, latency_cdfs, memory_bars, request_parity
-from reports.run_folder import REPORT, SOURCES, RunFolder, read_run
+from reports.metrics import STEP_COLUMNS, kv_usage_timeline, request_latencies
+from reports.plots import kv_timeline, latency_cdfs, memory_bars, request_parity, thin_timeline
+from reports.run_folder import REPORT, SOURCES, RunFolder, iter_steps, read_run
 from reports.run_tables import (
     CAPACITY_ROWS,
     MEMORY_ROWS,
@@ -31,7 +31,7 @@ def write_run_page(run_dir: Path, plotly_js: str | Path = EMBED) -> Path:
     """(Re)write `run_dir`/report.html. `plotly_js`: "embed" (a standalone page), a Path to a
     shared plotly.min.js on disk (see `reports.html.ensure_plotly_js`), or a str path relative
     to the page."""
-    run = read_run(Path(run_dir))
+    run = read_run(Path(run_dir), steps=False)  # the timeline reads them batch by batch
     out = run.path / REPORT
     out.write_text(render_run_page(run, plotly_script(plotly_js, run.path)), encoding="utf-8")
     return out
@@ -107,28 +107,39 @@ def _metrics_section(s: dict[str, Any]) -> str:
 
 
 def _record_sections(run: RunFolder) -> list[str]:
-    lat, steps = {}, {}
+    lat = {}
     for name in SOURCES:
-        reqs, st = run.side(name)
+        reqs, _ = run.side(name)
         if not reqs.empty:
             lat[name] = request_latencies(reqs)
-        if not st.empty:
-            steps[name] = st
     out = []
     if lat:
         out.append(section("Latency", figure_div(latency_cdfs(lat), "plot-latency-cdf")))
-    if steps:
-        out.append(_timeline_section(run.summary, steps))
+    timelines = _timelines(run)
+    if timelines:
+        out.append(_timeline_section(run.summary, timelines))
     if "sim" in lat and "real" in lat:
         out.append(section("Predicted vs measured per request",
                            figure_div(request_parity(lat["sim"], lat["real"]), "plot-parity")))
     return out
 
 
-def _timeline_section(s: dict[str, Any], steps: dict[str, pd.DataFrame]) -> str:
-    blocks = {name: _num_blocks(s, name) for name in steps}
-    timelines = {name: kv_usage_timeline(df, max(int(blocks[name] or 0), 0))
-                 for name, df in steps.items()}
+def _timelines(run: RunFolder) -> dict[str, pd.DataFrame]:
+    """Per source, the KV timeline of its steps, read a batch at a time: a long run's
+    batches are thinned as they come (peaks kept), so its steps are never all in memory."""
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for batch in iter_steps(run.path, list(STEP_COLUMNS)):
+        for name, df in batch.groupby("source", sort=False):
+            blocks = max(int(_num_blocks(run.summary, str(name)) or 0), 0)
+            parts.setdefault(str(name), []).append(
+                kv_usage_timeline(df.drop(columns="source"), blocks))
+    return {name: tl[0] if len(tl) == 1 else
+            pd.concat([thin_timeline(t) for t in tl], ignore_index=True)
+            for name, tl in parts.items()}
+
+
+def _timeline_section(s: dict[str, Any], timelines: dict[str, pd.DataFrame]) -> str:
+    blocks = {name: _num_blocks(s, name) for name in timelines}
     fig = kv_timeline(timelines, blocks)
     return section("KV cache over time", figure_div(fig, "plot-kv-timeline"),
                    note="Snapshots taken right after each step is scheduled; long runs are "

@@ -18,9 +18,11 @@ from typing import Any
 
 from engine.core.catalog import list_hardware, list_models
 from engine.core.config import ConfigError, EngineConfig
+from reports.metrics import twin_metrics
 from sim.capacity import format_plan, plan_capacity
-from sim.twin import PREDICTORS, TwinRun, setup_twin, simulate, trace_requests
+from sim.twin import PREDICTORS, TwinRun, setup_twin, simulate
 from workloads import PRESETS, make_preset, read_trace
+from workloads.trace_requests import model_requests
 
 
 def parse_engine_overrides(pairs: list[str]) -> EngineConfig:
@@ -110,29 +112,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(args: argparse.Namespace, setup) -> int:
     trace = load_workload(args.workload, args.workload_set)
-    requests = trace_requests(trace, setup.model)
+    requests = model_requests(trace, setup.model.vocab_size)
     start = time.perf_counter()
     run = simulate(setup, requests, skip=not args.no_skip)
     wall = time.perf_counter() - start
+    metrics = twin_metrics(run)
     if args.out:
-        write_records(run, args.out)
+        write_records(run, metrics, args.out)
     if args.json:
-        print(json.dumps(run.summary(), indent=1))
+        print(json.dumps(run.summary(metrics), indent=1))
         return 0
     print(format_plan(run.capacity, setup.memory))
-    print(format_metrics(run, wall))
+    print(format_metrics(run, metrics, wall))
     return 0
 
 
-def write_records(run: TwinRun, out: Path) -> None:
+def write_records(run: TwinRun, metrics: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run.requests.to_parquet(out / "requests.parquet", index=False)
     run.steps.to_parquet(out / "steps.parquet", index=False)
-    (out / "summary.json").write_text(json.dumps(run.summary(), indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps(run.summary(metrics), indent=1) + "\n")
 
 
-def format_metrics(run: TwinRun, wall_s: float) -> str:
-    m = run.metrics
+def format_metrics(run: TwinRun, m: dict[str, Any], wall_s: float) -> str:
     simulated = float(run.steps["end_s"].max()) if len(run.steps) else 0.0
     lines = [f"predictor      {run.setup.predictor['kind']}: {run.setup.predictor['source']}",
              f"requests       {m['completed']} completed, {m['rejected']} rejected, "

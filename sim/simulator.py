@@ -16,7 +16,9 @@ Scheduler, so the records are identical to single-stepping (a tested property).
 from __future__ import annotations
 
 import gc
+from array import array
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Sequence as SeqOf
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,22 +34,27 @@ from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from sim.request_log import RequestLog
 from sim.skipping import plan_decode_run
-from sim.step_log import StepLog
+from sim.step_log import ChunkFn, StepLog
 from sim.step_time import StepTimeModel
 
-TokenFn = Callable[[int, int, int], list[int]]  # (request index, position, count) -> ids
+TokenFn = Callable[[int, int, int], SeqOf[int]]  # (request index, position, count) -> ids
 
 FAKE_PERIOD = 100_000
 # 7919 is prime to the period, so position p of request i gets the token at (p + shift(i)) in
 # one table: 1000 + (i * 1_000_003 + p * 7919) % period == _FAKE[(p + shift(i)) % period].
-_FAKE = [1000 + q * 7919 % FAKE_PERIOD for q in range(FAKE_PERIOD)]
+_FAKE = array("q", [1000 + q * 7919 % FAKE_PERIOD for q in range(FAKE_PERIOD)])
 _UNSTRIDE = pow(7919, -1, FAKE_PERIOD)
 
 
-def fake_tokens(index: int, position: int, count: int = 1) -> list[int]:
+def fake_shift(index: int) -> int:
+    """Request `index`'s offset into the table of stand-in tokens."""
+    return index * 1_000_003 * _UNSTRIDE % FAKE_PERIOD
+
+
+def fake_tokens(index: int, position: int, count: int = 1) -> array:
     """Stand-in samples for `count` positions, distinct per request, with no randomness:
     1000 + (index * 1_000_003 + position * 7919) % 100_000 (as table slices)."""
-    start = (position + index * 1_000_003 * _UNSTRIDE) % FAKE_PERIOD
+    start = (position + fake_shift(index)) % FAKE_PERIOD
     tokens = _FAKE[start:start + count]
     while len(tokens) < count:  # wrapped around the period
         tokens += _FAKE[:count - len(tokens)]
@@ -66,7 +73,8 @@ class Simulator:
     def __init__(self, config: EngineConfig, num_blocks: int, step_time: StepTimeModel,
                  eos_token_ids: frozenset[int] = frozenset(), skip: bool = True,
                  token_fn: TokenFn = fake_tokens,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None,
+                 on_steps: ChunkFn | None = None):
         self.config = config
         self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
         self.step_time = step_time
@@ -75,7 +83,7 @@ class Simulator:
         self.on_progress = on_progress
         self.env = simpy.Environment()
         self.clock = 0.0  # authoritative time; SimPy's clock follows it
-        self.steps = StepLog()
+        self.steps = StepLog(on_steps)  # streams its steps to on_steps when given
         self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0, "decode_runs": 0}
 
     def run(self, requests: RequestTable | Iterable[Request]) -> SimResult:
@@ -90,6 +98,7 @@ class Simulator:
         self.log = RequestLog(np.asarray(table.request_id)[self.order],
                               np.asarray(self.arrivals), self.prompt_lens)
         self.index: dict[int, int] = {}  # live seq_id -> index of its request in the table
+        self.shift: dict[int, int] = {}  # live seq_id -> fake_shift of its request
         self._position: dict[int, int] = {}  # live seq_id -> arrival order
         self.cursor = 0
         with gc_paused():
@@ -98,6 +107,7 @@ class Simulator:
             done = self.env.process(self._engine())
             self.env.run(until=done)
         assert self.log.ended.all(), "a request never finished"
+        self.steps.flush()
         return SimResult(self.log.to_frame(), self.steps, self.scheduler, dict(self.stats))
 
     def _sequence(self, position: int) -> Sequence:
@@ -107,13 +117,14 @@ class Simulator:
         seq = Sequence(self.table.prompt_of(i), params, self.table.request_id[i],
                        self.arrivals[position])
         self.index[seq.seq_id] = i
+        self.shift[seq.seq_id] = fake_shift(i)
         self._position[seq.seq_id] = position
         return seq
 
     def _record(self, seq: Sequence) -> None:
         """Keep a finished sequence as its record only."""
         self.log.end(self._position.pop(seq.seq_id), seq)
-        del self.index[seq.seq_id]
+        del self.index[seq.seq_id], self.shift[seq.seq_id]
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -168,15 +179,17 @@ class Simulator:
         out = self.scheduler.schedule(start)
         if out.is_empty:
             raise RuntimeError("the scheduler planned an empty step with work pending")
-        duration = self.step_time.step(features_of(out), len(self.steps))
+        # Re-read prefix keys enter the decode-step terms only.
+        decode_only = out.num_decode_seqs == len(out.scheduled)
+        row = features_of(out, shared=self.step_time.reads_shared and decode_only)
+        duration = self.step_time.step(row, len(self.steps))
         yield from self.run_step(out, start, start + duration)
 
     def run_step(self, out: SchedulerOutput, start: float, end: float) -> Iterator[simpy.Event]:
         """Run a step the Scheduler planned at `start`: it ends at `end`, then is applied."""
         record = StepRecord.from_output(len(self.steps), start, out, self.scheduler)
         yield from self.advance_to(end)
-        sampled = [self.next_tokens(i.seq, 1)[0] if i.samples else None
-                   for i in out.scheduled]
+        sampled = [self.next_token(i.seq) if i.samples else None for i in out.scheduled]
         for seq in self.scheduler.update_from_output(out, sampled, end):
             self._record(seq)
         record.end_s = end
@@ -184,9 +197,16 @@ class Simulator:
         self.stats["single_steps"] += 1
         self._progress()
 
-    def next_tokens(self, seq: Sequence, count: int) -> list[int]:
+    def next_tokens(self, seq: Sequence, count: int) -> SeqOf[int]:
         """The stand-in tokens `seq` samples next."""
-        return self.token_fn(self.index[seq.seq_id], seq.num_tokens, count)
+        return self.token_fn(self.index[seq.seq_id], len(seq.token_ids), count)
+
+    def next_token(self, seq: Sequence) -> int:
+        """The stand-in token `seq` samples next (fake_tokens' without the slicing)."""
+        if self.token_fn is not fake_tokens:
+            return self.next_tokens(seq, 1)[0]
+        shift = self.shift[seq.seq_id]
+        return _FAKE[(len(seq.token_ids) + shift) % FAKE_PERIOD]
 
     def advance_to(self, t: float) -> Iterator[simpy.Event]:
         yield self.env.timeout(max(0.0, t - self.env.now))

@@ -51,7 +51,7 @@ class Segment:
 
 
 def plan_decode_run(sim: Simulator) -> PlannedRun | None:
-    horizon = sim.scheduler.decode_horizon()
+    horizon = sim.scheduler.decode_horizon(MIN_RUN)
     if horizon is None or horizon.num_steps < MIN_RUN:
         return None
     stop = sim.next_arrival if horizon.admits else float("inf")

@@ -190,8 +190,14 @@ class Feature(Term):
         return self.name in ("decode_seqs", "num_seqs")
 
     def column(self, f: StepFeatures) -> np.ndarray:
-        col = getattr(f, self.name)
-        return estimate(f, self.name) if col is None else col.astype(np.float64)
+        """As float64, made once per features object (several terms read a column)."""
+        made = f.__dict__.setdefault("_float_columns", {})
+        col = made.get(self.name)
+        if col is None:
+            raw = getattr(f, self.name)
+            col = made[self.name] = estimate(f, self.name) if raw is None \
+                else raw.astype(np.float64)
+        return col
 
     def value(self, s: StepRow) -> float:
         v = getattr(s, self.name)
@@ -251,7 +257,7 @@ class DecodeUniqueCtx(Term):
     """Keys the decodes read from HBM: all of them but the prefix keys another re-reads."""
 
     def column(self, f: StepFeatures) -> np.ndarray:
-        return (f.decode_ctx - Feature("decode_shared").column(f)).astype(np.float64)
+        return Feature("decode_ctx").column(f) - Feature("decode_shared").column(f)
 
     def value(self, s: StepRow) -> float:
         return float(s.decode_ctx - Feature("decode_shared").value(s))
@@ -320,7 +326,9 @@ class DecodeShare(Term):
     batch: PaddedBatch
 
     def column(self, f: StepFeatures) -> np.ndarray:
-        longest = Feature("decode_max_ctx").column(f).astype(np.int64)
+        longest = f.decode_max_ctx
+        if longest is None:
+            longest = Feature("decode_max_ctx").column(f).astype(np.int64)
         if f.uniform_batch is not None:
             batch = padded_batch_of(f.uniform_batch, self.batch._buckets)
             return share_staircase(self.split, longest, batch).astype(np.float64)

@@ -188,7 +188,8 @@ class CalibratedStepTime:
         # Whether a decode step's time depends on its longest context (not only the sum),
         # and on the prefix keys its decodes re-read.
         self.reads_longest = self._decode.reads("decode_max_ctx", "decode_share")
-        self.reads_shared = self._decode.reads("decode_unique_ctx")
+        self.reads_shared = any(part.reads("decode_unique_ctx", "decode_shared")
+                                for part in (self._decode, self._mixed))
 
 
     @property

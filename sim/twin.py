@@ -1,5 +1,6 @@
-"""One simulated run: catalog entries + engine config + trace -> memory, capacity, records,
-metrics. The entry point shared by `python -m sim` and `run.py`."""
+"""One simulated run: catalog entries + engine config + requests -> memory, capacity and the
+request and step records (their metrics are `reports.metrics`'). The entry point of run.py
+and every front end that simulates."""
 
 from __future__ import annotations
 
@@ -8,20 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from engine.core.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
 from engine.core.config import EngineConfig, ModelConfig
 from engine.core.request import Request, RequestTable, as_table
-from reports.metrics import requests_frame, summarize
 from sim.capacity import CapacityPlan, plan_capacity
 from sim.memory_model import MemoryPrediction, predict_memory
 from sim.profile import PROFILE_DIR, Profile, ProfileKey, find_profile, slug
+from sim.request_log import RequestLog
 from sim.simulator import Simulator, gc_paused
-from sim.step_log import StepLog
+from sim.step_log import ChunkFn, StepLog
 from sim.step_time import RooflineStepTime, StepTimeModel
-from workloads import TokenSpec, Trace
-from workloads.trace_requests import request_table
 
 PREDICTORS = ("auto", "calibrated", "roofline")
 
@@ -46,17 +46,23 @@ class TwinSetup:
 
 @dataclass
 class TwinRun:
+    """The records of a simulated run: `steps` is None when they were streamed (on_steps)."""
+
     setup: TwinSetup
     capacity: CapacityPlan
     requests: pd.DataFrame
-    steps: pd.DataFrame
-    metrics: dict[str, Any]
+    steps: pd.DataFrame | None
     stats: dict[str, int] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
+    @property
+    def num_blocks(self) -> int:
+        """The KV blocks the run had (0: it could not start)."""
+        return self.setup.memory.num_blocks if self.setup.memory.starts else 0
+
+    def summary(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Deterministic (no wall time): the same config and seed give the same JSON."""
         return {"predictor": self.setup.predictor, "memory": self.setup.memory.to_dict(),
-                "capacity": self.capacity.to_dict(), "metrics": self.metrics,
+                "capacity": self.capacity.to_dict(), "metrics": metrics,
                 "sim_stats": self.stats}
 
 
@@ -114,32 +120,22 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
     return TwinSetup(model_cfg, keys[0], hw, keys[1], config, profile, step_time, memory)
 
 
-def trace_requests(trace: Trace, model: ModelConfig) -> RequestTable:
-    """The trace's requests, their prompts (made on demand) within the model's vocabulary."""
-    spec = TokenSpec(vocab_size=model.vocab_size, low=min(1000, model.vocab_size // 8))
-    return request_table(trace, spec)
-
-
 def simulate(setup: TwinSetup, requests: RequestTable | Iterable[Request], skip: bool = True,
-             on_progress: Callable[[int], None] | None = None) -> TwinRun:
-    """Simulate `requests`; a configuration that cannot start gives a run with no steps."""
+             on_progress: Callable[[int], None] | None = None,
+             on_steps: ChunkFn | None = None) -> TwinRun:
+    """Simulate `requests`; a configuration that cannot start gives a run with no records.
+    With `on_steps`, the step records stream to it in chunks (a run of any length holds one
+    chunk of them at most) and the run's `steps` is None."""
     cfg, memory = setup.config, setup.memory
     requests = as_table(requests)
-    mean_len = requests.mean_len()
-    capacity = plan_capacity(setup.model, setup.hardware, cfg, setup.profile, mean_len,
-                             memory)
+    capacity = plan_capacity(setup.model, setup.hardware, cfg, setup.profile,
+                             requests.mean_len(), memory)
     if not memory.starts:
-        empty = requests_frame([])
-        return TwinRun(setup, capacity, empty, _empty_steps(),
-                       summarize(empty, _empty_steps(), num_blocks=0))
-    sim = Simulator(cfg, memory.num_blocks, setup.step_time,
-                    setup.model.eos_token_ids(), skip=skip, on_progress=on_progress)
-    with gc_paused():  # a full collection would walk every prompt token of `requests`
+        empty = RequestLog([], np.zeros(0), np.zeros(0, dtype=np.int64)).to_frame()
+        return TwinRun(setup, capacity, empty, None if on_steps else StepLog().to_frame())
+    sim = Simulator(cfg, memory.num_blocks, setup.step_time, setup.model.eos_token_ids(),
+                    skip=skip, on_progress=on_progress, on_steps=on_steps)
+    with gc_paused():  # a full collection would walk every live prompt token
         result = sim.run(requests)
-        reqs, steps = result.requests, result.steps.to_frame()
-        metrics = summarize(reqs, steps, num_blocks=memory.num_blocks)
-    return TwinRun(setup, capacity, reqs, steps, metrics, result.stats)
-
-
-def _empty_steps() -> pd.DataFrame:
-    return StepLog().to_frame()
+        steps = None if on_steps else result.steps.to_frame()
+    return TwinRun(setup, capacity, result.requests, steps, result.stats)

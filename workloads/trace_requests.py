@@ -11,6 +11,13 @@ from workloads.schema import TOKENS_COLUMN, Trace
 from workloads.tokens import PromptPlan, TokenSpec
 
 
+def model_requests(trace: Trace, vocab_size: int) -> RequestTable:
+    """The trace's requests with prompt ids inside a model's vocabulary (`TokenSpec`'s
+    default range, narrowed for a vocabulary under 8,000 ids)."""
+    return request_table(trace, TokenSpec(vocab_size=vocab_size,
+                                          low=min(1000, vocab_size // 8)))
+
+
 def request_table(trace: Trace, spec: TokenSpec | None = None) -> RequestTable:
     """The trace's requests in trace (arrival) order; a prompt's token ids are made when
     the request is asked for (`workloads.tokens`' scheme, the same ids every time)."""

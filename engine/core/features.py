@@ -86,25 +86,28 @@ class StepRow:
     decode_shared: int | None = None
 
 
-def features_of(out: SchedulerOutput) -> StepRow:
-    """The features of one planned step."""
-    prefill_tokens = prefill_attn = decode_seqs = decode_ctx = max_ctx = keys = 0
+def features_of(out: SchedulerOutput, shared: bool = True) -> StepRow:
+    """The features of one planned step; `shared=False` leaves the re-read prefix keys out
+    (None: the caller's step-time model does not read them)."""
+    prefill_tokens = prefill_attn = decode_ctx = max_ctx = keys = 0
     cached = False
     decodes = []
     for item in out.scheduled:
         q, start = item.num_new_tokens, item.num_computed_tokens
         if item.is_decode:
-            decode_seqs += 1
             decode_ctx += start + 1
-            max_ctx = max(max_ctx, start + 1)
-            decodes.append((item.seq, start + 1))
+            if start >= max_ctx:
+                max_ctx = start + 1
+            if shared:
+                decodes.append((item.seq, start + 1))
         else:
             prefill_tokens += q
             prefill_attn += q * start + q * (q + 1) // 2
             keys += start + q
             cached = cached or start > 0
-    return StepRow(prefill_tokens, prefill_attn, decode_seqs, decode_ctx, len(out.scheduled),
-                   max_ctx, keys if cached else 0, shared_prefix_keys(decodes))
+    return StepRow(prefill_tokens, prefill_attn, out.num_decode_seqs, decode_ctx,
+                   len(out.scheduled), max_ctx, keys if cached else 0,
+                   shared_prefix_keys(decodes) if shared else None)
 
 
 def shared_prefix_keys(decodes: Iterable[tuple[Sequence, int]]) -> int:

@@ -38,6 +38,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
+    num_decode_seqs: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -45,22 +46,19 @@ class SchedulerOutput:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled if not s.is_decode)
-
-    @property
-    def num_decode_seqs(self) -> int:
-        return sum(1 for s in self.scheduled if s.is_decode)
+        return self.num_batched_tokens - self.num_decode_seqs
 
     def add(self, seq: Sequence, num_new_tokens: int, admitted: bool = False) -> None:
         """An admission is always a prefill, even a one-token recompute after a prefix hit."""
-        uncomputed = seq.num_uncomputed_tokens
-        samples = num_new_tokens == uncomputed
-        # not is_prefilling(seq), with the count at hand
+        tokens, computed = len(seq.token_ids), seq.num_computed_tokens
+        uncomputed = tokens - computed
+        # not is_prefilling(seq), with the counts at hand
         is_decode = not admitted and num_new_tokens == 1 and uncomputed <= 1 and \
-            seq.num_output_tokens > 0
+            tokens > seq.num_prompt_tokens
         self.scheduled.append(ScheduledSequence(
-            seq, num_new_tokens, seq.num_computed_tokens, samples, is_decode))
+            seq, num_new_tokens, computed, num_new_tokens == uncomputed, is_decode))
         self.num_batched_tokens += num_new_tokens
+        self.num_decode_seqs += is_decode
 
 
 @dataclass(slots=True)
@@ -80,7 +78,7 @@ class DecodeHorizon:
     all_blocks_free: bool
 
 
-NextTokens = Callable[[Sequence, int], list[int]]  # (sequence, count) -> its next tokens
+NextTokens = Callable[[Sequence, int], Iterable[int]]  # (sequence, count) -> its next tokens
 
 
 class Scheduler:
@@ -145,12 +143,13 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int,
                           candidates: list[Sequence]) -> int:
+        running = SequenceStatus.RUNNING
         for seq in list(candidates):
             if budget <= 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if not self._allocate_or_preempt(seq, n, out):
                 break
             out.add(seq, n)
@@ -201,32 +200,45 @@ class Scheduler:
 
     # -- decode horizon: runs of identical decode steps, for the simulator ----------------------
 
-    def decode_horizon(self) -> DecodeHorizon | None:
-        """How long the next steps stay one batch of the same decodes (None: not even one
-        step is sure to: a sequence prefills, may stop on EOS, or the decodes overflow the
-        token budget). Such steps neither admit nor preempt: admission is blocked
-        (`max_num_seqs` or the budget) or nothing waits, and the horizon ends before the
-        first step whose allocation would fail."""
+    def decode_horizon(self, min_steps: int = 1) -> DecodeHorizon | None:
+        """How long the next steps stay one batch of the same decodes (None: not even
+        `min_steps` steps are sure to: a sequence prefills or finishes sooner, may stop on
+        EOS, or the decodes overflow the token budget). Such steps neither admit nor
+        preempt: admission is blocked (`max_num_seqs` or the budget) or nothing waits, and
+        the horizon ends before the first step whose allocation would fail."""
         cfg, running = self.config, self.running
         n = len(running)
-        if n == 0 or n > cfg.max_num_batched_tokens or any(is_prefilling(s) for s in running):
-            return None
-        if self.eos_token_ids and not all(s.sampling_params.ignore_eos for s in running):
+        if n == 0 or n > cfg.max_num_batched_tokens:
             return None
         blocked = n >= cfg.max_num_seqs or cfg.max_num_batched_tokens - n <= 0
         if self.waiting and not blocked:
             return None
-        to_finish = [self._steps_to_finish(s) for s in running]
+        to_finish = self._decodes_to_finish(min_steps)
+        if to_finish is None:
+            return None
         first = min(to_finish)
         bm = self.block_manager
         all_free = bm.decode_blocks_needed(running, to_finish) <= bm.num_free_blocks
         k = first if all_free else bm.max_decode_steps(running, first)
         return DecodeHorizon(list(running), to_finish, k, k == first, not blocked, all_free)
 
-    def _steps_to_finish(self, seq: Sequence) -> int:
-        """Decode steps up to the one that stops `seq` on length (`_stop_reason`)."""
-        return min(seq.sampling_params.max_tokens - seq.num_output_tokens,
-                   self.config.max_model_len - seq.num_tokens)
+    def _decodes_to_finish(self, min_steps: int) -> list[int] | None:
+        """Per running sequence, the decode steps up to the one that stops it on length
+        (`_stop_reason`); None as soon as one prefills, may stop on EOS, or stops within
+        fewer than `min_steps` steps."""
+        max_len, eos = self.config.max_model_len, bool(self.eos_token_ids)
+        to_finish = []
+        for s in self.running:
+            tokens, params = len(s.token_ids), s.sampling_params
+            output = tokens - s.num_prompt_tokens
+            if output == 0 or tokens - s.num_computed_tokens > 1 or \
+                    (eos and not params.ignore_eos):
+                return None
+            k = min(params.max_tokens - output, max_len - tokens)
+            if k < min_steps:
+                return None
+            to_finish.append(k)
+        return to_finish
 
     def run_decode_steps(self, seqs: list[Sequence], num_steps: int,
                          next_tokens: NextTokens) -> list[int]:
@@ -251,31 +263,33 @@ class Scheduler:
         for item, token in zip(out.scheduled, sampled, strict=True):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
-            if seq.num_computed_tokens < seq.num_tokens:
+            if seq.num_computed_tokens < len(seq.token_ids):
                 continue  # mid-prefill: nothing sampled yet
             assert token is not None, f"sequence {seq.request_id} completed a step unsampled"
-            self._append_token(seq, token, now)
-            if seq.finish_reason is not None:
+            if self._append_token(seq, token, now):
                 finished.append(seq)
         if finished:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         return finished
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
-        seq.append_token(token)
+    def _append_token(self, seq: Sequence, token: int, now: float) -> bool:
+        """Append the sampled token; True if it finished the sequence."""
+        seq.token_ids.append(token)
         if seq.times.first_token is None:
             seq.times.first_token = now
         reason = self._stop_reason(seq, token)
-        if reason is not None:
-            seq.finish_reason, seq.status = reason, SequenceStatus.FINISHED
-            seq.times.finish = now
-            self.block_manager.free(seq)
+        if reason is None:
+            return False
+        seq.finish_reason, seq.status = reason, SequenceStatus.FINISHED
+        seq.times.finish = now
+        self.block_manager.free(seq)
+        return True
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.sampling_params
+        params, tokens = seq.sampling_params, len(seq.token_ids)
         if not params.ignore_eos and token in self.eos_token_ids:
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens or \
-                seq.num_tokens >= self.config.max_model_len:
+        if tokens - seq.num_prompt_tokens >= params.max_tokens or \
+                tokens >= self.config.max_model_len:
             return "length"
         return None

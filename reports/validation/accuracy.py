@@ -211,8 +211,10 @@ PRE_PIECEWISE = {"max_cudagraph_tokens": 0}
 def _repredict(path: str, point_id: str, profiles: str | None,
                scale: float = 1.0) -> dict[str, Any]:
     from engine.core.config import EngineConfig
+    from reports.metrics import twin_metrics
     from sim.profile import PROFILE_DIR
-    from sim.twin import setup_twin, simulate, trace_requests
+    from sim.twin import setup_twin, simulate
+    from workloads.trace_requests import model_requests
 
     vset = load_set(Path(path))
     point = vset.point(point_id)
@@ -224,11 +226,11 @@ def _repredict(path: str, point_id: str, profiles: str | None,
             raise ValueError(f"{vset.name} {point_id}: scaling step times needs a calibrated "
                              f"predictor, not {setup.step_time.kind!r}")
         setup = replace(setup, step_time=setup.step_time.scaled(scale))
-    run = simulate(setup, trace_requests(vset.trace(point), setup.model))
+    run = simulate(setup, model_requests(vset.trace(point), setup.model.vocab_size))
     return {"starts": setup.memory.starts, "num_blocks": setup.memory.num_blocks,
             "error_type": setup.memory.error_type, "predictor": setup.predictor,
             "profile": setup.profile.name if setup.profile else None,
-            "metrics": run.metrics if setup.memory.starts else None}
+            "metrics": twin_metrics(run) if setup.memory.starts else None}
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -132,7 +132,9 @@ def _container(node: Any) -> Any:
 def simulate_point(cfg: DictConfig, offline: bool = False) -> dict[str, Any]:
     """The twin's prediction for one composed config (roofline when no profile exists yet)."""
     from engine.core.config import EngineConfig
-    from sim.twin import setup_twin, simulate, trace_requests
+    from reports.metrics import twin_metrics
+    from sim.twin import setup_twin, simulate
+    from workloads.trace_requests import model_requests
 
     config = EngineConfig.from_kwargs(**_container(cfg.engine))
     keys = (cfg.hydra.runtime.choices.get("model"), cfg.hydra.runtime.choices.get("hardware")) \
@@ -146,9 +148,9 @@ def simulate_point(cfg: DictConfig, offline: bool = False) -> dict[str, Any]:
     trace = load_trace(cfg.workload)
     if offline:
         trace = offline_trace(trace)
-    run = simulate(setup, trace_requests(trace, setup.model))
+    run = simulate(setup, model_requests(trace, setup.model.vocab_size))
     return {"starts": setup.memory.starts, "predictor": setup.predictor,
-            "metrics": run.metrics, "gpu": setup.hardware.kind != "cpu",
+            "metrics": twin_metrics(run), "gpu": setup.hardware.kind != "cpu",
             "arrival_span_s": float(trace.df["arrival_s"].max()) if len(trace.df) else 0.0}
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 
 from engine.core.config import EngineConfig
-from sim.twin import setup_twin, simulate, trace_requests
+from reports.metrics import twin_metrics
+from sim.twin import setup_twin, simulate
 from workloads import make_preset
 from workloads.presets import TRACE_DIR
+from workloads.trace_requests import model_requests
 
 AZURE = TRACE_DIR / "azure_llm_2023_conv.csv"
 
@@ -25,7 +27,7 @@ def azure_hour():
     setup = setup_twin("qwen3_0_6b", "h100_80gb", EngineConfig(max_model_len=16384),
                        "roofline")
     trace = make_preset("azure_conv", duration_s=3600.0)
-    return setup, trace_requests(trace, setup.model)
+    return setup, model_requests(trace, setup.model.vocab_size)
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
@@ -38,5 +40,6 @@ def test_sim_azure_hour_native_rate(benchmark, azure_hour, prefix_caching: bool)
     benchmark.extra_info["steps"] = len(run.steps)
     if benchmark.stats:  # only when benchmarking is enabled
         benchmark.extra_info["x_real_time"] = simulated / benchmark.stats.stats.min
-    assert run.metrics["completed"] == len(requests) - run.metrics["rejected"]
+    metrics = twin_metrics(run)
+    assert metrics["completed"] == len(requests) - metrics["rejected"]
     assert simulated > 3400

@@ -16,10 +16,11 @@ import pytest
 
 from engine.core.config import EngineConfig
 from engine.core.memory import max_concurrency
-from reports.metrics import summarize
+from reports.metrics import summarize, twin_metrics
 from reports.run_folder import write_run
-from sim.twin import TwinRun, setup_twin, simulate, trace_requests
+from sim.twin import TwinRun, setup_twin, simulate
 from workloads import make_preset
+from workloads.trace_requests import model_requests
 
 FAILED_ERROR = "RuntimeError: CUDA error: an illegal memory access (synthetic test failure)"
 SWEEP_GRID = [(mml, bs, gmu) for mml in (2048, 4096) for bs in (16, 32) for gmu in (0.5, 0.7, 0.9)]
@@ -29,7 +30,7 @@ def simulate_point(model: str, hardware: str, engine: EngineConfig,
                    workload: dict[str, Any]) -> TwinRun:
     setup = setup_twin(model, hardware, engine)
     trace = make_preset(workload["name"], **workload["params"])
-    return simulate(setup, trace_requests(trace, setup.model))
+    return simulate(setup, model_requests(trace, setup.model.vocab_size))
 
 
 def synthetic_real(run: TwinRun, slowdown: float = 1.2,
@@ -80,7 +81,7 @@ def write_point(path: Path, model: str, hardware: str, engine: EngineConfig,
     summary = {"status": "ok" if starts else "cannot_start", "mode": mode,
                "error": run.setup.memory.error, "error_type": run.setup.memory.error_type,
                "config": config_of(model, hardware, engine, workload),
-               "sim": run.summary() if mode != "real" else None, "real": None}
+               "sim": run.summary(twin_metrics(run)) if mode != "real" else None, "real": None}
     records = {"sim": (run.requests, run.steps)} if starts and mode != "real" else {}
     if starts and mode in ("real", "both"):
         reqs, steps, summary["real"] = synthetic_real(run)

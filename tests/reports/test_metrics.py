@@ -20,12 +20,15 @@ from engine.core.records import RequestRecord, StepRecord
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import SamplingParams, Sequence
 from reports.metrics import (
+    StepStats,
+    _stats,
     itl_samples,
     kv_usage_timeline,
     request_latencies,
     requests_frame,
     steps_frame,
     summarize,
+    weighted_stats,
 )
 
 
@@ -292,3 +295,36 @@ def test_metrics_import_without_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 5, allow_nan=False), st.integers(0, 9)), min_size=1,
+                max_size=60),
+       st.lists(st.floats(0, 100), min_size=1, max_size=4))
+def test_weighted_stats_equal_the_stats_of_the_samples_they_stand_for(pairs, qs) -> None:
+    values = np.array([v for v, _ in pairs])
+    counts = np.array([c for _, c in pairs], dtype=np.uint32)
+    expanded = np.repeat(values, counts)
+    got = weighted_stats(values, counts, "itl", qs)
+    want = _stats(expanded, "itl", qs)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if key.endswith("_mean_s") and value is not None:
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15)
+        else:
+            assert got[key] == value, key
+
+
+def test_step_stats_over_chunks_equal_the_whole_run() -> None:
+    rng = np.random.default_rng(0)
+    n = 500
+    end = np.cumsum(rng.uniform(0.001, 0.01, n))
+    steps = steps_frame([step(i, float(end[i - 1]) if i else 0.0, float(end[i]),
+                              decode=int(rng.integers(0, 9)), used=int(rng.integers(0, 99)))
+                         for i in range(n)])
+    whole = StepStats().add(steps)
+    parts = StepStats()
+    for lo in range(0, n, 77):
+        parts.add(steps.iloc[lo:lo + 77])
+    assert parts.summary(100) == pytest.approx(whole.summary(100))
+    assert np.array_equal(np.repeat(*parts.itl()), itl_samples(steps))

@@ -78,13 +78,14 @@ def frame_hash(df: pd.DataFrame) -> str:
 
 def run_case(case: Case) -> dict[str, Any]:
     from engine.core.config import EngineConfig
-    from sim.twin import setup_twin, simulate, trace_requests
+    from sim.twin import setup_twin, simulate
     from workloads import make_preset
+    from workloads.trace_requests import model_requests
 
     config = EngineConfig.from_kwargs(**case.engine)
     setup = setup_twin(case.model, case.hardware, config, case.predictor)
     trace = make_preset(case.workload, **case.params)
-    run = simulate(setup, trace_requests(trace, setup.model))
+    run = simulate(setup, model_requests(trace, setup.model.vocab_size))
     return {"requests": frame_hash(run.requests), "steps": frame_hash(run.steps),
             "num_requests": len(run.requests), "num_steps": len(run.steps)}
 

@@ -25,7 +25,7 @@ from sim.step_time import CalibratedStepTime, DecodeRun, RooflineStepTime
 def test_fake_tokens_follow_their_formula(index: int, position: int, count: int) -> None:
     positions = np.arange(position, position + count, dtype=np.int64)
     expected = (1000 + (index * 1_000_003 + positions * 7919) % 100_000).tolist()
-    assert fake_tokens(index, position, count) == expected
+    assert fake_tokens(index, position, count).tolist() == expected
 
 
 def step_time_models() -> list:

@@ -9,14 +9,17 @@ import pytest
 
 from engine.core.config import EngineConfig
 from engine.core.memory import MaxModelLenTooLargeError, NoCacheMemoryError
+from reports.metrics import twin_metrics
 from sim.cli import main as sim_main
-from sim.twin import setup_twin, simulate, trace_requests
+from sim.twin import setup_twin, simulate
 from workloads import make_preset
+from workloads.trace_requests import model_requests
 
 
 def run_once(**engine):
     setup = setup_twin("qwen3_0_6b", "h100_80gb", EngineConfig(**engine), "roofline")
-    requests = trace_requests(make_preset("shared_prefix", n=300, rate=20.0), setup.model)
+    requests = model_requests(make_preset("shared_prefix", n=300, rate=20.0),
+                              setup.model.vocab_size)
     return simulate(setup, requests)
 
 
@@ -27,15 +30,15 @@ def test_same_config_and_seed_give_identical_records(tmp_path) -> None:
         y.to_parquet(tmp_path / f"b_{name}.parquet")
         assert (tmp_path / f"a_{name}.parquet").read_bytes() == \
             (tmp_path / f"b_{name}.parquet").read_bytes()
-    assert json.dumps(a.summary()) == json.dumps(b.summary())
-    assert a.metrics["prefix_cache_hit_rate"] > 0.3  # the shared prefixes really hit
+    assert json.dumps(a.summary(twin_metrics(a))) == json.dumps(b.summary(twin_metrics(b)))
+    assert twin_metrics(a)["prefix_cache_hit_rate"] > 0.3  # the shared prefixes really hit
 
 
 def test_prediction_states_its_sources() -> None:
     run = run_once()
     assert run.setup.predictor["kind"] == "roofline"
     assert run.setup.memory.sources["weights"] == "exact"
-    assert run.summary()["memory"]["num_blocks"] == run.capacity.num_blocks > 0
+    assert run.summary({})["memory"]["num_blocks"] == run.capacity.num_blocks > 0
 
 
 def test_cpu_prediction_equals_the_cpu_engine_exactly() -> None:
@@ -87,7 +90,7 @@ def test_l4_mistral_motivating_case() -> None:
 
 def test_cannot_start_run_has_no_steps_and_a_verdict() -> None:
     run = run_once(gpu_memory_utilization=0.01)
-    assert not run.capacity.starts and run.steps.empty and run.metrics["completed"] == 0
+    assert not run.capacity.starts and run.steps.empty and twin_metrics(run)["completed"] == 0
 
 
 def test_unknown_catalog_names_list_the_choices() -> None:
@@ -99,7 +102,7 @@ def test_unknown_catalog_names_list_the_choices() -> None:
 
 def test_request_that_cannot_fit_is_rejected_and_recorded() -> None:
     setup = setup_twin("qwen3_0_6b", "h100_80gb", EngineConfig(max_model_len=1024))
-    requests = trace_requests(make_preset("poisson_chat", n=200), setup.model)
+    requests = model_requests(make_preset("poisson_chat", n=200), setup.model.vocab_size)
     run = simulate(setup, requests)
     too_long = [r for r in requests if len(r.prompt_token_ids) > 1024]
     rejected = run.requests[run.requests["rejected"]]
