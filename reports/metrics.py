@@ -126,8 +126,11 @@ def itl_samples(steps_df: pd.DataFrame) -> np.ndarray:
 def summarize(requests_df: pd.DataFrame, steps_df: pd.DataFrame, *, num_blocks: int,
               slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
               slo_e2e_s: float | None = None,
-              percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, Any]:
-    """Every headline metric of a run, JSON-serialisable (plain ints/floats; NaN -> None)."""
+              percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+              itl_samples_s: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+    """Every headline metric of a run, JSON-serialisable (plain ints/floats; NaN -> None).
+    `itl_samples_s`: inter-token latencies measured per token (an HTTP client's), used
+    instead of those `itl_samples` derives from the steps."""
     _check_percentiles(percentiles)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer) \
             or num_blocks < 0:
@@ -140,7 +143,8 @@ def summarize(requests_df: pd.DataFrame, steps_df: pd.DataFrame, *, num_blocks: 
     summary.update(_throughputs(latencies, duration))
     samples = {name: latencies[f"{name}_s"].to_numpy() for name in LATENCY_METRICS
                if name != "itl"}
-    samples["itl"] = itl_samples(steps)
+    samples["itl"] = itl_samples(steps) if itl_samples_s is None else \
+        np.asarray(itl_samples_s, dtype=float)
     for name in LATENCY_METRICS:
         summary.update(_stats(samples[name], name, percentiles))
     slos = {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s, "e2e_s": slo_e2e_s}
