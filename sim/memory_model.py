@@ -81,6 +81,12 @@ def _mixed_buffers(model: ModelConfig, config: EngineConfig, tokens: int) -> int
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
                    profile: Profile | None = None) -> MemoryPrediction:
     terms, sources = _terms(model, hardware, config, profile)
+    return prediction_from_terms(model, config, terms, sources)
+
+
+def prediction_from_terms(model: ModelConfig, config: EngineConfig, terms: MemoryTerms,
+                          sources: dict[str, str]) -> MemoryPrediction:
+    """num_blocks and the start-up verdict from memory terms, however they were obtained."""
     block_bytes = bytes_per_block(model, config.block_size, config.dtype)
     num_blocks = config.num_gpu_blocks_override
     if num_blocks is None:
