@@ -9,8 +9,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    exposition,
     disable_created_metrics,
+    exposition,
     generate_latest,
 )
 
