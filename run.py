@@ -5,6 +5,8 @@
     python run.py -m engine.block_size=8,16,32 engine.gpu_memory_utilization=0.5,0.7,0.9
     python run.py mode=both model=tiny_qwen3 hardware=cpu engine=cpu_tiny
     python run.py mode=bench workload=nanovllm_bench +bench.hf_requests=64
+    python run.py mode=serve model=tiny_qwen3 engine=cpu_tiny serve.port=8000
+    python run.py mode=real target=http endpoint=http://127.0.0.1:8000 workload=poisson_chat
 
 mode=bench is `python -m engine.tools.bench` on the composed model, engine and workload (offline,
 every request at t=0) against HF transformers in the same process; it prints the table and
@@ -29,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from conf.schema import MODES, register
+from conf.schema import MODES, TARGETS, register
 from engine.core.config import EngineConfig
 from engine.core.memory import StartupError
 from reports.run_folder import StepsWriter, write_run
@@ -74,13 +76,16 @@ def run_mode(cfg: DictConfig, steps: StepsWriter) -> tuple[dict[str, Any], Recor
         return _calibrate(cfg), {}
     if cfg.mode == "bench":
         return _bench(cfg), {}
+    if cfg.mode == "serve":
+        return _serve(cfg)
     requests_and_setup = _prepare(cfg)
     summary: dict[str, Any] = {"status": "ok"}
     records: Records = {}
     if cfg.mode in ("sim", "both"):
         _run_sim(cfg, requests_and_setup, summary, records, steps)
     if cfg.mode in ("real", "both"):
-        _run_real(cfg, requests_and_setup, summary, records)
+        run_real = _run_http if _target(cfg) == "http" else _run_real
+        run_real(cfg, requests_and_setup, summary, records)
     return summary, records
 
 
@@ -136,6 +141,42 @@ def _run_real(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[st
     metrics = summarize(reqs, steps, num_blocks=info["memory"]["num_blocks"])
     summary["real"] = {**info, "metrics": metrics}
     records["real"] = (reqs, steps)
+
+
+def _target(cfg: DictConfig) -> str:
+    if cfg.target not in TARGETS:
+        raise ValueError(f"target={cfg.target!r} is invalid: must be one of {', '.join(TARGETS)}")
+    if cfg.target == "http" and not cfg.endpoint:
+        raise ValueError("target=http needs endpoint=http://host:port")
+    return cfg.target
+
+
+def _run_http(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
+              records: Records) -> None:
+    """The trace replayed over HTTP against cfg.endpoint (any OpenAI-compatible server)."""
+    from reports.http.side import http_side
+
+    info, result = http_side(cfg.endpoint, prepared[1], model=cfg.served_model,
+                             progress=cfg.progress, slo=_entry(cfg.slo))
+    summary["real"] = info
+    records["real"] = (result.requests, result.steps)
+    if result.interrupted:
+        summary.update(status="interrupted", error="interrupted (Ctrl-C)")
+
+
+def _serve(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
+    """Serve the composed model and engine over HTTP until Ctrl-C; records what it served."""
+    from engine.core.catalog import model_from_dict
+    from engine.runtime.serve import ServeOptions, serve
+    from reports.metrics import requests_frame, steps_frame, summarize
+
+    model = cfg.model.path or model_from_dict(_entry(cfg.model))
+    got = serve(model, engine_config(cfg), ServeOptions(**_entry(cfg.serve)),
+                name=_choice("model"))
+    reqs, steps = requests_frame(got["requests"]), steps_frame(got["steps"])
+    metrics = summarize(reqs, steps, num_blocks=got["num_blocks"])
+    real = {"source": "serve", "memory": got["memory"], "metrics": metrics}
+    return {"status": "ok", "real": real}, {"real": (reqs, steps)}
 
 
 def replay_side(model: Any, config: EngineConfig, requests: list[Any], path: str | None,

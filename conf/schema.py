@@ -15,7 +15,8 @@ from omegaconf import MISSING
 from engine.core.catalog import Hardware
 from engine.core.config import EngineConfig
 
-MODES = ("sim", "real", "both", "calibrate")
+MODES = ("sim", "real", "both", "calibrate", "serve")
+TARGETS = ("engine", "http")  # mode=real|both: the in-process engine, or a server over HTTP
 
 
 @dataclass
@@ -42,6 +43,18 @@ class SloConfig:
 
 
 @dataclass
+class ServeConfig:
+    """mode=serve: engine.runtime.serve's options (ServeOptions), e.g. serve.port=8001."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: Optional[str] = None  # noqa: UP045
+    max_queue: Optional[int] = None  # noqa: UP045  (503 once this many requests wait)
+    log_level: str = "warning"
+    torch_threads: Optional[int] = None  # noqa: UP045
+
+
+@dataclass
 class RunConfig:
     mode: str = "sim"
     predictor: str = "auto"  # auto | calibrated | roofline
@@ -53,6 +66,10 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    target: str = "engine"  # mode=real|both: engine | http (replay against `endpoint`)
+    endpoint: Optional[str] = None  # noqa: UP045  (target=http: e.g. http://127.0.0.1:8000)
+    served_model: Optional[str] = None  # noqa: UP045  (target=http; None: the server's first)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def register() -> None:

@@ -218,9 +218,12 @@ def summarize(requests_df: pd.DataFrame, steps_df: pd.DataFrame | StepStats | No
               num_blocks: int,
               slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
               slo_e2e_s: float | None = None,
-              percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, Any]:
+              percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+              itl_samples_s: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
     """Every headline metric of a run, JSON-serialisable (plain ints/floats; NaN -> None).
-    The steps come as a frame, or as the StepStats of a run whose steps were streamed."""
+    The steps come as a frame, or as the StepStats of a run whose steps were streamed.
+    `itl_samples_s`: inter-token latencies measured per token (an HTTP client's), used
+    instead of those the steps give."""
     _check_percentiles(percentiles)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer) \
             or num_blocks < 0:
@@ -232,7 +235,9 @@ def summarize(requests_df: pd.DataFrame, steps_df: pd.DataFrame | StepStats | No
     summary: dict[str, Any] = {**_counts(requests), "duration_s": duration}
     summary.update(_throughputs(latencies, duration))
     for name in LATENCY_METRICS:
-        if name == "itl":
+        if name == "itl" and itl_samples_s is not None:
+            summary.update(_stats(np.asarray(itl_samples_s, dtype=float), name, percentiles))
+        elif name == "itl":
             summary.update(weighted_stats(*steps.itl(), name, percentiles))
         else:
             summary.update(_stats(latencies[f"{name}_s"].to_numpy(), name, percentiles))

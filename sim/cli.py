@@ -4,6 +4,8 @@
     python -m sim --set block_size=32 --set max_model_len=8192 --out outputs/sim1
     python -m sim capacity --model mistral_7b_v0_3 --hardware l4_24gb \\
         --set gpu_memory_utilization=0.7 --set max_model_len=2048
+    python -m sim capacity --vllm-log server.log --model qwen3_0_6b --hardware h100_80gb \\
+        --set gpu_memory_utilization=0.5      # what-ifs on the terms a vLLM server measured
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predictor", default="auto", choices=PREDICTORS)
     parser.add_argument("--no-skip", action="store_true", help="single-step every step")
     parser.add_argument("--mean-len", type=float, help="capacity: mean request length")
+    parser.add_argument("--vllm-log", type=Path,
+                        help="capacity: a vLLM server's start-up log; its measured memory "
+                        "terms replace the predicted ones (docs/http.md)")
     parser.add_argument("--out", type=Path, help="write requests/steps parquet + summary.json")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}")
         return 2
+    if args.command == "capacity" and args.vllm_log:
+        return _capacity_from_log(args, setup)
     if args.command == "capacity":
         plan = plan_capacity(setup.model, setup.hardware, config, setup.profile, args.mean_len,
                              setup.memory)
@@ -108,6 +115,32 @@ def main(argv: list[str] | None = None) -> int:
               format_plan(plan, setup.memory))
         return 0 if plan.starts else 1
     return _simulate(args, setup)
+
+
+def _capacity_from_log(args: argparse.Namespace, setup) -> int:
+    from sim.vllm_log import format_log_terms, log_config, parse_vllm_log, vllm_what_if
+
+    log = parse_vllm_log(args.vllm_log.read_text(errors="replace"))
+    given = {pair.partition("=")[0] for pair in args.set}
+    own = log_config(log, setup.config, set())  # the settings the server ran with
+    try:
+        config = log_config(log, setup.config, given).validate(setup.model)
+        memory = vllm_what_if(log, setup.model, setup.hardware, config)
+        reproduced = vllm_what_if(log, setup.model, setup.hardware, own).num_blocks
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    plan = plan_capacity(setup.model, setup.hardware, config, None, args.mean_len, memory)
+    if args.json:
+        print(json.dumps({"log": log.to_dict(), "memory": memory.to_dict(),
+                          "plan": plan.to_dict()}, indent=1))
+    else:
+        logged = "-" if log.kv_cache_tokens is None else f"{log.kv_cache_tokens:,}"
+        print(format_log_terms(log))
+        print(f"  kvtwin on these terms at the log's own settings: "
+              f"{reproduced * own.block_size:,} KV tokens (the log: {logged})")
+        print(format_plan(plan, memory))
+    return 0 if plan.starts else 1
 
 
 def _simulate(args: argparse.Namespace, setup) -> int:

@@ -80,6 +80,12 @@ def _mixed_buffers(model: ModelConfig, config: EngineConfig, tokens: int) -> int
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
                    profile: Profile | None = None) -> MemoryPrediction:
     terms, sources = _terms(model, hardware, config, profile)
+    return prediction_from_terms(model, config, terms, sources)
+
+
+def prediction_from_terms(model: ModelConfig, config: EngineConfig, terms: MemoryTerms,
+                          sources: dict[str, str]) -> MemoryPrediction:
+    """num_blocks and the start-up verdict from memory terms, however they were obtained."""
     size = decide_num_blocks(terms, model, config)
     prediction = MemoryPrediction(terms, size.block_bytes, size.num_blocks, sources)
     try:

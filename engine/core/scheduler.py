@@ -120,6 +120,19 @@ class Scheduler:
                     f"the cache has {bm.num_blocks}")
         return None
 
+    def abort(self, seq: Sequence) -> bool:
+        """Drop an unfinished `seq` (its client went away): out of the queues, its blocks
+        freed. False when it is not queued here. Call between steps, never mid-step."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            return False
+        self.block_manager.free(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return True
+
     # -- planning ------------------------------------------------------------------------------
 
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
@@ -287,7 +300,8 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params, tokens = seq.sampling_params, len(seq.token_ids)
-        if not params.ignore_eos and token in self.eos_token_ids:
+        if not params.ignore_eos and token in self.eos_token_ids and \
+                tokens - seq.num_prompt_tokens >= params.min_tokens:
             return "stop"
         if tokens - seq.num_prompt_tokens >= params.max_tokens or \
                 tokens >= self.config.max_model_len:

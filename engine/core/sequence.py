@@ -26,6 +26,7 @@ class SamplingParams:
     max_tokens: int = 16
     ignore_eos: bool = False
     seed: int | None = None
+    min_tokens: int = 0  # EOS does not stop a request before this many output tokens
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -34,6 +35,9 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} is invalid: must be in (0, 1]")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} is invalid: must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is invalid: must be in "
+                             f"[0, max_tokens={self.max_tokens}]")
 
     @property
     def greedy(self) -> bool:

@@ -150,6 +150,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def abort_request(self, request_id: Any) -> Sequence | None:
+        """Stop an unfinished request and free its blocks (None: no such request unfinished).
+        Its record stays, unfinished, with finish_reason "abort". Call between steps."""
+        sched = self.scheduler
+        seq = next((s for s in [*sched.running, *sched.waiting] if s.request_id == request_id),
+                   None)
+        if seq is None or not sched.abort(seq):
+            return None
+        self.finished.append(seq)
+        return seq
+
     def step(self, start: float | None = None) -> list[Sequence]:
         """Run one scheduler step on the model; returns the sequences that finished in it.
 
