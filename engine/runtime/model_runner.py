@@ -125,10 +125,13 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.attention_backend = resolve_backend(engine_config.attention_backend, self.device,
                                                  self.block_size)
+        quantization = engine_config.quantization
         if model_path is None:
-            self.model = build_model(model_config, self.dtype, self.device, engine_config.seed)
+            self.model = build_model(model_config, self.dtype, self.device, engine_config.seed,
+                                     quantization)
         else:
-            self.model = load_model(model_path, self.dtype, self.device, model_config)
+            self.model = load_model(model_path, self.dtype, self.device, model_config,
+                                    quantization)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for attn in self.attention_layers:
             attn.backend = self.attention_backend
@@ -204,17 +207,17 @@ class ModelRunner:
         count, so that no timed step waits for cuBLAS to choose a kernel. CUDA only."""
         if self.device.type != "cuda" or not self.pads_rows:
             return
-        weights = {tuple(m.weight.shape): m.weight for m in self.model.modules()
-                   if isinstance(m, Linear) and m.weight.dim() == 2}
+        layers = {(tuple(m.weight.shape), m.weight.dtype): m for m in self.model.modules()
+                  if isinstance(m, Linear) and m.weight.dim() == 2}
         head = self.model.lm_head.weight
-        width = max(w.shape[1] for w in (*weights.values(), head))
+        width = max(m.in_features for m in layers.values())
         x = torch.zeros(self.config.max_num_batched_tokens, width, dtype=self.dtype,
                         device=self.device)
         counts = sorted({self.eager_rows(n) for n in
                          range(1, self.config.max_num_batched_tokens + 1)})
-        for rows in counts:
-            for w in weights.values():
-                torch.nn.functional.linear(x[:rows, :w.shape[1]], w)
+        for rows in counts:  # int8 layers: their Triton kernel compiles per row bucket
+            for layer in layers.values():
+                layer(x[:rows, :layer.in_features])
         for rows in sorted({self.sample_rows_padded(n)
                             for n in range(1, self.config.max_num_seqs + 1)}):
             torch.nn.functional.linear(x[:rows, :head.shape[1]], head)
