@@ -225,3 +225,22 @@ def test_qwen3_8b_int8_weights_in_numbers() -> None:
     bf16, int8 = qwen.weight_bytes("bfloat16"), qwen.weight_bytes("bfloat16", "int8")
     assert bf16 - int8 == weights - 4 * channels
     assert 0.55 < int8 / bf16 < 0.6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 16, 200])
+def test_w8a16_kernel_replays_in_a_cuda_graph(rows: int) -> None:
+    """Qwen3-0.6B's qkv_proj in bf16, K split for the decode row counts: captured once,
+    replayed over new inputs (no host sync, the partial sums in the graph's pool)."""
+    codes, scale = (t.cuda() for t in absmax_quantize(randn(4096, 1024, seed=5, scale=0.02)))
+    x = torch.zeros(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    w8a16_matmul(x, codes, scale)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w8a16_matmul(x, codes, scale)
+    for seed in (6, 7):
+        x.copy_(randn(rows, 1024, seed=seed).to("cuda", torch.bfloat16))
+        graph.replay()
+        expected = x.float() @ dequantize(codes, scale).T
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
