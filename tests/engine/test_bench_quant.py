@@ -1,0 +1,45 @@
+"""engine.tools.bench_quant as a CPU smoke run: the tiny model in its three variants, the
+JSON it writes and the table it prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.tools import bench_quant
+
+SMOKE = ["--device", "cpu", "--models", "tiny_qwen3", "--dtype", "float32", "--batches", "1",
+         "4", "--context", "32", "--num-requests", "2", "--max-input-len", "100",
+         "--max-output-len", "100"]
+
+
+def test_cpu_smoke_run_writes_every_variant(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "quant.json"
+    bench_quant.main([*SMOKE, "--out", str(out)])
+    result = json.loads(out.read_text())
+    runs = result["models"]["tiny_qwen3"]
+    assert list(runs) == ["baseline", "int8_weights", "fp8_kv"]
+    for name, run in runs.items():
+        assert [row["batch"] for row in run["decode"]] == [1, 4]
+        assert all(row["forward_ms"] > 0 and row["execute_ms"] > 0 for row in run["decode"])
+        assert run["throughput"]["num_requests"] == 2 and run["throughput"]["output_tokens"] > 0
+        terms = run["memory"]["terms"]
+        for term in ("weights_bytes", "bytes_per_block", "num_blocks", "budget_bytes"):
+            assert terms[term]["predicted"] == terms[term]["measured"], (name, term)
+    weights = {n: r["memory"]["terms"]["weights_bytes"]["measured"] for n, r in runs.items()}
+    assert weights["int8_weights"] < weights["baseline"] == weights["fp8_kv"]
+    block = {n: r["memory"]["terms"]["bytes_per_block"]["measured"] for n, r in runs.items()}
+    assert block["fp8_kv"] * 4 == block["baseline"]  # float32 -> float8
+    assert runs["int8_weights"]["config"]["quantization"] == "int8"
+    printed = capsys.readouterr().out
+    assert "int8_weights" in printed and "KV blocks" in printed and str(out) in printed
+
+
+def test_an_exhausted_budget_skips_the_remaining_engines(tmp_path: Path) -> None:
+    result = bench_quant.main([*SMOKE, "--budget-s", "0", "--variants", "int8_weights",
+                               "--out", str(tmp_path / "q.json")])
+    assert result["models"]["tiny_qwen3"] == {"int8_weights": {"skipped": "past the 0 s budget"}}
+    assert "skipped: past the 0 s budget" in bench_quant.format_table(result)
