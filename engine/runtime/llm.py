@@ -241,6 +241,8 @@ def _cuda_free_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     torch.cuda.init()
+    gc.collect()  # as vLLM before its snapshot: engines dropped in this process give back
+    torch.cuda.empty_cache()  # the blocks torch still caches for them
     return torch.cuda.mem_get_info(device)[0]
 
 
