@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ MEMORY_TERMS = ("total_bytes", "budget_bytes", "weights_bytes", "activation_peak
                 "num_blocks", "used_at_start_bytes")
 TEMPERATURE = bench.NANOVLLM_TEMPERATURE
 PAIR = ("predicted", "measured")
+BASE_MODEL = "qwen3_0_6b"
 MiB = 1 << 20
 
 
@@ -87,8 +89,9 @@ def detect_hardware(name: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "cpu"
     gpu = torch.cuda.get_device_name(device)
+    tokens = set(re.split(r"[\s_-]+", gpu.upper()))  # "NVIDIA L40S" is no L4
     for token, key in GPU_HARDWARE.items():
-        if token in gpu:
+        if token in tokens:
             return key
     raise SystemExit(f"no catalog hardware for {gpu!r}: pass --hardware <conf/hardware entry>")
 
@@ -106,18 +109,20 @@ def decode_blocks(args: argparse.Namespace, block_size: int = 16) -> int:
 
 
 def pick_models(args: argparse.Namespace, hardware: str, device: torch.device) -> list[str]:
-    """--models, else Qwen3-0.6B and the largest catalog model that fits (by the twin)."""
+    """--models, else Qwen3-0.6B and the largest catalog model that the twin predicts to
+    start here with blocks for the largest decode batch (none larger: Qwen3-0.6B alone)."""
     if args.models:
         return list(args.models)
     from sim.twin import setup_twin
 
     config = engine_config(args, "baseline", device)
-    by_size = sorted(list_models(), key=lambda m: load_model(m).num_parameters(), reverse=True)
-    for name in by_size:
+    size = {m: load_model(m).num_parameters() for m in list_models()}
+    larger = sorted((m for m in size if size[m] > size[BASE_MODEL]), key=size.get, reverse=True)
+    for name in larger:
         memory = setup_twin(name, hardware, config).memory
         if memory.starts and memory.num_blocks >= decode_blocks(args):
-            return ["qwen3_0_6b"] + ([name] if name != "qwen3_0_6b" else [])
-    return ["qwen3_0_6b"]
+            return [BASE_MODEL, name]
+    return [BASE_MODEL]
 
 
 # -- measurements ------------------------------------------------------------------------------

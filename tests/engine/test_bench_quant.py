@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.tools import bench_quant
 
@@ -43,3 +44,23 @@ def test_an_exhausted_budget_skips_the_remaining_engines(tmp_path: Path) -> None
                                "--out", str(tmp_path / "q.json")])
     assert result["models"]["tiny_qwen3"] == {"int8_weights": {"skipped": "past the 0 s budget"}}
     assert "skipped: past the 0 s budget" in bench_quant.format_table(result)
+
+
+def test_gpu_names_map_to_catalog_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    for name, key in (("NVIDIA H200", "h200_141gb"), ("NVIDIA H100 80GB HBM3", "h100_80gb"),
+                      ("NVIDIA A100-SXM4-80GB", "a100_80gb"), ("NVIDIA L4", "l4_24gb")):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert bench_quant.detect_hardware("auto", cuda) == key
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    with pytest.raises(SystemExit, match="pass --hardware"):
+        bench_quant.detect_hardware("auto", cuda)
+    assert bench_quant.detect_hardware("h100_80gb", cuda) == "h100_80gb"
+    assert bench_quant.detect_hardware("auto", torch.device("cpu")) == "cpu"
+
+
+def test_default_models_are_qwen3_0_6b_and_the_largest_that_fits() -> None:
+    """By the twin's prediction for the bench's own configuration (256 x 1024-token decodes)."""
+    args, cuda = bench_quant.parse_args([]), torch.device("cuda")
+    assert bench_quant.pick_models(args, "h200_141gb", cuda) == ["qwen3_0_6b", "qwen3_8b"]
+    assert bench_quant.pick_models(args, "l4_24gb", cuda) == ["qwen3_0_6b"]
