@@ -212,6 +212,16 @@ def run_engine(model: str, hardware: str, variant: str, args: argparse.Namespace
     return result
 
 
+def guarded(run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """One engine's result, or its error: a failure must not lose the other engines' results
+    (its memory is given back before the next one starts)."""
+    try:
+        return run(*args)
+    except Exception as err:  # noqa: BLE001 (recorded in the result and printed)
+        release(args[-2])
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
 def release(device: torch.device) -> int | None:
     """Free the last engine's memory before the next one starts (its free-memory check
     counts whatever this process still holds); returns the device memory still in use."""
@@ -238,8 +248,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _row(r: dict[str, Any], batches: list[int]) -> str:
-    if "skipped" in r:
-        return f"skipped: {r['skipped']}"
+    if "skipped" in r or "error" in r:
+        return f"skipped: {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
     ms = {d["batch"]: d.get("forward_ms") for d in r["decode"]}
     cells = "".join(f"{ms[b]:>10.3f}" if ms.get(b) is not None else f"{'-':>10}"
                     for b in batches)
@@ -250,6 +260,8 @@ def _row(r: dict[str, Any], batches: list[int]) -> str:
 
 
 def progress(model: str, variant: str, run: dict[str, Any], elapsed: float) -> str:
+    if "error" in run:
+        return f"[{elapsed:5.0f} s] {model} {variant}: {run['error']}"
     rates = run["throughput"]["output_tok_s"]
     return (f"[{elapsed:5.0f} s] {model} {variant}: started in {run['startup_s']:.1f} s, "
             f"{rates:.0f} output tok/s")
@@ -277,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if time.perf_counter() - t0 > args.budget_s:
                 runs[variant] = {"skipped": f"past the {args.budget_s:.0f} s budget"}
                 continue
-            runs[variant] = run_engine(model, hardware, variant, args, device, bandwidth)
+            runs[variant] = guarded(run_engine, model, hardware, variant, args, device,
+                                    bandwidth)
             print(progress(model, variant, runs[variant], time.perf_counter() - t0), flush=True)
     result["total_s"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,12 @@ def test_default_models_are_qwen3_0_6b_and_the_largest_that_fits() -> None:
     args, cuda = bench_quant.parse_args([]), torch.device("cuda")
     assert bench_quant.pick_models(args, "h200_141gb", cuda) == ["qwen3_0_6b", "qwen3_8b"]
     assert bench_quant.pick_models(args, "l4_24gb", cuda) == ["qwen3_0_6b"]
+
+
+def test_a_failing_engine_is_recorded_and_the_others_still_run(tmp_path: Path) -> None:
+    """tiny_qwen3's 2048 positions cannot hold --context 4096: that engine's error is kept."""
+    result = bench_quant.main([*SMOKE, "--context", "4096", "--variants", "baseline",
+                               "--out", str(tmp_path / "q.json")])
+    error = result["models"]["tiny_qwen3"]["baseline"]["error"]
+    assert error.startswith("ConfigError: max_model_len=4097 is invalid")
+    assert "error: ConfigError" in bench_quant.format_table(result)
