@@ -206,7 +206,7 @@ def check_real_engine(setup: Any, config: EngineConfig) -> None:
                          "machine's CPU (no GPU): use hardware=cpu so the sim predicts the "
                          "same device, e.g. model=tiny_qwen3 hardware=cpu engine=cpu_tiny")
     budget = config.cpu_memory_gib * config.gpu_memory_utilization * 2**30
-    weights = setup.model.weight_bytes(config.dtype)
+    weights = setup.model.weight_bytes(config.dtype, config.quantization)
     if weights > budget:
         raise ValueError(f"model {setup.model.name} needs {weights / 2**30:.2f} GiB of "
                          f"{config.dtype} weights, more than the CPU engine's budget "

@@ -2,9 +2,16 @@
 `engine.core.memory` (`decide_num_blocks`, `check_startup`): the engine's own rule and errors.
 
 Sources, stated per term:
-- weights: exact, from the model config and dtype;
+- weights: exact, from the model config, dtype and quantization (int8: one byte per linear
+  weight, a float32 scale per output channel, embeddings and LM head in dtype);
 - activation, non-torch, CUDA-graph pool: a calibration profile when one exists for this
-  hardware + model, else the documented formulas below.
+  hardware + model, else the documented formulas below;
+- KV blocks: in the KV cache dtype (`EngineConfig.kv_dtype`: fp8 halves a bf16 block).
+
+A GPU shared with other processes (`Hardware.used_by_others_gib`), as vLLM V1 treats it:
+free at start = total - others - this engine's CUDA context; the engine refuses to start when
+that is below total x gpu_memory_utilization (`check_free_memory`), and otherwise budgets
+total x utilization exactly as on a GPU of its own: others' memory never changes num_blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from engine.core.memory import (
     MemoryTerms,
     StartupError,
     blocks_per_request,
+    check_free_memory,
     check_startup,
     decide_num_blocks,
     estimate_activation_bytes,
@@ -50,6 +58,12 @@ class MemoryPrediction:
 # Qwen3-0.6B, max_num_seqs 256): 136,314,880 B in all, of which the activations ~7.9 MB.
 GRAPH_POOL_OVERHEAD_BYTES = 128 << 20
 
+# The engine's own CUDA context (and the libraries' start-up allocations), in use before it
+# reads the free memory. An estimate, not measured on this repo's GPUs: a CUDA 12+ context
+# with lazy module loading takes ~0.5 GiB on Hopper. `LLMEngine.memory_report()`'s
+# used_at_start_bytes measures it on a GPU held by no other process.
+CUDA_CONTEXT_BYTES = 512 << 20
+
 
 def estimate_cuda_graph_bytes(model: ModelConfig, config: EngineConfig) -> int:
     """Graphs share one pool sized by the largest captured step's activations (the
@@ -80,24 +94,36 @@ def _mixed_buffers(model: ModelConfig, config: EngineConfig, tokens: int) -> int
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
                    profile: Profile | None = None) -> MemoryPrediction:
     terms, sources = _terms(model, hardware, config, profile)
+    terms.used_at_start_bytes, sources["used_at_start"] = _used_at_start(hardware)
     return prediction_from_terms(model, config, terms, sources)
 
 
 def prediction_from_terms(model: ModelConfig, config: EngineConfig, terms: MemoryTerms,
                           sources: dict[str, str]) -> MemoryPrediction:
-    """num_blocks and the start-up verdict from memory terms, however they were obtained."""
+    """num_blocks and the start-up verdict from memory terms, however they were obtained:
+    the engine's own checks (free memory at start, then the KV cache) in its order."""
     size = decide_num_blocks(terms, model, config)
     prediction = MemoryPrediction(terms, size.block_bytes, size.num_blocks, sources)
     try:
+        check_free_memory(terms.free_at_start_bytes, terms.total_bytes,
+                          config.gpu_memory_utilization)
         check_startup(size, config)
     except StartupError as err:
         prediction.error, prediction.error_type = str(err), type(err).__name__
     return prediction
 
 
+def _used_at_start(hardware: Hardware) -> tuple[int, str]:
+    """Other processes' memory, plus the engine's CUDA context on a GPU."""
+    others = int(hardware.used_by_others_gib * GiB)
+    if hardware.kind == "cpu":
+        return others, "catalog: used_by_others_gib"
+    return others + CUDA_CONTEXT_BYTES, "catalog: used_by_others_gib + CUDA context estimate"
+
+
 def _terms(model: ModelConfig, hardware: Hardware, config: EngineConfig,
            profile: Profile | None) -> tuple[MemoryTerms, dict[str, str]]:
-    weights = model.weight_bytes(config.dtype)
+    weights = model.weight_bytes(config.dtype, config.quantization)
     tokens = config.max_num_batched_tokens
     if hardware.kind == "cpu":  # the CPU engine budgets a configured total, like this
         act = estimate_activation_bytes(model, tokens, min(config.max_num_seqs, tokens),

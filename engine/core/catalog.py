@@ -9,13 +9,13 @@ and an entry's display name works as well as its file name. Pure Python (no torc
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from engine.core.config import ModelConfig
+from engine.core.config import GiB, ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 HARDWARE_KINDS = ("gpu", "cpu")
@@ -32,6 +32,9 @@ class Hardware:
     peak_bf16_flops: float  # dense, no sparsity
     hbm_bandwidth_bytes_per_s: float
     non_torch_bytes_default: int  # CUDA context etc. when no calibration profile exists
+    # Memory other processes hold on this GPU when the engine starts (0: the GPU is ours).
+    # The twin runs the engine's free-memory check with it (engine.core.memory).
+    used_by_others_gib: float = 0.0
 
     @property
     def physical_memory_bytes(self) -> int:
@@ -51,7 +54,8 @@ class Hardware:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(f"{source}: unknown field {unknown[0]!r}; allowed: {names}")
-        missing = [n for n in names if n not in data]
+        missing = [f.name for f in fields(cls)
+                   if f.name not in data and f.default is MISSING]
         if missing:
             raise ValueError(f"{source}: missing field {missing[0]!r}; required: {names}")
         if data["kind"] not in HARDWARE_KINDS:
@@ -73,6 +77,11 @@ def _check_numbers(hw: Hardware, source: str) -> None:
         value = getattr(hw, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
             raise ValueError(f"{source}: {name}={value!r} is invalid: must be a number > 0")
+    others = hw.used_by_others_gib
+    if not (isinstance(others, int | float) and not isinstance(others, bool)
+            and 0 <= others * GiB < hw.total_memory_bytes):
+        raise ValueError(f"{source}: used_by_others_gib={others!r} is invalid: must be a "
+                         "number >= 0 below the total memory in GiB")
 
 
 def _as_dict(data: Any) -> dict[str, Any]:

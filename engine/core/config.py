@@ -11,6 +11,14 @@ POLICIES = ("v1", "prefill_first")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ATTENTION_BACKENDS = ("auto", "sdpa", "torch", "flash_attn")
 DEVICES = ("auto", "cpu", "cuda")
+# Weight-only int8 (AbsMax per output channel, engine/layers/quantization.py) or none.
+QUANTIZATIONS = ("none", "int8")
+# The KV cache in the model's dtype ("auto") or in float8 e4m3 with a per-layer scale.
+KV_CACHE_DTYPES = ("auto", "fp8")
+FP8_KV_DTYPE = "float8_e4m3fn"
+INT8_SCALE_DTYPE = "float32"  # one AbsMax scale per output channel of a quantized linear
+# Bytes per element of everything the engine stores: model dtypes, int8 weights, fp8 KV.
+STORAGE_BYTES = {**DTYPE_BYTES, "int8": 1, FP8_KV_DTYPE: 1}
 GiB = 1 << 30
 
 
@@ -92,12 +100,29 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * layer + embed + head + h
 
-    def weight_bytes(self, dtype: str) -> int:
-        return self.num_parameters() * DTYPE_BYTES[dtype]
+    def linear_sizes(self) -> tuple[int, int]:
+        """(weights, output channels) of the decoder layers' linear projections (q/k/v, o,
+        gate/up, down): what int8 quantization replaces. Embeddings, norms, biases and the
+        LM head are not among them."""
+        h, inter = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        weights = h * (q + 2 * kv) + q * h + 3 * h * inter
+        channels = (q + 2 * kv) + h + 2 * inter + h
+        return self.num_hidden_layers * weights, self.num_hidden_layers * channels
+
+    def weight_bytes(self, dtype: str, quantization: str = "none") -> int:
+        """Exact bytes of the parameters; with int8, each linear weight is one byte plus a
+        float32 scale per output channel, the rest stays in `dtype`."""
+        total = self.num_parameters() * DTYPE_BYTES[dtype]
+        if quantization == "int8":
+            weights, channels = self.linear_sizes()
+            total += weights * (STORAGE_BYTES["int8"] - DTYPE_BYTES[dtype]) \
+                + channels * STORAGE_BYTES[INT8_SCALE_DTYPE]
+        return total
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim \
-            * DTYPE_BYTES[dtype]
+            * STORAGE_BYTES[dtype]
 
     def eos_token_ids(self) -> set[int]:
         eos = self.eos_token_id
@@ -208,6 +233,10 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     # Total "device" memory when running on the CPU, so the memory budget path runs without a GPU.
     cpu_memory_gib: float = 1.0
+    # "int8": linear weights int8 (AbsMax per output channel), matmuls W8A16; "none".
+    quantization: str = "none"
+    # "auto": the KV cache in `dtype`; "fp8": float8 e4m3 with per-layer scales (1.0).
+    kv_cache_dtype: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -242,10 +271,17 @@ class EngineConfig:
             _check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 0)
         if not (isinstance(self.cpu_memory_gib, int | float) and self.cpu_memory_gib > 0):
             raise ConfigError("cpu_memory_gib", self.cpu_memory_gib, "a number > 0")
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's element type: the model dtype, or float8_e4m3fn."""
+        return FP8_KV_DTYPE if self.kv_cache_dtype == "fp8" else self.dtype
 
     @property
     def cudagraph_token_limit(self) -> int:

@@ -3,6 +3,9 @@
 budget    = total device memory x gpu_memory_utilization
 kv_bytes  = budget - weights - peak activation - non-torch memory - CUDA-graph pool
 num_blocks = kv_bytes // bytes_per_block
+
+Memory other processes hold is not a term of the budget (vLLM V1 budgets a share of the
+total); it only decides whether the engine starts at all (`check_free_memory`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ class MaxModelLenTooLargeError(StartupError):
     pass
 
 
+class FreeMemoryError(StartupError):
+    """Less memory is free at start than the budget asks for (others hold the rest)."""
+
+
 @dataclass
 class MemoryTerms:
     """Every term of the start-up budget, in bytes, and where each came from."""
@@ -35,10 +42,17 @@ class MemoryTerms:
     non_torch_bytes: int = 0
     cuda_graph_bytes: int = 0
     source: str = "measured"  # or "estimated", "profile:<name>"
+    # In use on the device when the engine starts: other processes' memory and this process's
+    # CUDA context. Not in the budget; `check_free_memory` compares what it leaves free.
+    used_at_start_bytes: int = 0
 
     @property
     def budget_bytes(self) -> int:
         return int(self.total_bytes * self.gpu_memory_utilization)
+
+    @property
+    def free_at_start_bytes(self) -> int:
+        return self.total_bytes - self.used_at_start_bytes
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -49,6 +63,7 @@ class MemoryTerms:
         d: dict[str, float | int | str] = asdict(self)
         d["budget_bytes"] = self.budget_bytes
         d["kv_cache_bytes"] = self.kv_cache_bytes
+        d["free_at_start_bytes"] = self.free_at_start_bytes
         return d
 
 
@@ -69,8 +84,8 @@ class KVCacheSize:
 def decide_num_blocks(terms: MemoryTerms, model: ModelConfig,
                       config: EngineConfig) -> KVCacheSize:
     """The engine's rule, which the twin calls too: `num_gpu_blocks_override` when set,
-    else what the budget leaves after every other term, in whole blocks."""
-    block_bytes = bytes_per_block(model, config.block_size, config.dtype)
+    else what the budget leaves after every other term, in whole blocks of the KV dtype."""
+    block_bytes = bytes_per_block(model, config.block_size, config.kv_dtype)
     num_blocks = config.num_gpu_blocks_override
     if num_blocks is None:
         num_blocks = terms.kv_cache_bytes // block_bytes
@@ -112,6 +127,29 @@ def check_startup(size: KVCacheSize, config: EngineConfig) -> None:
             f"{max_concurrency(num_blocks, block_size, max_model_len):.2f}x). Try increasing "
             "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the "
             "engine.")
+
+
+def check_free_memory(free_bytes: int, total_bytes: int, utilization: float,
+                      device: str = "cuda:0") -> None:
+    """vLLM V1's start-up check (its GPU worker, before loading the model): the engine asks
+    for `utilization x total` and refuses to start when less than that is free.
+
+    Other processes' memory enters here only. Past this check vLLM V1 budgets
+    `total x utilization - weights - peak activation - non-torch - CUDA graphs` for the KV
+    cache (`determine_available_memory`), the non-torch term counted from this moment on:
+    a process holding N GiB changes whether the engine starts, never its num_blocks.
+    """
+    requested = total_bytes * utilization
+    if free_bytes < requested:
+        raise FreeMemoryError(
+            f"Free memory on device {device} ({_gib(free_bytes)}/{_gib(total_bytes)} GiB) on "
+            f"startup is less than desired GPU memory utilization ({utilization}, "
+            f"{_gib(requested)} GiB). Decrease GPU memory utilization or reduce GPU memory "
+            "used by other processes.")
+
+
+def _gib(num_bytes: float) -> float:
+    return round(num_bytes / GiB, 2)
 
 
 SAMPLER_COPIES = 10  # float32 rows x vocab buffers live at the sampler's peak

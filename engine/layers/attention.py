@@ -17,6 +17,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from engine.layers.attention_backends import paged_forward
 from engine.layers.context import DecodeBatch, ForwardContext, get_forward_context
+from engine.layers.kv_quant import KVScales, dequantize_kv, quantize_kv, raw
 
 BACKENDS = ("sdpa", "torch", "flash_attn")
 
@@ -25,8 +26,9 @@ class Attention(nn.Module):
     """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim].
 
     The runner assigns ``k_cache`` / ``v_cache`` ([num_blocks, block_size, num_kv_heads,
-    head_dim]) and ``backend``; until the cache exists (profiling) attention only sees each
-    sequence's new tokens.
+    head_dim]), ``kv_scales`` (the K and V scales of an fp8 cache, [1] float32 each) and
+    ``backend``; until the cache exists (profiling) attention only sees each sequence's new
+    tokens.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
@@ -41,6 +43,7 @@ class Attention(nn.Module):
         self.gqa = num_heads != num_kv_heads
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.kv_scales: KVScales | None = None
         self.backend = "sdpa"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -50,20 +53,20 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         if self.backend != "sdpa":
             return paged_forward(self.backend, q, k, v, self.k_cache, self.v_cache, ctx,
-                                 self.scale, kv_stored, out).flatten(1)
+                                 self.scale, kv_stored, out, self.kv_scales).flatten(1)
         result = self._forward_sdpa(q, k, v, ctx)
         if out is None:
             return result
         out.copy_(result.view_as(out))
         return out.flatten(1)
 
-    def kv_store(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(k_cache, v_cache, slot_mapping) where a fused kernel may write this step's K/V
-        for the paged backends, or None (no cache yet, or the sdpa backend)."""
+    def kv_store(self) -> tuple[torch.Tensor | None, ...] | None:
+        """(k_cache, v_cache, slot_mapping, k_scale, v_scale) where a fused kernel may write
+        this step's K/V for the paged backends, or None (no cache yet, or the sdpa backend)."""
         ctx = get_forward_context()
         if self.backend == "sdpa" or ctx.slot_mapping is None or self.k_cache.numel() == 0:
             return None
-        return self.k_cache, self.v_cache, ctx.slot_mapping
+        return self.k_cache, self.v_cache, ctx.slot_mapping, *(self.kv_scales or (None, None))
 
     def _forward_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       ctx: ForwardContext) -> torch.Tensor:
@@ -72,23 +75,29 @@ class Attention(nn.Module):
             for start, end, _ in ctx.spans(q.shape[0]):
                 out[start:end] = self._sdpa(q[start:end], k[start:end], v[start:end])
             return out.flatten(1)
-        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, ctx.all_slots_valid)
+        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, ctx.all_slots_valid,
+                 self.kv_scales)
         decodes = ctx.decode_batch
         if decodes is not None:
             out[decodes.rows] = self._decode(q[decodes.rows], decodes)
         skip = set(decodes.seqs) if decodes is not None else set()
         for i, (start, end, kv_len) in enumerate(ctx.spans(q.shape[0])):
             if i not in skip:
-                out[start:end] = self._sdpa(q[start:end], *self._gather(ctx, i, kv_len))
+                out[start:end] = self._sdpa(q[start:end], *self._gather(ctx, i, kv_len, q.dtype))
         return out.flatten(1)
 
-    def _gather(self, ctx: ForwardContext, i: int, kv_len: int) -> tuple[torch.Tensor, ...]:
+    def _gather(self, ctx: ForwardContext, i: int, kv_len: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Sequence i's first kv_len cached K and V, in token order."""
         block_size = self.k_cache.shape[1]
-        blocks = ctx.block_tables[i, : -(-kv_len // block_size)]
-        k = self.k_cache.index_select(0, blocks).flatten(0, 1)[:kv_len]
-        v = self.v_cache.index_select(0, blocks).flatten(0, 1)[:kv_len]
-        return k, v
+        k, v = self._read(ctx.block_tables[i, : -(-kv_len // block_size)], dtype)
+        return k.flatten(0, 1)[:kv_len], v.flatten(0, 1)[:kv_len]
+
+    def _read(self, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The cache's K and V blocks `blocks`, in `dtype` (an fp8 cache dequantized)."""
+        scales = self.kv_scales or (None, None)
+        return tuple(dequantize_kv(cache.index_select(0, blocks), dtype, scale)
+                     for cache, scale in zip((self.k_cache, self.v_cache), scales, strict=True))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One sequence: q [q_len, H, D] are the last q_len of its kv_len tokens."""
@@ -103,9 +112,8 @@ class Attention(nn.Module):
         """q [num_decodes, H, D]: each one query over its whole (padded, masked) context."""
         block_size = self.k_cache.shape[1]
         tables = batch.block_tables[:, : -(-batch.max_seq_len // block_size)]
-        num = tables.shape[0]
-        k = self.k_cache.index_select(0, tables.flatten()).view(num, -1, *self.k_cache.shape[2:])
-        v = self.v_cache.index_select(0, tables.flatten()).view(num, -1, *self.v_cache.shape[2:])
+        k, v = (x.view(tables.shape[0], -1, *x.shape[2:])
+                for x in self._read(tables.flatten(), q.dtype))
         keys = torch.arange(k.shape[1], device=k.device)
         mask = (keys[None, :] < batch.seq_lens[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(
@@ -132,12 +140,14 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, all_valid: bool = False) -> None:
-    """Write token t's K/V at flat slot ``slot_mapping[t]``; slots < 0 are skipped."""
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+             slot_mapping: torch.Tensor, all_valid: bool = False,
+             kv_scales: KVScales | None = None) -> None:
+    """Write token t's K/V at flat slot ``slot_mapping[t]`` (scaled into an fp8 cache by
+    `kv_scales`); slots < 0 are skipped."""
     if not all_valid:
         keep = slot_mapping >= 0  # boolean indexing: one device sync
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
-    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+    for x, cache, scale in zip((k, v), (k_cache, v_cache), kv_scales or (None, None),
+                               strict=True):
+        flat = cache.view(-1, *cache.shape[2:])
+        raw(flat).index_copy_(0, slot_mapping, raw(quantize_kv(x, flat.dtype, scale)))

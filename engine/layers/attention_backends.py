@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers.context import ForwardContext, PagedMetadata
+from engine.layers.kv_quant import KVScales, dequantize_kv
 
 FLASH_ATTN_BLOCK_MULTIPLE = 256  # flash_attn_with_kvcache's paged-KV page size
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -47,10 +48,10 @@ def torch_varlen() -> Callable[..., torch.Tensor]:
 
 def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
-                  scale: float, kv_stored: bool = False,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float, kv_stored: bool = False, out: torch.Tensor | None = None,
+                  kv_scales: KVScales | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] of one step -> [T, H, D] (into `out` if given); K/V go
-    to the cache first unless `kv_stored`."""
+    to the cache first unless `kv_stored`. `kv_scales`: an fp8 cache's K and V scales."""
     from engine.layers.kernels.mixed_attention import mixed_attention
     from engine.layers.kernels.paged_cache import store_kv_triton
 
@@ -58,19 +59,19 @@ def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     assert meta is not None, "the varlen backends need ForwardContext.paged"
     cached = ctx.slot_mapping is not None and k_cache.numel() > 0
     if cached and not kv_stored:
-        store_kv_triton(k, v, k_cache, v_cache, ctx.slot_mapping)
+        store_kv_triton(k, v, k_cache, v_cache, ctx.slot_mapping, kv_scales)
     out = torch.empty_like(q) if out is None else out
     if meta.whole_step:
         return mixed_attention(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens,
-                               ctx.query_start_loc, scale, out)
+                               ctx.query_start_loc, scale, out, kv_scales)
     nd = meta.num_decodes
     # Rows past the context's tokens pad an eager step (ModelRunner.eager_rows): zeros.
     end = ctx.query_start_loc_cpu[-1] if ctx.query_start_loc_cpu else q.shape[0]
     if nd:
         decode = flash_attn_decode if backend == "flash_attn" else triton_decode
-        decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
+        decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd], kv_scales)
     if end > nd:
-        keys, values = prefill_keys(k[nd:end], v[nd:end], k_cache, v_cache, meta)
+        keys, values = prefill_keys(k[nd:end], v[nd:end], k_cache, v_cache, meta, kv_scales)
         prefill = flash_attn_prefill if backend == "flash_attn" else torch_prefill
         out[nd:end] = prefill(q[nd:end], keys, values, meta, scale)
     if end < q.shape[0]:
@@ -79,13 +80,15 @@ def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def prefill_keys(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, meta: PagedMetadata) -> tuple[torch.Tensor, ...]:
+                 v_cache: torch.Tensor, meta: PagedMetadata,
+                 kv_scales: KVScales | None = None) -> tuple[torch.Tensor, ...]:
+    """The chunks' keys and values: their own K/V, or all of them from the cache (an fp8
+    cache dequantized) when some chunk has keys before it."""
     if meta.prefill_kv_slots is None:
         return k, v
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    return (flat_k.index_select(0, meta.prefill_kv_slots),
-            flat_v.index_select(0, meta.prefill_kv_slots))
+    slots, scales = meta.prefill_kv_slots, kv_scales or (None, None)
+    return tuple(dequantize_kv(cache.flatten(0, 1).index_select(0, slots), k.dtype, scale)
+                 for cache, scale in zip((k_cache, v_cache), scales, strict=True))
 
 
 def torch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata,
@@ -112,11 +115,12 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.T
 
 
 def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  meta: PagedMetadata, scale: float, out: torch.Tensor) -> None:
+                  meta: PagedMetadata, scale: float, out: torch.Tensor,
+                  kv_scales: KVScales | None = None) -> None:
     from engine.layers.kernels.paged_cache import paged_decode
 
     paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                 out=out, order=meta.decode_order)
+                 out=out, order=meta.decode_order, kv_scales=kv_scales)
 
 
 def flash_attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -129,7 +133,9 @@ def flash_attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def flash_attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: PagedMetadata, scale: float, out: torch.Tensor) -> None:
+                      meta: PagedMetadata, scale: float, out: torch.Tensor,
+                      kv_scales: KVScales | None = None) -> None:
+    """The model-dtype cache only (resolve_backend refuses flash_attn with an fp8 cache)."""
     from flash_attn import flash_attn_with_kvcache
 
     out.copy_(flash_attn_with_kvcache(

@@ -1,4 +1,5 @@
-"""Linear layers whose parameters are allocated, not initialised (the loader fills them)."""
+"""Linear layers whose parameters are allocated, not initialised (the loader fills them);
+optionally int8 weight-only (engine/layers/quantization.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.kernels import dispatch
+from engine.layers.quantization import absmax_quantize
+
 
 class Linear(nn.Module):
-    """y = x W^T + b, with W stored [out_features, in_features] like torch and HF."""
+    """y = x W^T + b, with W stored [out_features, in_features] like torch and HF. After
+    `quantize_`, W is int8 codes and `weight_scale` their per-output-channel scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -16,9 +21,32 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.register_parameter("weight_scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, self.bias)
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    @torch.no_grad()
+    def quantize_(self) -> None:
+        """Replace the weight by its int8 AbsMax codes and float32 scales (once loaded)."""
+        codes, scale = absmax_quantize(self.weight)
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] times the dequantized weight, in x's dtype: the Triton W8A16 kernel on CUDA
+    (dequantizing tile by tile), else torch in float32 (the codes converted whole)."""
+    if dispatch.use_triton(x):
+        from engine.layers.kernels.int8_matmul import w8a16_matmul
+
+        out = w8a16_matmul(x, codes, scale)
+    else:
+        out = (F.linear(x.float(), codes.float()) * scale).to(x.dtype)
+    return out if bias is None else out + bias
 
 
 class MergedLinear(Linear):

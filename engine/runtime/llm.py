@@ -13,6 +13,7 @@ import torch
 from engine.core.config import EngineConfig, GiB, ModelConfig, graph_buckets
 from engine.core.memory import (
     MemoryTerms,
+    check_free_memory,
     check_startup,
     decide_num_blocks,
     estimate_activation_bytes,
@@ -62,8 +63,11 @@ class LLMEngine:
         self.device = pick_device(self.config.device)
         torch.manual_seed(self.config.seed)
         free_before = _cuda_free_bytes(self.device)
+        used_at_start = check_shared_device(self.device, free_before,
+                                            self.config.gpu_memory_utilization)
         self.model_runner = ModelRunner(self.model_config, self.config, self.device, model_path)
         self.memory = self._profile_memory(free_before)
+        self.memory.used_at_start_bytes = used_at_start
         self.memory.cuda_graph_bytes = self._probe_graph_memory()
         size = decide_num_blocks(self.memory, self.model_config, self.config)
         check_startup(size, self.config)
@@ -124,6 +128,7 @@ class LLMEngine:
             mixed_graph_buckets=self.model_runner.mixed_graph_buckets,
             cuda_graph_bytes_captured=self.cuda_graph_bytes_captured,
             attention_backend=self.model_runner.attention_backend,
+            quantization=cfg.quantization, kv_dtype=cfg.kv_dtype,
             max_concurrency=max_concurrency(self.num_blocks, cfg.block_size, cfg.max_model_len))
         return report
 
@@ -247,7 +252,20 @@ def _cuda_free_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     torch.cuda.init()
+    gc.collect()  # as vLLM before its snapshot: engines dropped in this process give back
+    torch.cuda.empty_cache()  # the blocks torch still caches for them
     return torch.cuda.mem_get_info(device)[0]
+
+
+def check_shared_device(device: torch.device, free: int, utilization: float) -> int:
+    """vLLM V1's start-up check on a CUDA device that other processes may share (before the
+    model loads); returns the bytes in use at start, 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    total = torch.cuda.mem_get_info(device)[1]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    check_free_memory(free, total, utilization, f"cuda:{index}")
+    return total - free
 
 
 def _to_output(seq: Sequence) -> RequestOutput:

@@ -1,4 +1,5 @@
-"""Build a model: seeded random weights, or weights from a local HF-format folder."""
+"""Build a model: seeded random weights, or weights from a local HF-format folder; then, with
+`quantization="int8"`, its linear weights quantized (engine/layers/quantization.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from engine.core.config import ModelConfig
 from engine.layers.linear import Linear, VocabEmbedding
 from engine.layers.norm import RMSNorm
+from engine.layers.quantization import quantize_linears
 from engine.models import get_model_class
 from engine.models.weights import load_hf_weights
 
@@ -51,10 +53,20 @@ def create_model(model_config: ModelConfig, dtype: str | torch.dtype,
 
 
 def build_model(model_config: ModelConfig, dtype: str | torch.dtype = "bfloat16",
-                device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
+                device: torch.device | str = "cpu", seed: int = 0,
+                quantization: str = "none") -> nn.Module:
     """Random weights, identical for the same (config, dtype, device, seed)."""
     model = create_model(model_config, dtype, device)
     init_weights(model, seed)
+    return quantize(model, quantization)
+
+
+def quantize(model: nn.Module, quantization: str) -> nn.Module:
+    """The loaded model with its linear weights in int8 ("int8") or as they are ("none")."""
+    if quantization == "int8":
+        quantize_linears(model)
+    elif quantization != "none":
+        raise ValueError(f"quantization={quantization!r} is invalid: must be one of none, int8")
     return model
 
 
@@ -81,7 +93,8 @@ def init_weights(model: nn.Module, seed: int) -> None:
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",
                device: torch.device | str = "cpu",
-               model_config: ModelConfig | None = None) -> nn.Module:
+               model_config: ModelConfig | None = None,
+               quantization: str = "none") -> nn.Module:
     """The model of a local HF folder (config.json + *.safetensors, sharded or not)."""
     path = Path(path)
     folder_config = read_model_config(path)
@@ -89,7 +102,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",
         check_same_shape(model_config, folder_config, path)
     model = create_model(model_config or folder_config, dtype, device)
     load_hf_weights(model, iter_safetensors(path), source=str(path))
-    return model
+    return quantize(model, quantization)
 
 
 def check_same_shape(given: ModelConfig, folder: ModelConfig, path: Path) -> None:

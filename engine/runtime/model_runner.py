@@ -22,6 +22,7 @@ from engine.layers.attention_backends import (
 )
 from engine.layers.context import ForwardContext, PagedMetadata, dense_context, forward_context
 from engine.layers.host import to_device
+from engine.layers.kv_quant import kv_torch_dtype
 from engine.layers.linear import Linear
 from engine.layers.sampler import Sampler
 from engine.runtime.decode_graphs import DecodeGraphs
@@ -95,15 +96,22 @@ def _read_back(tokens: torch.Tensor) -> Callable[[], list[int]]:
     return wait
 
 
-def resolve_backend(name: str, device: torch.device, block_size: int) -> str:
-    """`auto`: flash_attn when importable (and its page size fits), else torch on CUDA,
-    sdpa on the CPU."""
+def resolve_backend(name: str, device: torch.device, block_size: int,
+                    kv_cache_dtype: str = "auto") -> str:
+    """`auto`: flash_attn when importable (and its page size fits, and the cache is in the
+    model dtype), else torch on CUDA, sdpa on the CPU."""
     if device.type != "cuda":
         if name not in ("auto", "sdpa"):
             raise ConfigError("attention_backend", name, "auto or sdpa on the CPU "
                               "(torch and flash_attn need CUDA)")
         return "sdpa"
     flash_ok = flash_attn_available() and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0
+    if kv_cache_dtype == "fp8":
+        if name == "flash_attn":
+            raise ConfigError("kv_cache_dtype", kv_cache_dtype, "auto with attention_backend="
+                              "flash_attn (its paged kernel reads no fp8 cache)")
+        check_fp8_device(device)
+        flash_ok = False
     if name == "auto":
         return "flash_attn" if flash_ok else "torch"
     if name == "flash_attn" and not flash_attn_available():
@@ -115,6 +123,14 @@ def resolve_backend(name: str, device: torch.device, block_size: int) -> str:
     return name
 
 
+def check_fp8_device(device: torch.device) -> None:
+    """The Triton kernels convert float8 e4m3 natively from compute capability 8.9 on."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        raise ConfigError("kv_cache_dtype", "fp8", "auto on a GPU of compute capability "
+                          f"{capability[0]}.{capability[1]} (fp8 needs 8.9 or later)")
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig,
                  device: torch.device | str, model_path: str | Path | None = None):
@@ -123,15 +139,22 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = to_torch_dtype(engine_config.dtype)
         self.block_size = engine_config.block_size
+        self.kv_dtype = kv_torch_dtype(engine_config.kv_dtype, self.dtype)
         self.attention_backend = resolve_backend(engine_config.attention_backend, self.device,
-                                                 self.block_size)
+                                                 self.block_size, engine_config.kv_cache_dtype)
+        quantization = engine_config.quantization
         if model_path is None:
-            self.model = build_model(model_config, self.dtype, self.device, engine_config.seed)
+            self.model = build_model(model_config, self.dtype, self.device, engine_config.seed,
+                                     quantization)
         else:
-            self.model = load_model(model_path, self.dtype, self.device, model_config)
+            self.model = load_model(model_path, self.dtype, self.device, model_config,
+                                    quantization)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for attn in self.attention_layers:
+        # Per layer, the K and V scales of an fp8 cache (engine/layers/kv_quant.py): 1.0.
+        self.kv_scales = torch.ones(2, len(self.attention_layers), 1, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
             attn.backend = self.attention_backend
+            attn.kv_scales = (self.kv_scales[0, i], self.kv_scales[1, i])
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(self._generator(engine_config.seed))
         self.kv_cache: torch.Tensor | None = None
@@ -204,17 +227,17 @@ class ModelRunner:
         count, so that no timed step waits for cuBLAS to choose a kernel. CUDA only."""
         if self.device.type != "cuda" or not self.pads_rows:
             return
-        weights = {tuple(m.weight.shape): m.weight for m in self.model.modules()
-                   if isinstance(m, Linear) and m.weight.dim() == 2}
+        layers = {(tuple(m.weight.shape), m.weight.dtype): m for m in self.model.modules()
+                  if isinstance(m, Linear) and m.weight.dim() == 2}
         head = self.model.lm_head.weight
-        width = max(w.shape[1] for w in (*weights.values(), head))
+        width = max(m.in_features for m in layers.values())
         x = torch.zeros(self.config.max_num_batched_tokens, width, dtype=self.dtype,
                         device=self.device)
         counts = sorted({self.eager_rows(n) for n in
                          range(1, self.config.max_num_batched_tokens + 1)})
-        for rows in counts:
-            for w in weights.values():
-                torch.nn.functional.linear(x[:rows, :w.shape[1]], w)
+        for rows in counts:  # int8 layers: their Triton kernel compiles per row bucket
+            for layer in layers.values():
+                layer(x[:rows, :layer.in_features])
         for rows in sorted({self.sample_rows_padded(n)
                             for n in range(1, self.config.max_num_seqs + 1)}):
             torch.nn.functional.linear(x[:rows, :head.shape[1]], head)
@@ -241,11 +264,12 @@ class ModelRunner:
         Sampler(self._generator(0))(logits, params)  # own generator: the engine's stays put
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """One [2, layers, num_blocks, block_size, kv_heads, head_dim] tensor, viewed per layer."""
+        """One [2, layers, num_blocks, block_size, kv_heads, head_dim] tensor in the KV dtype,
+        viewed per layer."""
         cfg = self.model_config
         shape = (2, len(self.attention_layers), num_blocks, self.block_size,
                  cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 

@@ -82,7 +82,7 @@ def measure(llm: LLM, batch: int, context: int, bandwidth: float,
     step = runner.prepare_inputs(plan.scheduled)
     forward = timed(lambda: runner.compute_step_logits(step))
     execute = timed(lambda: runner.execute_model(plan))
-    kv_bytes = batch * context * llm.model_config.kv_bytes_per_token(llm.config.dtype)
+    kv_bytes = batch * context * llm.model_config.kv_bytes_per_token(llm.config.kv_dtype)
     bound = (runner.weight_bytes + kv_bytes) / bandwidth
     return {"batch": batch, "context": context, "forward_ms": forward * 1e3,
             "execute_ms": execute * 1e3, "hbm_bound_ms": bound * 1e3,

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.layers.kernels.paged_cache import scale_args, to_cache
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, res_out_ptr, w_ptr, n_cols, inner,
@@ -97,13 +99,15 @@ def _weighted(normed, w, dtype: tl.constexpr):
 
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr,
-                         pos_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_t, eps,
+                         pos_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+                         stride_t, eps,
                          NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEADS: tl.constexpr,
                          KV_PAD: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
-                         STORE: tl.constexpr):
+                         STORE: tl.constexpr, FP8_CACHE: tl.constexpr):
     """Program t: every q and k head of token t (adjacent in its qkv row), per-head RMSNorm
     (Qwen3) then RoPE, rounded where the separate kernels round; with STORE, token t's
-    rotated K and its V also go to the paged cache at slot_mapping[t] (-1: nowhere)."""
+    rotated K and its V also go to the paged cache at slot_mapping[t] (-1: nowhere), scaled
+    into an fp8 cache as `store_kv_triton` does."""
     token = tl.program_id(0)
     pos = tl.load(pos_ptr + token)
     dtype = q_out_ptr.dtype.element_ty
@@ -134,36 +138,39 @@ def _qk_norm_rope_kernel(qkv_ptr, q_out_ptr, k_out_ptr, q_w_ptr, k_w_ptr, cos_pt
         width = NUM_KV * 2 * HALF
         k_mask = (heads >= NUM_Q) & (heads < tl.where(slot >= 0, NUM_Q + NUM_KV, 0))
         k_slot = k_cache_ptr + slot * width + (heads - NUM_Q) * 2 * HALF + j
-        tl.store(k_slot, a, mask=k_mask)
-        tl.store(k_slot + HALF, b, mask=k_mask)
+        tl.store(k_slot, to_cache(a, k_scale_ptr, k_cache_ptr, FP8_CACHE), mask=k_mask)
+        tl.store(k_slot + HALF, to_cache(b, k_scale_ptr, k_cache_ptr, FP8_CACHE), mask=k_mask)
         cols = tl.arange(0, KV_PAD * 2 * HALF)
         v_mask = cols < tl.where(slot >= 0, width, 0)
         v = tl.load(row + (NUM_Q + NUM_KV) * 2 * HALF + cols, mask=v_mask)
-        tl.store(v_cache_ptr + slot * width + cols, v, mask=v_mask)
+        tl.store(v_cache_ptr + slot * width + cols,
+                 to_cache(v, v_scale_ptr, v_cache_ptr, FP8_CACHE), mask=v_mask)
 
 
 def qk_norm_rope(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
                  cos_cache: torch.Tensor, sin_cache: torch.Tensor, positions: torch.Tensor,
                  norm_weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float,
-                 store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 store: tuple[torch.Tensor | None, ...] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv: [T, (H + 2 KVH) * D] rows, the last dim contiguous -> q [T, H, D], k [T, KVH, D],
     each head RMSNorm-ed by its q / k weight (if given), then rotated: one launch for what
-    the separate layers do in four. `store` = (k_cache, v_cache, slot_mapping) also writes
-    each token's K and V into the paged cache, as `store_kv_triton` would."""
+    the separate layers do in four. `store` = (k_cache, v_cache, slot_mapping[, k_scale,
+    v_scale]) also writes each token's K and V into the paged cache, as `store_kv_triton`
+    would."""
     tokens = qkv.shape[0]
     head_dim = cos_cache.shape[1] * 2
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     q_w, k_w = norm_weights if norm_weights is not None else (cos_cache, cos_cache)
-    k_cache, v_cache, slots = store if store is not None else (q, q, positions)
+    k_cache, v_cache, slots, *scales = store if store is not None else (q, q, positions)
+    k_scale, v_scale, fp8 = scale_args(k_cache, tuple(scales) or None)
     if tokens:
         _qk_norm_rope_kernel[(tokens,)](
             qkv, q, k, q_w, k_w, cos_cache, sin_cache, positions, k_cache, v_cache, slots,
-            qkv.stride(0), eps, NUM_Q=num_heads, NUM_KV=num_kv_heads,
+            k_scale, v_scale, qkv.stride(0), eps, NUM_Q=num_heads, NUM_KV=num_kv_heads,
             HEADS=triton.next_power_of_2(num_heads + num_kv_heads),
             KV_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2,
-            HAS_NORM=norm_weights is not None, STORE=store is not None)
+            HAS_NORM=norm_weights is not None, STORE=store is not None, FP8_CACHE=fp8)
     return q, k
 
 

@@ -9,7 +9,8 @@ starts. Tiles past a sequence's rows, and sequences with no rows, return at once
 graph captured for a token bucket therefore replays any step padded to that bucket.
 
 Rows of a tile are (token, query head of the program's KV head) pairs, so the KV heads'
-query groups share every key load (GQA).
+query groups share every key load (GQA). An fp8 cache's scales fold into the softmax scale
+(K) and the output (V), as in the paged decode kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.layers.kernels.paged_cache import cache_scales, scale_args
+from engine.layers.kv_quant import KVScales
 
 LOG2E = 1.4426950408889634
 
@@ -41,11 +45,12 @@ def _find_seq(cu_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _mixed_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                            seq_lens_ptr, cu_q_ptr, num_seqs, scale_log2, stride_q, stride_o,
+                            seq_lens_ptr, cu_q_ptr, k_scale_ptr, v_scale_ptr, num_seqs,
+                            scale_log2, stride_q, stride_o,
                             stride_bt, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                             GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                             BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            BLOCK_N: tl.constexpr, FP8_CACHE: tl.constexpr):
     """Program (tile, kv head): BLOCK_Q query tokens of one sequence x the GROUP query heads
     of the KV head, over the causally visible keys of that sequence."""
     tile, kv_head = tl.program_id(0), tl.program_id(1)
@@ -65,6 +70,8 @@ def _mixed_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tabl
     q_offs = (q_first + token)[:, None] * stride_q + head[:, None] * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=valid[:, None], other=0.0)
     position = context + token  # the key index each row may see up to
+    k_scale, v_scale = cache_scales(k_scale_ptr, v_scale_ptr, FP8_CACHE)
+    qk_scale = scale_log2 * k_scale
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
@@ -77,9 +84,9 @@ def _mixed_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tabl
                         mask=in_range, other=0).to(tl.int64)
         slots = block * BLOCK_SIZE + keys % BLOCK_SIZE
         offs = slots[:, None] * slot_stride + kv_head * HEAD_DIM + dims[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=in_range[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=in_range[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        k = tl.load(k_cache_ptr + offs, mask=in_range[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + offs, mask=in_range[:, None], other=0.0).to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         seen = (keys[None, :] <= position[:, None]) & in_range[None, :] & valid[:, None]
         scores = tl.where(seen, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -89,7 +96,7 @@ def _mixed_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tabl
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_offs = (q_first + token)[:, None] * stride_o + head[:, None] * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
@@ -111,12 +118,13 @@ def block_q(num_heads: int, num_kv_heads: int, block_m: int) -> int:
 def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None, **launch: int) -> torch.Tensor:
+                    out: torch.Tensor | None = None, kv_scales: KVScales | None = None,
+                    **launch: int) -> torch.Tensor:
     """q [T, heads, head_dim]: sequence s's queries are rows query_start_loc[s] to
     query_start_loc[s + 1], the last of its seq_lens[s] tokens, whose K/V are in the cache
     already (block_tables[s] lists its blocks) -> [T, heads, head_dim]. Rows no sequence
     owns are left as they are. Every argument is a device tensor of fixed shape for a
-    given T, so a CUDA graph can capture the call."""
+    given T, so a CUDA graph can capture the call. `kv_scales`: an fp8 cache's scales."""
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(q) if out is None else out
@@ -127,9 +135,10 @@ def mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     bq = block_q(num_heads, num_kv_heads, params.pop("BLOCK_M"))
     grid = (mixed_grid_tiles(num_rows, num_seqs, bq), num_kv_heads)
     group = num_heads // num_kv_heads
+    k_scale, v_scale, fp8 = scale_args(k_cache, kv_scales)
     _mixed_attention_kernel[grid](
-        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, num_seqs,
-        scale * LOG2E, q.stride(0), out.stride(0), block_tables.stride(0),
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale, v_scale,
+        num_seqs, scale * LOG2E, q.stride(0), out.stride(0), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=bq, **params)
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=bq, FP8_CACHE=fp8, **params)
     return out
