@@ -165,10 +165,14 @@ class StepStats:
         self._counts.append(decode[1:][keep].astype(np.uint32))
 
     def itl(self) -> tuple[np.ndarray, np.ndarray]:
-        """ITL sample values and how many samples each stands for."""
+        """ITL sample values and how many samples each stands for (kept as one array each
+        from here on: no second copy)."""
         if not self._gaps:
             return np.empty(0), np.empty(0, dtype=np.uint32)
-        return np.concatenate(self._gaps), np.concatenate(self._counts)
+        if len(self._gaps) > 1:
+            self._gaps, self._counts = [np.concatenate(self._gaps)], \
+                [np.concatenate(self._counts)]
+        return self._gaps[0], self._counts[0]
 
     def summary(self, num_blocks: int) -> dict[str, Any]:
         if self.total_duration > 0:
@@ -185,32 +189,63 @@ class StepStats:
         }
 
 
+class WeightedSamples:
+    """Samples given as values[i] repeated counts[i] times, never made. The k-th smallest
+    is found without sorting them all: a count histogram over value bins finds its bin, and
+    only that bin's values are sorted (memory: a bin index per value)."""
+
+    BINS = 1 << 16
+
+    def __init__(self, values: np.ndarray, counts: np.ndarray):
+        keep = (counts > 0) & ~np.isnan(values)
+        self.values, self.counts = values[keep], counts[keep]
+        self.total = int(self.counts.sum(dtype=np.int64))
+        if self.total:
+            lo, hi = float(self.values.min()), float(self.values.max())
+            span = hi - lo if hi > lo else 1.0
+            # monotone in value: divide, then scale (no overflow however narrow the span)
+            self.bins = ((self.values - lo) / span * (self.BINS - 1)).astype(np.int32)
+            hist = np.bincount(self.bins, weights=self.counts, minlength=self.BINS)
+            self.cum = np.cumsum(hist.astype(np.int64))
+
+    def at(self, rank: int) -> float:
+        """The rank-th smallest sample (0-based)."""
+        b = int(np.searchsorted(self.cum, rank, side="right"))
+        before = int(self.cum[b - 1]) if b else 0
+        inside = self.bins == b
+        order = np.argsort(self.values[inside], kind="stable")
+        ends = np.cumsum(self.counts[inside][order].astype(np.int64))
+        return float(self.values[inside][order][np.searchsorted(ends, rank - before,
+                                                                side="right")])
+
+    def mean(self) -> float:
+        return float(np.dot(self.values, self.counts.astype(np.float64)) / self.total)
+
+    def percentile(self, pct: float) -> float:
+        """numpy's "linear" method, float for float."""
+        n = self.total
+        h = (n - 1) * (pct / 100)
+        lo = min(int(np.floor(h)), n - 1)
+        t = h - np.floor(h) if h < n - 1 else 0.0
+        a, b = self.at(lo), self.at(min(lo + 1, n - 1))
+        return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+
+    def median(self) -> float:
+        """numpy's: the middle sample, or the mean of the middle two."""
+        mid = self.total // 2
+        return self.at(mid) if self.total % 2 else (self.at(mid - 1) + self.at(mid)) / 2
+
+
 def weighted_stats(values: np.ndarray, counts: np.ndarray, name: str,
                    percentiles: Sequence[float]) -> dict[str, Any]:
-    """`_stats` of the samples in which values[i] appears counts[i] times, without making
-    them: numpy's linear-interpolation percentile located by cumulative counts."""
-    keep = (counts > 0) & ~np.isnan(values)
-    values, counts = values[keep], counts[keep].astype(np.int64)
-    total = int(counts.sum())
-    if total == 0:
+    """`_stats` of the samples in which values[i] appears counts[i] times."""
+    samples = WeightedSamples(values, counts)
+    if samples.total == 0:
         return _stats(np.empty(0), name, percentiles)
-    order = np.argsort(values, kind="stable")
-    values, ends = values[order], np.cumsum(counts[order])
-    def at(rank: int) -> float:  # the rank-th smallest sample (0-based)
-        return float(values[np.searchsorted(ends, rank, side="right")])
-    def percentile(pct: float) -> float:  # numpy's "linear" method, float for float
-        h = (total - 1) * (pct / 100)
-        lo = min(int(np.floor(h)), total - 1)
-        t = h - np.floor(h) if h < total - 1 else 0.0
-        a, b = at(lo), at(min(lo + 1, total - 1))
-        return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
-    def median() -> float:  # numpy's: the middle sample, or the mean of the middle two
-        mid = total // 2
-        return at(mid) if total % 2 else (at(mid - 1) + at(mid)) / 2
-    out: dict[str, Any] = {f"{name}_mean_s": float(values @ counts[order] / total),
-                           f"{name}_median_s": median()}
+    out: dict[str, Any] = {f"{name}_mean_s": samples.mean(),
+                           f"{name}_median_s": samples.median()}
     for q in percentiles:
-        out[f"{name}_p{q:g}_s"] = percentile(q)
+        out[f"{name}_p{q:g}_s"] = samples.percentile(q)
     return out
 
 
