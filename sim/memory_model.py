@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.core.catalog import Hardware
-from engine.core.config import EngineConfig, GiB, ModelConfig, graph_buckets
+from engine.core.config import EngineConfig, GiB, ModelConfig
 from engine.core.memory import (
     MemoryTerms,
     StartupError,
@@ -31,6 +31,7 @@ from engine.core.memory import (
     estimate_activation_bytes,
     mixed_buffer_bytes,
 )
+from engine.core.shapes import graph_buckets
 from sim.profile import Profile
 
 

@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.core.config import DecodeSplit
 from engine.core.features import EXTRA_FEATURES, FEATURES, StepFeatures
+from engine.core.shapes import DecodeSplit
 from sim.step_terms import (
     BATCH_BASES,
     DECODE_TERMS,

@@ -11,16 +11,14 @@ max(0, base - k)) or `base(a,b,...)` (its arguments in its name).
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from functools import cache
 
 import numpy as np
 
-from engine.core.config import DecodeSplit, token_buckets
 from engine.core.features import StepFeatures, StepRow
-from engine.runtime.step_input import TOKEN_MULTIPLE
+from engine.core.shapes import DecodeSplit, decode_batch, step_rows, token_buckets
 
 # Version-1 profiles' terms (still read, and the defaults of CalibratedStepTime).
 DECODE_TERMS = ("const", "padded_batch", "decode_ctx")
@@ -54,7 +52,7 @@ def decode_terms(buckets: list[int] | None, max_batch: int, max_ctx: int = 0,
     `shared`, the keys read once (HBM) apart from all keys read (re-reads come from L2).
     `measured`: the padded batches the samples have (knots only where a value is known)."""
     longest_terms = (split_term(split) if split else "decode_max_ctx",) if longest else ()
-    top = padded_batch_of(max(max_batch, 1), buckets)
+    top = decode_batch(max(max_batch, 1), buckets)
     batch = (batch_knot_terms(top, measured) if basis == "knots"
              else batch_hinge_terms(max_batch))
     return (*batch, "decode_ctx", *_ctx_hinges(max_ctx), "mean_ctx",
@@ -125,32 +123,28 @@ def renamed_token_limit(term: str, limit: int) -> str:
     return name + sep + knot
 
 
-# -- shapes the engine runs -------------------------------------------------------------------
+# -- shapes the engine runs (engine.core.shapes' rules, over many steps) -------------------------
 
 def padded_batch(decode_seqs: np.ndarray, buckets: list[int] | None) -> np.ndarray:
-    """Batch size the graph replays: the smallest bucket that holds the decodes."""
-    if not buckets:
-        return decode_seqs
-    edges = np.asarray(buckets)
-    idx = np.minimum(np.searchsorted(edges, decode_seqs), len(edges) - 1)
-    padded = edges[idx]
-    return np.where(decode_seqs <= edges[-1], padded, decode_seqs)
+    """The batch each decode step's graph replays (`decode_batch`)."""
+    return _per_value(decode_seqs, lambda n: decode_batch(n, buckets))
 
 
-def padded_batch_of(decode_seqs: int, buckets: list[int] | None) -> int:
-    """`padded_batch` of one step."""
-    if not buckets or decode_seqs > buckets[-1]:
-        return decode_seqs
-    return buckets[bisect_left(buckets, decode_seqs)]
+def padded_tokens(num_tokens: np.ndarray, limit: int, cap: int = 0) -> np.ndarray:
+    """The rows each mixed step runs with mixed-step graphs up to `limit` tokens
+    (`step_rows`, as ModelRunner.eager_rows pads them)."""
+    return _per_value(num_tokens, lambda n: step_rows(n, _token_edges(limit), cap))
 
 
-def padded_tokens(num_tokens: np.ndarray, limit: int) -> np.ndarray:
-    """Rows a mixed step runs: its graph bucket up to `limit`, else padded to
-    TOKEN_MULTIPLE (engine.runtime.model_runner.ModelRunner.eager_rows)."""
-    n = np.asarray(num_tokens, dtype=np.int64)
-    edges = np.asarray(token_buckets(limit) or [0], dtype=np.int64)
-    bucket = edges[np.minimum(np.searchsorted(edges, n), len(edges) - 1)]
-    return np.where(n <= limit, bucket, -(-n // TOKEN_MULTIPLE) * TOKEN_MULTIPLE)
+def _per_value(values: np.ndarray, rule: Callable[[int], int]) -> np.ndarray:
+    """`rule` of every value, computed once per distinct value."""
+    distinct, inverse = np.unique(np.asarray(values, dtype=np.int64), return_inverse=True)
+    return np.array([rule(int(v)) for v in distinct], dtype=np.int64)[inverse.reshape(-1)]
+
+
+@cache
+def _token_edges(limit: int) -> list[int]:
+    return token_buckets(limit)
 
 
 # -- compiled terms ---------------------------------------------------------------------------
@@ -281,11 +275,11 @@ class PaddedBatch(Term):
 
     def column(self, f: StepFeatures) -> np.ndarray:
         if f.uniform_batch is not None:
-            return np.full(len(f), float(padded_batch_of(f.uniform_batch, self._buckets)))
+            return np.full(len(f), float(decode_batch(f.uniform_batch, self._buckets)))
         return padded_batch(f.decode_seqs, self._buckets).astype(np.float64)
 
     def value(self, s: StepRow) -> float:
-        return float(padded_batch_of(s.decode_seqs, self._buckets))
+        return float(decode_batch(s.decode_seqs, self._buckets))
 
     @property
     def _buckets(self) -> list[int] | None:
@@ -330,7 +324,7 @@ class DecodeShare(Term):
         if longest is None:
             longest = Feature("decode_max_ctx").column(f).astype(np.int64)
         if f.uniform_batch is not None:
-            batch = padded_batch_of(f.uniform_batch, self.batch._buckets)
+            batch = decode_batch(f.uniform_batch, self.batch._buckets)
             return share_staircase(self.split, longest, batch).astype(np.float64)
         batch = self.batch.column(f).astype(np.int64)
         out = np.empty(len(f), dtype=np.int64)
@@ -374,22 +368,18 @@ class DecodeCombine(Term):
 
 @dataclass(frozen=True)
 class PaddedTokens(Term):
+    """The rows the step runs: its mixed-graph bucket up to `limit` tokens, else padded
+    (never past `cap`, the engine's token budget; 0: no cap, as in calibration fits)."""
+
     limit: int
+    cap: int = 0
 
     def column(self, f: StepFeatures) -> np.ndarray:
-        return padded_tokens(f.num_tokens, self.limit).astype(np.float64)
+        return padded_tokens(f.num_tokens, self.limit, self.cap).astype(np.float64)
 
     def value(self, s: StepRow) -> float:
-        n, limit = s.prefill_tokens + s.decode_seqs, self.limit
-        if n > limit:
-            return float(-(-n // TOKEN_MULTIPLE) * TOKEN_MULTIPLE)
-        edges = _token_edges(limit)
-        return float(edges[min(bisect_left(edges, n), len(edges) - 1)])
-
-
-@cache
-def _token_edges(limit: int) -> list[int]:
-    return token_buckets(limit) or [0]
+        n = s.prefill_tokens + s.decode_seqs
+        return float(step_rows(n, _token_edges(self.limit), self.cap))
 
 
 @dataclass(frozen=True)
@@ -430,11 +420,12 @@ _PLAIN = {"const": Const, "num_tokens": NumTokens, "mean_ctx": MeanCtx,
 _SPLIT = {"decode_share": DecodeShare, "decode_combine": DecodeCombine}
 
 
-def compile_term(term: str, buckets: list[int] | None) -> Term:
-    """The typed term a name stands for; an unknown name is an error naming it."""
+def compile_term(term: str, buckets: list[int] | None, row_cap: int = 0) -> Term:
+    """The typed term a name stands for; an unknown name is an error naming it. `row_cap`:
+    the token budget a padded step never exceeds."""
     if ">" in term:
         name, knot = term.split(">")
-        return Hinge(compile_term(name, buckets), float(knot))
+        return Hinge(compile_term(name, buckets, row_cap), float(knot))
     batch = PaddedBatch(tuple(buckets) if buckets else None)
     base = term.split("(")[0]
     if term in _PLAIN:
@@ -448,7 +439,7 @@ def compile_term(term: str, buckets: list[int] | None) -> Term:
     if base == "decode_combine":
         return DecodeCombine(DecodeSplit(*term_args(term)))
     if base == "padded_tokens":
-        return PaddedTokens(term_args(term)[0])
+        return PaddedTokens(term_args(term)[0], row_cap)
     if base == "eager":
         return Eager(term_args(term)[0])
     if term not in FEATURE_NAMES:

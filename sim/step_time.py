@@ -82,10 +82,11 @@ class LinearTerms:
     terms: tuple[str, ...]
     coef: np.ndarray
     buckets: list[int] | None = None
+    row_cap: int = 0
     compiled: tuple[tuple[Term, float], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.compiled = tuple((compile_term(t, self.buckets), float(c))
+        self.compiled = tuple((compile_term(t, self.buckets, self.row_cap), float(c))
                               for t, c in zip(self.terms, self.coef, strict=True) if c != 0.0)
 
     def predict(self, f: StepFeatures) -> np.ndarray:
@@ -180,17 +181,18 @@ class CalibratedStepTime:
     mixed_terms: tuple[str, ...] = MIXED_TERMS
     host_decode: LinearTerms | None = None
     host_mixed: LinearTerms | None = None
+    row_cap: int = 0  # the engine's token budget: padded steps never run more rows
 
     def __post_init__(self) -> None:
         self._decode = LinearTerms(self.decode_terms, self.decode_coef, self.buckets)
-        self._mixed = LinearTerms(self.mixed_terms, self.mixed_coef, self.buckets)
+        self._mixed = LinearTerms(self.mixed_terms, self.mixed_coef, self.buckets,
+                                  self.row_cap)
         self._runs = DecodeRunTerms(self._decode, self.host_decode)
         # Whether a decode step's time depends on its longest context (not only the sum),
         # and on the prefix keys its decodes re-read.
         self.reads_longest = self._decode.reads("decode_max_ctx", "decode_share")
         self.reads_shared = any(part.reads("decode_unique_ctx", "decode_shared")
                                 for part in (self._decode, self._mixed))
-
 
     @property
     def token_limit(self) -> int | None:
@@ -200,11 +202,12 @@ class CalibratedStepTime:
                 return term_args(term.split(">")[0])[0]
         return None
 
-    def with_token_limit(self, limit: int) -> CalibratedStepTime:
+    def with_token_limit(self, limit: int, row_cap: int = 0) -> CalibratedStepTime:
         """The same fit for an engine whose mixed-step graphs reach `limit` tokens, not the
-        calibration's: its `padded_tokens(...)` and `eager(...)` terms read the new limit."""
-        return replace(self, mixed_terms=tuple(renamed_token_limit(t, limit)
-                                               for t in self.mixed_terms))
+        calibration's: its `padded_tokens(...)` and `eager(...)` terms read the new limit
+        (and padded steps stop at `row_cap` rows, the engine's token budget)."""
+        return replace(self, row_cap=row_cap, mixed_terms=tuple(
+            renamed_token_limit(t, limit) for t in self.mixed_terms))
 
     def scaled(self, factor: float) -> CalibratedStepTime:
         """Every step `factor` times as long (coefficients scaled: still linear, so runs of

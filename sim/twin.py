@@ -94,7 +94,7 @@ def profile_step_time(profile: Profile, config: EngineConfig) -> StepTimeModel:
     model = profile.step_time()
     if model.token_limit is None:
         return model
-    return model.with_token_limit(config.cudagraph_token_limit)
+    return model.with_token_limit(config.cudagraph_token_limit, config.max_num_batched_tokens)
 
 
 def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: str = "auto",

@@ -151,58 +151,6 @@ def _read_hf_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@dataclass(frozen=True)
-class DecodeSplit:
-    """How the Triton paged-decode kernel splits each sequence's keys across programs: a
-    power of two by batch size alone (so a CUDA graph of a bucket stays valid), until a
-    launch has about `target_programs` programs, at most `max_splits`, each split
-    `min_share` keys or more (rounded up to `block_n`). The kernel and the simulator's
-    step-time model both read this one rule."""
-
-    num_kv_heads: int
-    target_programs: int = 512
-    max_splits: int = 16
-    min_share: int = 256
-    block_n: int = 64
-
-    def splits(self, batch: int) -> int:
-        ratio = max(1, self.target_programs // max(1, batch * self.num_kv_heads))
-        return min(self.max_splits, 1 << (ratio - 1).bit_length())
-
-    def longest_share(self, longest: int, batch: int) -> int:
-        """Keys the busiest program reads: the longest sequence's share of its splits."""
-        splits = self.splits(batch)
-        if splits == 1:
-            return longest
-        per_split = -(-longest // splits)
-        return max(-(-per_split // self.block_n) * self.block_n, self.min_share)
-
-
-# Token counts of the mixed-step graphs' buckets: every 64 up to 512, then every 128, 256, 512, ...,
-# doubling the step as the count doubles, so a step past 512 tokens pads at most a quarter.
-TOKEN_BUCKET_START = 64
-
-
-def token_buckets(limit: int) -> list[int]:
-    """Padded token counts of the mixed / prefill steps that replay CUDA graphs,
-    up to `limit` (which is always the last one)."""
-    buckets: list[int] = []
-    step, n = TOKEN_BUCKET_START, TOKEN_BUCKET_START
-    while n < limit:
-        buckets.append(n)
-        if n >= 8 * step:
-            step *= 2
-        n += step
-    return [*buckets, limit] if limit > 0 else []
-
-
-def graph_buckets(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to
-    max_num_seqs (rounded up to 16)."""
-    small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
-    return small + list(range(16, max_num_seqs + 16, 16))
-
-
 MAX_CUDAGRAPH_TOKENS = 16384
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engine.core.config import graph_buckets
+from engine.core.shapes import graph_bucket, graph_buckets
 from engine.layers.context import ForwardContext, PagedMetadata, forward_context
 from engine.runtime.step_input import HostBatch
 
@@ -58,10 +58,8 @@ class DecodeGraphs:
                               paged=meta)
 
     def bucket(self, num_decodes: int) -> int | None:
-        for bs in self.buckets:
-            if bs >= num_decodes:
-                return bs if bs in self.graphs else None
-        return None
+        bs = graph_bucket(num_decodes, self.buckets)
+        return bs if bs in self.graphs else None
 
     def load(self, batch: HostBatch, bucket: int) -> None:
         """Copy a decode-only batch of n <= bucket sequences into the static buffers."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from engine.core.config import EngineConfig, GiB, ModelConfig, graph_buckets
+from engine.core.config import EngineConfig, GiB, ModelConfig
 from engine.core.memory import (
     MemoryTerms,
     check_free_memory,
@@ -22,6 +22,7 @@ from engine.core.memory import (
 from engine.core.records import RequestRecord, StepRecord
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
+from engine.core.shapes import graph_buckets
 from engine.runtime.lookahead import Lookahead
 from engine.runtime.model_runner import ModelRunner
 

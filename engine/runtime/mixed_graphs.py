@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from engine.core.shapes import graph_bucket
 from engine.layers.context import ForwardContext, PagedMetadata, forward_context
 from engine.runtime.decode_graphs import load_buffer
 from engine.runtime.step_input import HostBatch
@@ -51,10 +52,7 @@ class MixedGraphs:
         return self.seq_lens.shape[0] - 1
 
     def bucket(self, num_tokens: int) -> int | None:
-        for n in self.buckets:
-            if n >= num_tokens:
-                return n
-        return None
+        return graph_bucket(num_tokens, self.buckets)
 
     def serves(self, num_tokens: int, num_seqs: int, decode_only: bool) -> bool:
         """Whether such a step replays these graphs (decode-only steps have their own)."""

@@ -11,9 +11,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from engine.core.config import ConfigError, EngineConfig, ModelConfig, graph_buckets, token_buckets
+from engine.core.config import ConfigError, EngineConfig, ModelConfig
 from engine.core.memory import blocks_per_request
 from engine.core.sequence import SamplingParams, Sequence
+from engine.core.shapes import (
+    SAMPLE_MULTIPLE,
+    graph_buckets,
+    padded_len,
+    step_rows,
+    token_buckets,
+)
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import (
     FLASH_ATTN_BLOCK_MULTIPLE,
@@ -29,14 +36,11 @@ from engine.runtime.decode_graphs import DecodeGraphs
 from engine.runtime.loader import build_model, load_model, to_torch_dtype
 from engine.runtime.mixed_graphs import MixedGraphs
 from engine.runtime.step_input import (
-    SAMPLE_MULTIPLE,
-    TOKEN_MULTIPLE,
     BlockTables,
     HostBatch,
     ScheduledLike,
     build_host_batch,
     pad_tail,
-    padded_len,
 )
 
 
@@ -209,13 +213,12 @@ class ModelRunner:
         return self.attention_backend != "sdpa"
 
     def eager_rows(self, num_tokens: int) -> int:
-        """Rows a non-graph-decode step runs: its mixed-graph bucket, else padded for cuBLAS."""
+        """Rows a non-graph-decode step runs: its mixed-graph bucket, else padded for cuBLAS
+        (engine.core.shapes.step_rows, the twin's rule too)."""
         if not self.pads_rows:
             return num_tokens
-        bucket = self.mixed.bucket(num_tokens) if self.mixed is not None else None
-        if bucket is not None:
-            return bucket
-        return padded_len(num_tokens, TOKEN_MULTIPLE, self.config.max_num_batched_tokens)
+        buckets = self.mixed.buckets if self.mixed is not None else None
+        return step_rows(num_tokens, buckets, self.config.max_num_batched_tokens)
 
     def sample_rows_padded(self, num_samples: int) -> int:
         return padded_len(num_samples, SAMPLE_MULTIPLE) if self.pads_rows else num_samples

@@ -17,20 +17,6 @@ import numpy as np
 
 from engine.core.sequence import Sequence
 
-# Eager steps on the varlen backends run their GEMMs on row counts padded to these
-# multiples. cuBLAS chooses a kernel for every row count it has not seen: measured on the
-# H100 host, ~130-200 us of host time per GEMM launch against ~20 us for a count it has
-# seen, and a host-bound mixed step launches 4 per layer. Padded counts repeat from step to
-# step (and the start-up warm-up has run them all), so the choice is made once per count.
-TOKEN_MULTIPLE = 64
-SAMPLE_MULTIPLE = 8
-
-
-def padded_len(n: int, multiple: int, cap: int = 0) -> int:
-    """`n` rounded up to a multiple of `multiple`, but never past max(n, cap) when cap > 0."""
-    padded = -(-n // multiple) * multiple
-    return min(padded, max(n, cap)) if cap > 0 else padded
-
 
 def pad_tail(array: np.ndarray, length: int, fill: int) -> np.ndarray:
     """`array` extended to `length` entries with `fill`."""

@@ -44,11 +44,12 @@ import numpy as np
 import torch
 
 from engine.core.catalog import catalog_key, load_model
-from engine.core.config import DecodeSplit, EngineConfig, ModelConfig, graph_buckets
+from engine.core.config import EngineConfig, ModelConfig
 from engine.core.features import EXTRA_FEATURES, FEATURES, features_of
 from engine.core.memory import estimate_activation_bytes
 from engine.core.scheduler import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
+from engine.core.shapes import DecodeSplit, graph_buckets
 from engine.runtime.llm import LLMEngine, ModelSource
 from engine.runtime.replay import device_name
 from sim.profile import PROFILE_DIR, Profile, ProfileKey, format_holdout, slug

@@ -25,7 +25,7 @@ def test_mixed_plan_is_decodes_then_a_chunk_over_their_own_blocks() -> None:
 
 
 def test_every_composition_fits_the_default_graphs() -> None:
-    from engine.core.config import token_buckets
+    from engine.core.shapes import token_buckets
 
     largest = token_buckets(4096)[-1]
     assert all(0 < c.num_tokens <= largest for c in bench_mixed.COMPOSITIONS)

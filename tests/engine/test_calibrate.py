@@ -204,7 +204,7 @@ def test_a_splitting_decode_kernel_fits_the_longest_share(profile: Profile,
                                                           tmp_path: Path) -> None:
     """The sdpa backend records no split rule (the longest context itself is the term); a
     profile of the Triton kernel's rule fits the longest sequence's share of its splits."""
-    from engine.core.config import DecodeSplit
+    from engine.core.shapes import DecodeSplit
     from sim.step_terms import split_term
 
     assert profile.meta["decode_split"] is None and profile.decode_split is None

@@ -170,7 +170,7 @@ def attach_mixed_graphs(runner: ModelRunner) -> None:
 def check_padding(runner: ModelRunner, step: object) -> None:
     """Eager rows on the varlen backends: padded to TOKEN_MULTIPLE (within the token budget)
     with token 0, position 0 and slot -1 (nothing stored); none on sdpa."""
-    from engine.runtime.step_input import TOKEN_MULTIPLE
+    from engine.core.shapes import TOKEN_MULTIPLE
 
     if step.input_ids is None:  # a mixed-graph step: its buffers are checked with the graphs
         assert runner.mixed is not None and runner.mixed.covers(step.host)

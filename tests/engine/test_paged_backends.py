@@ -233,7 +233,8 @@ def test_block_table_rows_follow_growth_and_preemption() -> None:
 
 
 def test_padded_row_counts() -> None:
-    from engine.runtime.step_input import pad_tail, padded_len
+    from engine.core.shapes import padded_len
+    from engine.runtime.step_input import pad_tail
 
     assert [padded_len(n, 64) for n in (1, 63, 64, 65, 8191)] == [64, 64, 64, 128, 8192]
     assert padded_len(1000, 64, cap=1000) == 1000  # never past the token budget...

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.core.config import graph_buckets
 from engine.core.features import StepFeatures
+from engine.core.shapes import graph_buckets
 from sim.profile import FitData, Profile, ProfileKey, kind_terms
 from sim.step_terms import (
     BATCH_KNOTS,

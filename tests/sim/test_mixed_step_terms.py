@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from engine.core.catalog import load_hardware, load_model
-from engine.core.config import ConfigError, EngineConfig, token_buckets
+from engine.core.config import ConfigError, EngineConfig
 from engine.core.features import StepFeatures
+from engine.core.shapes import token_buckets
 from sim.memory_model import mixed_graph_bytes, predict_memory
 from sim.profile import Profile, ProfileKey
 from sim.step_terms import design_matrix, mixed_terms, padded_tokens, term_column

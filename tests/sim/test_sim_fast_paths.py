@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 from engine.core.catalog import load_hardware, load_model
-from engine.core.config import EngineConfig, graph_buckets
+from engine.core.config import EngineConfig
 from engine.core.features import decode_run_features
 from engine.core.records import StepRecord
 from engine.core.request import Request
+from engine.core.shapes import graph_buckets
 from sim.simulator import Simulator, fake_tokens, gc_paused
 from sim.step_log import DecodeRunSteps, StepLog
 from sim.step_time import CalibratedStepTime, DecodeRun, RooflineStepTime

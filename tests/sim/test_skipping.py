@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.core.config import EngineConfig, graph_buckets
+from engine.core.config import EngineConfig
 from engine.core.request import Request
+from engine.core.shapes import graph_buckets
 from sim.simulator import Simulator
 from sim.step_time import CalibratedStepTime
 

@@ -57,7 +57,7 @@ def test_steps_without_the_extra_features_estimate_them() -> None:
 
 def test_decode_share_is_the_longest_contexts_share_of_the_bucket_splits() -> None:
     """The kernel splits by the batch it runs (the graph bucket), so 5 decodes split as 8."""
-    from engine.core.config import DecodeSplit
+    from engine.core.shapes import DecodeSplit
     from sim.step_terms import split_term
 
     rule = DecodeSplit(num_kv_heads=2, target_programs=64, max_splits=8, min_share=16,
@@ -77,7 +77,7 @@ def test_decode_combine_marks_mixed_steps_whose_own_decodes_are_split() -> None:
     """An eager (mixed) step splits by its real decode count, not a graph bucket: 4 and 16
     decodes make 8 and 32 of 64 programs (split), 40 make 80 (whole); no decodes, nothing to
     combine. The term belongs to the mixed model of a profile that records the split rule."""
-    from engine.core.config import DecodeSplit
+    from engine.core.shapes import DecodeSplit
     from sim.step_terms import mixed_terms, split_term
 
     rule = DecodeSplit(num_kv_heads=2, target_programs=64, max_splits=8, min_share=16,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.core.config import DecodeSplit
+from engine.core.shapes import DecodeSplit
 from engine.layers.kv_quant import FP8, FP8_MAX, KVScales
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
