@@ -137,7 +137,9 @@ class StepStats:
         self._counts: list[np.ndarray] = []
 
     def add(self, steps: pd.DataFrame) -> StepStats:
-        df = _checked(steps, STEP_COLUMNS, "steps").sort_values("step", kind="stable")
+        df = _checked(steps, STEP_COLUMNS, "steps")
+        if not df["step"].is_monotonic_increasing:
+            df = df.sort_values("step", kind="stable")
         if len(df) == 0:
             return self
         end = _num(df, "end_s").to_numpy()

@@ -122,6 +122,12 @@ def read_run(path: Path, steps: bool = True) -> RunFolder:
     return RunFolder(path, summary, reqs, frame)
 
 
+def num_steps(path: Path) -> int:
+    """How many step records a run folder holds (from the file's metadata)."""
+    file = Path(path) / STEPS
+    return pq.ParquetFile(file).metadata.num_rows if file.is_file() else 0
+
+
 def iter_steps(path: Path, columns: list[str], rows: int = 1 << 20) -> Iterator[pd.DataFrame]:
     """A run's step records (`columns` and `source`), `rows` at a time, in file order."""
     file = Path(path) / STEPS

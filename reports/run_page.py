@@ -15,7 +15,7 @@ import pandas as pd
 from reports.html import EMBED, badge, esc, figure_div, key_values, page, plotly_script, section
 from reports.metrics import STEP_COLUMNS, kv_usage_timeline, request_latencies
 from reports.plots import kv_timeline, latency_cdfs, memory_bars, request_parity, thin_timeline
-from reports.run_folder import REPORT, SOURCES, RunFolder, iter_steps, read_run
+from reports.run_folder import REPORT, SOURCES, RunFolder, iter_steps, num_steps, read_run
 from reports.run_tables import (
     CAPACITY_ROWS,
     MEMORY_ROWS,
@@ -24,6 +24,7 @@ from reports.run_tables import (
     memory_sources_table,
 )
 
+STEP_BATCH = 1 << 18  # step records read at a time for the timeline
 ALERT_TITLE = {"cannot_start": "Cannot start", "failed": "Run failed"}
 
 
@@ -128,13 +129,15 @@ def _timelines(run: RunFolder) -> dict[str, pd.DataFrame]:
     """Per source, the KV timeline of its steps, read a batch at a time: a long run's
     batches are thinned as they come (peaks kept), so its steps are never all in memory."""
     parts: dict[str, list[pd.DataFrame]] = {}
-    for batch in iter_steps(run.path, list(STEP_COLUMNS)):
+    batches = iter_steps(run.path, list(STEP_COLUMNS), STEP_BATCH)
+    many = num_steps(run.path) > STEP_BATCH
+    for batch in batches:
         for name, df in batch.groupby("source", sort=False):
             blocks = max(int(_num_blocks(run.summary, str(name)) or 0), 0)
-            parts.setdefault(str(name), []).append(
-                kv_usage_timeline(df.drop(columns="source"), blocks))
-    return {name: tl[0] if len(tl) == 1 else
-            pd.concat([thin_timeline(t) for t in tl], ignore_index=True)
+            timeline = kv_usage_timeline(df.drop(columns="source"), blocks)
+            parts.setdefault(str(name), []).append(thin_timeline(timeline) if many
+                                                   else timeline)
+    return {name: pd.concat(tl, ignore_index=True) if len(tl) > 1 else tl[0]
             for name, tl in parts.items()}
 
 

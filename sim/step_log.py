@@ -38,7 +38,7 @@ class DecodeRunSteps:
         return len(self.end_s)
 
 
-CHUNK_STEPS = 1 << 20  # steps a streaming log holds before it hands them on as a frame
+CHUNK_STEPS = 1 << 18  # steps a streaming log holds before it hands them on as a frame
 
 ChunkFn = Callable[[pd.DataFrame], None]
 
