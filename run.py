@@ -1,28 +1,34 @@
-"""kvtwin: predict (mode=sim), measure (mode=real), compare (mode=both), calibrate, bench.
+"""kvtwin's front door: predict (mode=sim), measure (mode=real), compare (mode=both), serve,
+calibrate, bench, validate.
 
     python run.py                                   # simulate the default workload, write a report
     python run.py engine.block_size=32 workload=shared_prefix
     python run.py -m engine.block_size=8,16,32 engine.gpu_memory_utilization=0.5,0.7,0.9
     python run.py mode=both model=tiny_qwen3 hardware=cpu engine=cpu_tiny
-    python run.py mode=bench workload=nanovllm_bench +bench.hf_requests=64
     python run.py mode=serve model=tiny_qwen3 engine=cpu_tiny serve.port=8000
     python run.py mode=real target=http endpoint=http://127.0.0.1:8000 workload=poisson_chat
-
-mode=bench is `python -m engine.tools.bench` on the composed model, engine and workload (offline,
-every request at t=0) against HF transformers in the same process; it prints the table and
-writes bench.json. Its own knobs are BenchOptions fields, given as +bench.<field>=<value>
-(peers, hf_requests, hf_batch_size, temperature, warmup, hf_num_blocks, hf_max_batch_tokens).
+    python run.py mode=bench workload=nanovllm_bench +bench.hf_requests=64
+    python run.py mode=calibrate model=tiny_qwen3 hardware=cpu engine=cpu_tiny
 
 Each run writes summary.json, requests.parquet, steps.parquet and report.html into Hydra's
-output folder. A run that cannot start is a recorded result; a run that fails is recorded as
-failed (and, in a sweep, the sweep goes on); Ctrl-C keeps what was finished.
+output folder. A run that cannot start is a recorded result. An expected error (a bad value,
+a bad trace, a missing file) prints one line naming it and exits with 2 (the traceback with
+--debug or HYDRA_FULL_ERROR=1); any other failure is recorded with its traceback, and in a
+sweep the sweep goes on. SIGINT and SIGTERM keep what was done, marked interrupted; a second
+signal exits at once. `+resume=true` in a sweep keeps the points that finished.
+
+The module front ends (`python -m sim`, `python -m engine.tools.*`) compose their
+configuration through Hydra too (`compose_config`), so an EngineConfig is built one way.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,111 +40,174 @@ from omegaconf import DictConfig, OmegaConf
 from conf.schema import MODES, TARGETS, register
 from engine.core.config import EngineConfig
 from engine.core.memory import StartupError
-from reports.run_folder import StepsWriter, write_run
+from reports.run_folder import SUMMARY, StepsWriter, write_run, write_summary
 
 register()
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 Records = dict[str, tuple[Any, Any]]
-RUN_MODES = (*MODES, "bench")  # mode=bench is handled here, before the schema's modes
+EXPECTED = (ValueError, OSError)  # bad values, bad traces, missing files: one line, exit 2
+FINAL = ("ok", "cannot_start")    # a point that ended with one of these is kept on resume
 BENCH_FILE = "bench.json"
 
 
+# -- signals ------------------------------------------------------------------------------------
+
+class Signals:
+    """SIGINT and SIGTERM alike. The first asks the run to stop: a phase that polls
+    (`polling`) stops between two steps and keeps its records; any other phase gets a
+    KeyboardInterrupt. A second signal exits at once; the folder stays consistent (files are
+    whole or named .partial / .tmp)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.polling = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
+        if not self.polling:
+            raise KeyboardInterrupt(self.received)
+
+    def stop_requested(self) -> bool:
+        return self.received is not None
+
+    @contextmanager
+    def installed(self) -> Iterator[Signals]:
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    @contextmanager
+    def poll(self) -> Iterator[None]:
+        self.polling = True
+        try:
+            yield
+        finally:
+            self.polling = False
+
+
+# -- one run (one sweep point) ---------------------------------------------------------------
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    code = run_point(cfg)
+    if code == 130 and _in_sweep():  # a signal stops the sweep, not only its point
+        where = HydraConfig.get().sweep.dir
+        print(f"interrupted: the finished points are in {where}; resume with the same "
+              f"command and hydra.sweep.dir={where} +resume=true, or rebuild its report "
+              f"with python -m reports {where}", file=sys.stderr)
+    if code and (code == 130 or not _in_sweep()):  # a failed point: the sweep goes on
+        sys.exit(code)
+
+
+def run_point(cfg: DictConfig) -> int:
     out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("resume") and _finished(out):
+        print(f"[kept] {out}")
+        return 0
     base = {"mode": cfg.mode, "config": _config_summary(cfg), "sim": None, "real": None,
             "error": None, "error_type": None}
-    steps = StepsWriter(out)  # step records stream here as they come
-    try:
-        summary, records = run_mode(cfg, steps)
-    except KeyboardInterrupt:
-        _record(out, {**base, "status": "interrupted", "error": "interrupted (Ctrl-C)"}, {},
-                steps)
-        where = Path(HydraConfig.get().sweep.dir) if _in_sweep() else out
-        print(f"interrupted: what was finished is in {where}"
-              + (f"; rebuild the sweep report with python -m reports {where}"
-                 if _in_sweep() else ""), file=sys.stderr)
-        raise
-    except Exception as err:  # recorded, never lost; a sweep goes on
-        _record(out, _failed(base, err), {}, steps)
-        if not _in_sweep():
-            raise
-        return
+    write_summary(out, {**base, "status": "running"})
+    steps, signals = StepsWriter(out), Signals()
+    with signals.installed():
+        try:
+            summary, records = run_mode(cfg, steps, signals)
+        except KeyboardInterrupt:
+            summary, records = _interrupted(signals.received or "SIGINT"), {}
+        except Exception as err:
+            return _failure(cfg, out, base, err, steps)
     _record(out, {**base, **summary}, records, steps)
+    return 130 if summary["status"] == "interrupted" else 0
 
 
-def run_mode(cfg: DictConfig, steps: StepsWriter) -> tuple[dict[str, Any], Records]:
-    if cfg.mode not in RUN_MODES:
-        raise ValueError(f"mode={cfg.mode!r} is invalid: must be one of {', '.join(RUN_MODES)}")
+def _failure(cfg: DictConfig, out: Path, base: dict[str, Any], err: Exception,
+             steps: StepsWriter) -> int:
+    """Recorded (a small summary, no page) and said in one line; the traceback is in
+    summary.json, and printed with --debug."""
+    expected = isinstance(err, EXPECTED)
+    write_run(out, _failed(base, err, expected), None, steps)
+    print(f"error: {err}" if expected else f"failed: {type(err).__name__}: {err} "
+          f"(traceback in {out / SUMMARY})", file=sys.stderr)
+    if _debug():
+        traceback.print_exception(err)
+    return 2 if expected else 1
+
+
+def _interrupted(name: str) -> dict[str, Any]:
+    return {"status": "interrupted", "error": f"interrupted ({name})",
+            "error_type": "Interrupted"}
+
+
+def run_mode(cfg: DictConfig, steps: StepsWriter,
+             signals: Signals) -> tuple[dict[str, Any], Records]:
+    if cfg.mode not in (*MODES, "bench"):
+        raise ValueError(f"mode={cfg.mode!r} is invalid: must be one of "
+                         f"{', '.join((*MODES, 'bench'))}")
     if cfg.fail_point:
         raise RuntimeError("fail_point=true: this point fails on purpose")
-    if cfg.mode == "calibrate":
-        return _calibrate(cfg), {}
-    if cfg.mode == "bench":
-        return _bench(cfg), {}
-    if cfg.mode == "serve":
-        return _serve(cfg)
-    requests_and_setup = _prepare(cfg)
+    if cfg.mode in MODE_RUNNERS:
+        return MODE_RUNNERS[cfg.mode](cfg)
+    setup, requests = prepare(cfg)
     summary: dict[str, Any] = {"status": "ok"}
     records: Records = {}
     if cfg.mode in ("sim", "both"):
-        _run_sim(cfg, requests_and_setup, summary, records, steps)
-    if cfg.mode in ("real", "both"):
+        _run_sim(cfg, setup, requests, summary, records, steps, signals)
+    if cfg.mode in ("real", "both") and summary["status"] == "ok":
         run_real = _run_http if _target(cfg) == "http" else _run_real
-        run_real(cfg, requests_and_setup, summary, records)
+        run_real(cfg, setup, requests, summary, records)
     return summary, records
 
 
-def _prepare(cfg: DictConfig) -> tuple[Any, list[Any]]:
-    from sim.twin import setup_twin
+def prepare(cfg: DictConfig) -> tuple[Any, Any]:
+    """The twin's setup (model, hardware, engine config, predictor) and the requests."""
     from workloads.trace_requests import model_requests
 
-    setup = setup_twin(_entry(cfg.model), _entry(cfg.hardware), engine_config(cfg),
-                       cfg.predictor, keys=(_choice("model"), _choice("hardware")))
-    trace = load_workload(cfg)
-    return setup, model_requests(trace, setup.model.vocab_size)
+    setup = _setup(cfg)
+    return setup, model_requests(load_workload(cfg), setup.model.vocab_size)
 
 
-def _run_sim(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
-             records: Records, writer: StepsWriter) -> None:
-    """The twin's steps stream to the run folder as they are made, and into their
-    metrics; the requests come at the end."""
-    from reports.metrics import StepStats, twin_metrics
-    from sim.twin import simulate
+def _run_sim(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
+             records: Records, steps: StepsWriter, signals: Signals) -> None:
+    from reports.twin_run import run_twin
 
-    setup, requests = prepared
-    stats = StepStats()
-
-    def on_steps(chunk: Any) -> None:
-        stats.add(chunk)
-        writer.add(chunk, "sim")
-
-    with _progress(cfg, len(requests), "simulate") as bar:
-        run = simulate(setup, requests, skip=cfg.skip, on_steps=on_steps,
-                       on_progress=lambda n: bar.update(n - bar.n))
-    summary["sim"] = run.summary(twin_metrics(run, stats))
-    if not setup.memory.starts:
+    with _progress(cfg, len(requests), "simulate") as bar, signals.poll():
+        side = run_twin(setup, requests, steps, skip=cfg.skip, slo=_entry(cfg.slo),
+                        on_progress=lambda n: bar.update(n - bar.n),
+                        should_stop=signals.stop_requested)
+    summary["sim"] = side.summary
+    if side.requests is None:
         summary.update(status="cannot_start", error=setup.memory.error,
                        error_type=setup.memory.error_type)
         return
-    records["sim"] = (run.requests, None)
+    records["sim"] = (side.requests, None)
+    if side.stopped is not None:
+        where = side.stopped
+        summary.update(_interrupted(signals.received or "stop"))
+        summary["error"] += (f" at simulated {where['sim_time_s']:.1f} s, {where['arrived']} "
+                             f"of {where['requests']} requests arrived")
 
 
-def _run_real(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
+def _run_real(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
               records: Records) -> None:
+    from engine.runtime.replay import replay_run
     from reports.metrics import summarize
 
-    setup, requests = prepared
     config = engine_config(cfg)
     check_real_engine(setup, config)
     run = _fresh_process if _on_cuda(config) else _same_process
     try:
-        reqs, steps, info = run(replay_side, setup.model, config, requests, cfg.model.path,
-                                cfg.progress)
+        reqs, steps, info = run(replay_run, setup.model, config, list(requests),
+                                cfg.model.path, cfg.progress)
     except StartupError as err:
         summary.update(status="cannot_start", error=str(err), error_type=type(err).__name__)
         return
-    metrics = summarize(reqs, steps, num_blocks=info["memory"]["num_blocks"])
+    limits = {f"slo_{k}": v for k, v in _entry(cfg.slo).items()}
+    metrics = summarize(reqs, steps, num_blocks=info["memory"]["num_blocks"], **limits)
     summary["real"] = {**info, "metrics": metrics}
     records["real"] = (reqs, steps)
 
@@ -151,50 +220,17 @@ def _target(cfg: DictConfig) -> str:
     return cfg.target
 
 
-def _run_http(cfg: DictConfig, prepared: tuple[Any, list[Any]], summary: dict[str, Any],
+def _run_http(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
               records: Records) -> None:
     """The trace replayed over HTTP against cfg.endpoint (any OpenAI-compatible server)."""
     from reports.http.side import http_side
 
-    info, result = http_side(cfg.endpoint, prepared[1], model=cfg.served_model,
+    info, result = http_side(cfg.endpoint, list(requests), model=cfg.served_model,
                              progress=cfg.progress, slo=_entry(cfg.slo))
     summary["real"] = info
     records["real"] = (result.requests, result.steps)
     if result.interrupted:
-        summary.update(status="interrupted", error="interrupted (Ctrl-C)")
-
-
-def _serve(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
-    """Serve the composed model and engine over HTTP until Ctrl-C; records what it served."""
-    from engine.core.catalog import model_from_dict
-    from engine.runtime.serve import ServeOptions, serve
-    from reports.metrics import requests_frame, steps_frame, summarize
-
-    model = cfg.model.path or model_from_dict(_entry(cfg.model))
-    got = serve(model, engine_config(cfg), ServeOptions(**_entry(cfg.serve)),
-                name=_choice("model"))
-    reqs, steps = requests_frame(got["requests"]), steps_frame(got["steps"])
-    metrics = summarize(reqs, steps, num_blocks=got["num_blocks"])
-    real = {"source": "serve", "memory": got["memory"], "metrics": metrics}
-    return {"status": "ok", "real": real}, {"real": (reqs, steps)}
-
-
-def replay_side(model: Any, config: EngineConfig, requests: list[Any], path: str | None,
-                progress: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """Build the engine and replay the trace on the wall clock (torch lives only here)."""
-    from tqdm.auto import tqdm
-
-    from engine.runtime.llm import LLMEngine
-    from engine.runtime.replay import records_frames, replay
-
-    engine = LLMEngine(path or model, config)
-    with tqdm(total=len(requests), desc="replay", unit="req", disable=not progress) as bar:
-        result = replay(engine, requests, on_progress=lambda done, _: bar.update(done - bar.n))
-    reqs, steps = records_frames(result)
-    info = {"memory": result.memory, "device": {"name": result.device},
-            "torch": result.torch_version, "attention_backend": result.attention_backend,
-            "record_overhead": result.record_overhead, "wall_s": result.wall_s}
-    return reqs, steps, info
+        summary.update(_interrupted("SIGINT"))
 
 
 def check_real_engine(setup: Any, config: EngineConfig) -> None:
@@ -270,22 +306,42 @@ def _cuda_fork_error(err: BaseException) -> bool:
 # -- end of the start-method block ---------------------------------------------------------
 
 
-def _calibrate(cfg: DictConfig) -> dict[str, Any]:
+# -- the other modes ------------------------------------------------------------------------
+
+def _serve(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
+    """Serve the composed model and engine over HTTP until Ctrl-C; records what it served."""
+    from engine.core.catalog import model_from_dict
+    from engine.runtime.serve import ServeOptions, serve
+    from reports.metrics import requests_frame, steps_frame, summarize
+
+    model = cfg.model.path or model_from_dict(_entry(cfg.model))
+    got = serve(model, engine_config(cfg), ServeOptions(**_entry(cfg.serve)),
+                name=_choices(cfg).get("model"))
+    reqs, steps = requests_frame(got["requests"]), steps_frame(got["steps"])
+    metrics = summarize(reqs, steps, num_blocks=got["num_blocks"])
+    real = {"source": "serve", "memory": got["memory"], "metrics": metrics}
+    return {"status": "ok", "real": real}, {"real": (reqs, steps)}
+
+
+def _calibrate(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
     from engine.tools.calibrate import calibrate
 
-    command = "python run.py mode=calibrate " + " ".join(HydraConfig.get().overrides.task)
-    source = cfg.model.path or _choice("model") or _entry(cfg.model)["name"]
-    profile = calibrate(source, engine_config(cfg), hardware=_choice("hardware"),
+    choices = _choices(cfg)
+    command = "python run.py mode=calibrate " + " ".join(_overrides(cfg))
+    source = cfg.model.path or choices.get("model") or _entry(cfg.model)["name"]
+    profile = calibrate(source, engine_config(cfg), hardware=choices.get("hardware"),
                         command=command)
     path = profile.save()
     print(f"calibration profile: {path}; held-out error {profile.fit['holdout']}")
-    return {"status": "ok", "calibration": {"profile": str(path), "steps": len(profile.seconds),
-                                            "holdout": profile.fit["holdout"],
-                                            "wall_s": profile.meta.get("calibration_wall_s")}}
+    return {"status": "ok", "calibration": {
+        "profile": str(path), "steps": len(profile.seconds),
+        "holdout": profile.fit["holdout"],
+        "wall_s": profile.meta.get("calibration_wall_s")}}, {}
 
 
-def _bench(cfg: DictConfig) -> dict[str, Any]:
-    """engine.tools.bench on this run's model, engine and workload; bench.json in the run folder."""
+def _bench(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
+    """engine.tools.bench on this run's model, engine and workload; bench.json in the run
+    folder."""
     from engine.tools import bench
 
     model = _bench_model(cfg)
@@ -295,12 +351,12 @@ def _bench(cfg: DictConfig) -> dict[str, Any]:
     source = {"path": cfg.workload.path} if cfg.workload.path else \
         {"preset": cfg.workload.name, "params": trace.meta["preset"]["params"]}
     workload = bench.workload_from_trace(trace, model.config.vocab_size, None, source)
-    command = "python run.py " + " ".join(HydraConfig.get().overrides.task)
+    command = "python run.py " + " ".join(_overrides(cfg))
     result = bench.run_bench(model, config, workload, options, command=command)
     path = bench.save_result(result, Path(HydraConfig.get().runtime.output_dir) / BENCH_FILE)
     print(bench.format_report(result))
     return {"status": "ok", "bench": {"path": str(path), "kvtwin": _bench_numbers(result),
-                                      "ratios": result["ratios"]}}
+                                      "ratios": result["ratios"]}}, {}
 
 
 def _bench_model(cfg: DictConfig) -> Any:
@@ -309,7 +365,8 @@ def _bench_model(cfg: DictConfig) -> Any:
 
     if cfg.model.path:
         return resolve_model(cfg.model.path)
-    return BenchModel(model_from_dict(_entry(cfg.model)), None, _choice("model") or "model")
+    return BenchModel(model_from_dict(_entry(cfg.model)), None,
+                      _choices(cfg).get("model") or "model")
 
 
 def _bench_numbers(result: dict[str, Any]) -> dict[str, Any]:
@@ -318,11 +375,16 @@ def _bench_numbers(result: dict[str, Any]) -> dict[str, Any]:
                                  "num_steps", "attention_backend", "cuda_graphs")}
 
 
+MODE_RUNNERS = {"serve": _serve, "calibrate": _calibrate, "bench": _bench}
+
+
+# -- configuration ---------------------------------------------------------------------------
+
 def engine_config(cfg: DictConfig) -> EngineConfig:
     return EngineConfig.from_kwargs(**OmegaConf.to_container(cfg.engine, resolve=True))
 
 
-def load_workload(cfg: DictConfig):
+def load_workload(cfg: DictConfig) -> Any:
     from workloads import make_preset, read_trace
 
     w = cfg.workload
@@ -331,28 +393,166 @@ def load_workload(cfg: DictConfig):
     return make_preset(w.name, **OmegaConf.to_container(w.params, resolve=True))
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """run.py's configuration for `overrides`, without a run (the module front ends)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
 def _entry(node: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def _choice(group: str) -> str | None:
-    return HydraConfig.get().runtime.choices.get(group)
+def _choices(cfg: DictConfig) -> dict[str, str]:
+    """Which file of each config group was chosen (model, hardware, ...)."""
+    if HydraConfig.initialized():
+        return dict(HydraConfig.get().runtime.choices)
+    return dict(cfg.hydra.runtime.choices) if "hydra" in cfg else {}
+
+
+def _overrides(cfg: DictConfig) -> list[str]:
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return list(cfg.hydra.overrides.task) if "hydra" in cfg else []
 
 
 def _in_sweep() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _debug() -> bool:
+    """--debug (or Hydra's HYDRA_FULL_ERROR=1): print tracebacks."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+# -- the module front ends ----------------------------------------------------------------------
+
+def sim_main(argv: list[str] | None = None) -> int:
+    """`python -m sim [simulate | capacity] [--json] [--vllm-log FILE] [OVERRIDE ...]`: the
+    twin in the terminal, configured by run.py's Hydra overrides; no run folder."""
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("simulate", "capacity") else "simulate"
+    parser = argparse.ArgumentParser(prog="python -m sim", description=sim_main.__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--vllm-log", type=Path, help="capacity: a vLLM server's start-up "
+                        "log, its measured memory terms for the what-if")
+    parser.add_argument("--mean-len", type=float, help="capacity: mean request length")
+    args, overrides = parser.parse_known_args(argv)
+    args.command = command
+    try:
+        cfg = compose_config(overrides)
+        return _sim_command(args, cfg)
+    except Exception as err:  # composition errors, bad values, missing files
+        print("error: " + "; ".join(str(err).splitlines()), file=sys.stderr)
+        if _debug():
+            traceback.print_exception(err)
+        return 2
+
+
 def _config_summary(cfg: DictConfig) -> dict[str, Any]:
-    return {"model": _choice("model"), "hardware": _choice("hardware"),
+    choices = _choices(cfg)
+    return {"model": choices.get("model"), "hardware": choices.get("hardware"),
             "predictor": cfg.predictor, "engine": _entry(cfg.engine),
-            "workload": _entry(cfg.workload), "overrides": list(HydraConfig.get().overrides.task)}
+            "workload": _entry(cfg.workload), "overrides": _overrides(cfg)}
 
 
-def _failed(base: dict[str, Any], err: BaseException) -> dict[str, Any]:
-    return {**base, "status": "failed", "error": f"{type(err).__name__}: {err}",
-            "error_type": type(err).__name__, "traceback": traceback.format_exc()}
+def _failed(base: dict[str, Any], err: BaseException, expected: bool) -> dict[str, Any]:
+    return {**base, "status": "failed", "error": str(err) if expected else
+            f"{type(err).__name__}: {err}", "error_type": type(err).__name__,
+            "traceback": "".join(traceback.format_exception(err))}
 
+
+def _finished(out: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((out / SUMMARY).read_text()).get("status") in FINAL
+    except (OSError, ValueError):
+        return False
+
+
+def _sim_command(args: Any, cfg: DictConfig) -> int:
+    import json
+
+    from sim.capacity import format_plan, plan_capacity
+
+    if args.command == "capacity" and args.vllm_log:
+        return _capacity_from_log(args, cfg)
+    if args.command == "capacity":
+        setup = _setup(cfg)
+        plan = plan_capacity(setup.model, setup.hardware, setup.config, setup.profile,
+                             args.mean_len, setup.memory)
+        print(json.dumps(plan.to_dict(), indent=1) if args.json else
+              format_plan(plan, setup.memory))
+        return 0 if plan.starts else 1
+    return _simulate_here(args, cfg)
+
+
+def _simulate_here(args: Any, cfg: DictConfig) -> int:
+    import json
+    import time
+
+    from reports.console import format_metrics
+    from reports.metrics import twin_metrics
+    from sim.capacity import format_plan
+    from sim.twin import simulate
+
+    setup, requests = prepare(cfg)
+    start = time.perf_counter()
+    run = simulate(setup, requests, skip=cfg.skip)
+    wall = time.perf_counter() - start
+    metrics = twin_metrics(run)
+    if args.json:
+        print(json.dumps(run.summary(metrics), indent=1))
+        return 0
+    simulated = float(run.steps["end_s"].max()) if len(run.steps) else 0.0
+    print(format_plan(run.capacity, setup.memory))
+    print(format_metrics(metrics, setup.predictor, simulated, wall))
+    return 0
+
+
+def _capacity_from_log(args: Any, cfg: DictConfig) -> int:
+    """The what-if from a vLLM server's start-up log: its measured terms, this config's
+    settings where the overrides give them, the log's settings elsewhere."""
+    import json
+
+    from sim.capacity import format_plan, plan_capacity
+    from sim.vllm_log import format_log_terms, log_config, parse_vllm_log, vllm_what_if
+
+    setup = _setup(cfg)
+    log = parse_vllm_log(args.vllm_log.read_text(errors="replace"))
+    given = {o.split("=")[0].removeprefix("engine.") for o in _overrides(cfg)
+             if o.startswith("engine.")}
+    own = log_config(log, setup.config, set())  # the settings the server ran with
+    config = log_config(log, setup.config, given).validate(setup.model)
+    memory = vllm_what_if(log, setup.model, setup.hardware, config)
+    reproduced = vllm_what_if(log, setup.model, setup.hardware, own).num_blocks
+    plan = plan_capacity(setup.model, setup.hardware, config, None, args.mean_len, memory)
+    if args.json:
+        print(json.dumps({"log": log.to_dict(), "memory": memory.to_dict(),
+                          "plan": plan.to_dict()}, indent=1))
+        return 0 if plan.starts else 1
+    logged = "-" if log.kv_cache_tokens is None else f"{log.kv_cache_tokens:,}"
+    print(format_log_terms(log))
+    print(f"  kvtwin on these terms at the log's own settings: "
+          f"{reproduced * own.block_size:,} KV tokens (the log: {logged})")
+    print(format_plan(plan, memory))
+    return 0 if plan.starts else 1
+
+
+def _setup(cfg: DictConfig) -> Any:
+    from sim.twin import setup_twin
+
+    choices = _choices(cfg)
+    return setup_twin(_entry(cfg.model), _entry(cfg.hardware), engine_config(cfg),
+                      cfg.predictor, keys=(choices.get("model"), choices.get("hardware")))
+
+
+# -- writing the folder -----------------------------------------------------------------------
 
 def _record(out: Path, summary: dict[str, Any], records: Records,
             steps: StepsWriter | None = None) -> None:
@@ -367,13 +567,18 @@ def _record(out: Path, summary: dict[str, Any], records: Records,
         print(f"report page not written: {err}", file=sys.stderr)
         page = out
     print(f"[{summary['status']}] {page}")
+    if summary.get("error"):
+        print(f"  {summary['error']}")
 
 
-def _progress(cfg: DictConfig, total: int, desc: str):
+def _progress(cfg: DictConfig, total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="req", disable=not cfg.progress, leave=False)
 
 
 if __name__ == "__main__":
+    if "--debug" in sys.argv:  # Hydra's own flag for a full traceback, under kvtwin's name
+        sys.argv.remove("--debug")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     main()

@@ -18,8 +18,9 @@ summary.json:
 from __future__ import annotations
 
 import json
+import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -66,10 +67,12 @@ def versions() -> dict[str, str | None]:
 
 class StepsWriter:
     """steps.parquet written as step records come, chunk by chunk and source by source, so
-    a long run never holds all its steps; a file of its own until `close`."""
+    a long run never holds all its steps. It is `steps.parquet.partial` until `close`
+    renames it: a folder never holds a steps.parquet that is not whole."""
 
     def __init__(self, path: Path):
         self.path = Path(path) / STEPS
+        self.partial = self.path.with_name(STEPS + ".partial")
         self._writer: pq.ParquetWriter | None = None
         self._empty: pd.DataFrame | None = None  # written if no step ever comes
         self.rows = 0
@@ -81,7 +84,7 @@ class StepsWriter:
         table = pa.Table.from_pandas(steps.assign(source=source), preserve_index=False)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.path, table.schema)
+            self._writer = pq.ParquetWriter(self.partial, table.schema)
         self._writer.write_table(table.cast(self._writer.schema))
         self.rows += len(steps)
 
@@ -89,8 +92,23 @@ class StepsWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            os.replace(self.partial, self.path)
         elif self._empty is not None:
-            self._empty.to_parquet(self.path, index=False)
+            write_atomic(self.path, lambda tmp: self._empty.to_parquet(tmp, index=False))
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` through a temporary file and a rename: it is whole or absent."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """summary.json, whole or not at all (a run's folder is read while it runs)."""
+    path.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(summary, indent=1, default=_jsonable) + "\n"
+    write_atomic(path / SUMMARY, lambda tmp: tmp.write_text(text))
 
 
 def write_run(path: Path, summary: dict[str, Any],
@@ -99,16 +117,16 @@ def write_run(path: Path, summary: dict[str, Any],
     """Write summary.json and, per source, the request and step records; a source's steps
     are None where they were streamed to `steps` already."""
     path.mkdir(parents=True, exist_ok=True)
-    summary = {**summary, "versions": summary.get("versions") or versions()}
-    (path / SUMMARY).write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
     writer = steps or StepsWriter(path)
     if records:
-        reqs = [df.assign(source=src) for src, (df, _) in records.items()]
-        pd.concat(reqs, ignore_index=True).to_parquet(path / REQUESTS, index=False)
+        reqs = pd.concat([df.assign(source=src) for src, (df, _) in records.items()],
+                         ignore_index=True)
+        write_atomic(path / REQUESTS, lambda tmp: reqs.to_parquet(tmp, index=False))
         for src, (_, frame) in records.items():
             if frame is not None:
                 writer.add(frame, src)
     writer.close()
+    write_summary(path, {**summary, "versions": summary.get("versions") or versions()})
     return path
 
 

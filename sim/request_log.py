@@ -46,7 +46,8 @@ class RequestLog:
         c["rejected"][row] = True
         self.ended[row] = True
 
-    def to_frame(self) -> pd.DataFrame:
-        """The RequestRecord columns (engine.core.records), in order."""
+    def to_frame(self, rows: int | None = None) -> pd.DataFrame:
+        """The RequestRecord columns (engine.core.records), in order; the first `rows` only
+        when given (a stopped run's arrived requests)."""
         c = self.columns
-        return pd.DataFrame({name: c[name] for name in REQUEST_FIELDS})
+        return pd.DataFrame({name: c[name][:rows] for name in REQUEST_FIELDS})

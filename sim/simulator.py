@@ -67,6 +67,10 @@ class SimResult:
     steps: StepLog
     scheduler: Scheduler
     stats: dict[str, int] = field(default_factory=dict)
+    # Where a run asked to stop did (None: it ran to the end): the simulated time and how
+    # many requests had arrived; `requests` then holds the arrived ones, unfinished ones
+    # without finish times.
+    stopped: dict[str, float] | None = None
 
 
 class Simulator:
@@ -74,7 +78,8 @@ class Simulator:
                  eos_token_ids: frozenset[int] = frozenset(), skip: bool = True,
                  token_fn: TokenFn = fake_tokens,
                  on_progress: Callable[[int], None] | None = None,
-                 on_steps: ChunkFn | None = None):
+                 on_steps: ChunkFn | None = None,
+                 should_stop: Callable[[], bool] | None = None):
         self.config = config
         self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
         self.step_time = step_time
@@ -84,6 +89,7 @@ class Simulator:
         self.env = simpy.Environment()
         self.clock = 0.0  # authoritative time; SimPy's clock follows it
         self.steps = StepLog(on_steps)  # streams its steps to on_steps when given
+        self.should_stop = should_stop or (lambda: False)  # checked between steps
         self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0, "decode_runs": 0}
 
     def run(self, requests: RequestTable | Iterable[Request]) -> SimResult:
@@ -106,8 +112,11 @@ class Simulator:
             self.env.process(self._arrivals())
             done = self.env.process(self._engine())
             self.env.run(until=done)
-        assert self.log.ended.all(), "a request never finished"
         self.steps.flush()
+        if done.value is not None:  # stopped: what has arrived so far
+            return SimResult(self.log.to_frame(rows=self.cursor), self.steps, self.scheduler,
+                             dict(self.stats), done.value)
+        assert self.log.ended.all(), "a request never finished"
         return SimResult(self.log.to_frame(), self.steps, self.scheduler, dict(self.stats))
 
     def _sequence(self, position: int) -> Sequence:
@@ -137,7 +146,12 @@ class Simulator:
                 self.wake.succeed()
 
     def _engine(self) -> Iterator[simpy.Event]:
+        """Steps until every request has finished (returns None), or until asked to stop
+        between two steps (returns where)."""
         while True:
+            if self.should_stop():
+                return {"sim_time_s": self.clock, "arrived": self.cursor,
+                        "requests": len(self.arrivals)}
             self.admit_arrivals(self.clock)
             if not self.scheduler.has_unfinished():
                 if self.cursor == len(self.arrivals):

@@ -46,13 +46,15 @@ class TwinSetup:
 
 @dataclass
 class TwinRun:
-    """The records of a simulated run: `steps` is None when they were streamed (on_steps)."""
+    """The records of a simulated run: `steps` is None when they were streamed (on_steps);
+    `stopped` says where a run asked to stop (should_stop) did."""
 
     setup: TwinSetup
     capacity: CapacityPlan
     requests: pd.DataFrame
     steps: pd.DataFrame | None
     stats: dict[str, int] = field(default_factory=dict)
+    stopped: dict[str, float] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -122,10 +124,12 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
 
 def simulate(setup: TwinSetup, requests: RequestTable | Iterable[Request], skip: bool = True,
              on_progress: Callable[[int], None] | None = None,
-             on_steps: ChunkFn | None = None) -> TwinRun:
+             on_steps: ChunkFn | None = None,
+             should_stop: Callable[[], bool] | None = None) -> TwinRun:
     """Simulate `requests`; a configuration that cannot start gives a run with no records.
     With `on_steps`, the step records stream to it in chunks (a run of any length holds one
-    chunk of them at most) and the run's `steps` is None."""
+    chunk of them at most) and the run's `steps` is None. `should_stop` is asked between
+    steps: once it says so, the run ends there with the records made so far."""
     cfg, memory = setup.config, setup.memory
     requests = as_table(requests)
     capacity = plan_capacity(setup.model, setup.hardware, cfg, setup.profile,
@@ -134,8 +138,9 @@ def simulate(setup: TwinSetup, requests: RequestTable | Iterable[Request], skip:
         empty = RequestLog([], np.zeros(0), np.zeros(0, dtype=np.int64)).to_frame()
         return TwinRun(setup, capacity, empty, None if on_steps else StepLog().to_frame())
     sim = Simulator(cfg, memory.num_blocks, setup.step_time, setup.model.eos_token_ids(),
-                    skip=skip, on_progress=on_progress, on_steps=on_steps)
+                    skip=skip, on_progress=on_progress, on_steps=on_steps,
+                    should_stop=should_stop)
     with gc_paused():  # a full collection would walk every live prompt token
         result = sim.run(requests)
         steps = None if on_steps else result.steps.to_frame()
-    return TwinRun(setup, capacity, result.requests, steps, result.stats)
+    return TwinRun(setup, capacity, result.requests, steps, result.stats, result.stopped)

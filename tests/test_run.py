@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -135,11 +136,12 @@ def test_real_side_runs_in_a_fresh_process() -> None:
     from engine.core.catalog import load_model
     from engine.core.config import EngineConfig
     from engine.core.request import Request
+    from engine.runtime.replay import replay_run
 
     requests = [Request(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
     config = EngineConfig(dtype="float32", device="cpu", max_model_len=256,
                           cpu_memory_gib=0.05)
-    reqs, steps, info = run._fresh_process(run.replay_side, load_model("tiny_qwen3"), config,
+    reqs, steps, info = run._fresh_process(replay_run, load_model("tiny_qwen3"), config,
                                            requests, None, False)
     assert len(reqs) == 3 and (reqs["output_len"] == 4).all() and len(steps) > 0
     assert info["memory"]["num_blocks"] > 0
@@ -176,7 +178,8 @@ def test_bench_mode_names_an_unknown_bench_option(tmp_path: Path) -> None:
     assert result.returncode != 0 and "bench.peer='generate' is invalid" in result.stderr
 
 
-def test_ctrl_c_keeps_the_run_folder_and_says_where(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_keeps_what_was_simulated_and_says_where(tmp_path: Path, signum: str) -> None:
     import signal
     import time
 
@@ -186,12 +189,17 @@ def test_ctrl_c_keeps_the_run_folder_and_says_where(tmp_path: Path) -> None:
          f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / ".hydra").exists() and time.time() < deadline:
+    while not (tmp_path / "summary.json").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(3.0)  # inside the hour-long simulation by now (single-stepped: tens of seconds)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert f"interrupted: what was finished is in {tmp_path}" in err
+    proc.send_signal(getattr(signal, signum))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "interrupted"
+    assert summary["status"] == "interrupted" and signum in summary["error"]
+    stopped = summary["sim"]["stopped"]
+    assert 0 < stopped["arrived"] < stopped["requests"] and "at simulated" in out
+    requests = pd.read_parquet(tmp_path / "requests.parquet")
+    assert len(requests) == stopped["arrived"] and requests["finish_s"].notna().any()
+    assert len(pd.read_parquet(tmp_path / "steps.parquet")) > 0
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.tmp"))

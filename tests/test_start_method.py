@@ -9,6 +9,7 @@ import run
 from engine.core.catalog import load_model
 from engine.core.config import EngineConfig
 from engine.core.request import Request
+from engine.runtime.replay import replay_run
 
 REQUESTS = [Request(i, 0.01 * i, list(range(5 + i, 40 + i)), 4) for i in range(3)]
 CONFIG = EngineConfig(dtype="float32", device="cpu", max_model_len=256, cpu_memory_gib=0.05)
@@ -16,7 +17,7 @@ CONFIG = EngineConfig(dtype="float32", device="cpu", max_model_len=256, cpu_memo
 
 def test_forkserver_point_replays_like_a_spawned_one(monkeypatch) -> None:
     monkeypatch.setitem(run._START, "method", "forkserver")
-    reqs, steps, info = run._fresh_process(run.replay_side, load_model("tiny_qwen3"), CONFIG,
+    reqs, steps, info = run._fresh_process(replay_run, load_model("tiny_qwen3"), CONFIG,
                                            REQUESTS, None, False)
     assert len(reqs) == 3 and (reqs["output_len"] == 4).all() and len(steps) > 0
     assert info["memory"]["num_blocks"] > 0

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from engine.core.config import EngineConfig
 from engine.core.records import RequestRecord, StepRecord
 from engine.core.request import Request
 from engine.core.sequence import SamplingParams, Sequence
@@ -193,3 +194,33 @@ def records_frames(result: ReplayResult) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _frame(rows: list[Any], cls: type) -> pd.DataFrame:
     columns = [f.name for f in fields(cls)]
     return pd.DataFrame([r.to_dict() for r in rows], columns=columns)
+
+
+def replay_run(model: Any, config: EngineConfig, requests: list[Request], path: str | None,
+               progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Build the engine and replay the trace on the wall clock: (requests, steps, what the
+    summary's `real` side records). On the CPU, torch's intra-op threads are set to one
+    per replay: a tiny model's steps are too small for threads to pay, and their start-up
+    jitter would be measured as step time (a 40x slower TPOT on 2 cores)."""
+    from tqdm.auto import tqdm
+
+    threads = _cpu_threads(config)
+    engine = LLMEngine(path or model, config)
+    with tqdm(total=len(requests), desc="replay", unit="req", disable=not progress) as bar:
+        result = replay(engine, requests, on_progress=lambda done, _: bar.update(done - bar.n))
+    reqs, steps = records_frames(result)
+    info = {"memory": result.memory, "device": {"name": result.device},
+            "torch": result.torch_version, "attention_backend": result.attention_backend,
+            "record_overhead": result.record_overhead, "wall_s": result.wall_s,
+            "torch_threads": threads}
+    return reqs, steps, info
+
+
+CPU_REPLAY_THREADS = 1
+
+
+def _cpu_threads(config: EngineConfig) -> int:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        return torch.get_num_threads()
+    torch.set_num_threads(CPU_REPLAY_THREADS)
+    return CPU_REPLAY_THREADS

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 
 from engine.core.config import EngineConfig
 from engine.core.memory import MaxModelLenTooLargeError, NoCacheMemoryError
 from reports.metrics import twin_metrics
-from sim.cli import main as sim_main
+from run import sim_main
 from sim.twin import setup_twin, simulate
 from workloads import make_preset
 from workloads.trace_requests import model_requests
@@ -112,13 +111,13 @@ def test_request_that_cannot_fit_is_rejected_and_recorded() -> None:
 
 
 def test_cli_simulate_and_capacity(capsys, tmp_path) -> None:
-    assert sim_main(["--workload", "poisson_chat", "--workload-set", "n=50",
-                     "--set", "block_size=32", "--out", str(tmp_path)]) == 0
+    assert sim_main(["workload=poisson_chat", "workload.params.n=50",
+                     "engine.block_size=32"]) == 0
     printed = capsys.readouterr().out
     assert "KV blocks" in printed and "TTFT" in printed and "x real time" in printed
-    assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 50
-    assert sim_main(["capacity", "--model", "mistral_7b_v0_3", "--hardware", "l4_24gb",
-                     "--set", "gpu_memory_utilization=0.5"]) == 1
+    assert "50 completed" in printed
+    assert sim_main(["capacity", "model=mistral_7b_v0_3", "hardware=l4_24gb",
+                     "engine.gpu_memory_utilization=0.5"]) == 1
     assert "No available memory" in capsys.readouterr().out
-    assert sim_main(["--set", "block_size=24"]) == 2
-    assert "block_size=24 is invalid: must be a power of two" in capsys.readouterr().out
+    assert sim_main(["engine.block_size=24"]) == 2
+    assert "block_size=24 is invalid: must be a power of two" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 from engine.core.catalog import load_hardware, load_model
 from engine.core.config import EngineConfig, GiB
 from engine.core.memory import bytes_per_block
-from sim.cli import main
+from run import sim_main
 from sim.vllm_log import log_config, parse_vllm_log, terms_from_vllm_log, vllm_what_if
 
 MODEL = load_model("qwen3_0_6b")
@@ -149,8 +149,8 @@ def test_a_log_without_sizes_is_named() -> None:
 def test_cli_prints_the_terms_and_the_what_if(tmp_path, capsys) -> None:
     path = tmp_path / "server.log"
     path.write_text(V1_0_10)
-    code = main(["capacity", "--vllm-log", str(path), "--model", "qwen3_0_6b",
-                 "--hardware", "h100_80gb", "--set", "block_size=32"])
+    code = sim_main(["capacity", "--vllm-log", str(path), "model=qwen3_0_6b",
+                     "hardware=h100_80gb", "engine.block_size=32"])
     out = capsys.readouterr().out
     assert code == 0
     assert "vLLM start-up log" in out and "0.10.1.1" in out
