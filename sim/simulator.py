@@ -30,7 +30,8 @@ from engine.core.config import EngineConfig
 from engine.core.features import features_of
 from engine.core.records import StepRecord
 from engine.core.request import Request, RequestTable, as_table
-from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from sim.request_log import RequestLog
 from sim.skipping import plan_decode_run

@@ -25,7 +25,7 @@ import numpy as np
 import simpy
 
 from engine.core.features import StepRow, shared_prefix_keys
-from engine.core.scheduler import DecodeHorizon, SchedulerOutput
+from engine.core.scheduler_output import DecodeHorizon, SchedulerOutput
 from engine.core.sequence import Sequence
 from sim.step_log import DecodeRunSteps
 from sim.step_time import DecodeRun

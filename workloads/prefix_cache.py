@@ -1,39 +1,31 @@
-"""How many prompt tokens an (infinite) prefix cache could serve, from the actual token ids.
-
-Mirrors the engine's rules: only full blocks count, a block matches only if its whole prefix
-(every earlier block) matches, and at least one prompt token is always computed. Requests are
-taken in trace (arrival) order with nothing ever evicted, so this is an upper bound on what a
-finite cache under load will hit. Blocks are compared exactly (by content, not by hash).
-"""
+"""How many prompt tokens a prefix cache that never evicts could serve: the engine's own
+BlockManager (engine.core.kv) answers, request after request in trace order, so the rules
+are the engine's (full blocks, chained hashes verified by content, never the whole prompt).
+An upper bound on what a finite cache under load will hit."""
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 
+from engine.core.kv.block_manager import BlockManager
+from engine.core.sequence import Sequence as EngineSequence
 from workloads.errors import check_number
-from workloads.tokens import PromptTokens
+
+UNBOUNDED = 1 << 62  # blocks: the cache never evicts
 
 
-def cacheable_tokens(prompts: PromptTokens, block_size: int) -> np.ndarray:
-    """Per request (int64): prompt tokens a cache holding every earlier request would serve."""
+def cacheable_tokens(prompts: Iterable[Sequence[int]], block_size: int) -> np.ndarray:
+    """Per prompt (int64): the tokens a cache holding every earlier prompt would serve."""
     check_number("block_size", block_size, 1, integer=True)
-    lengths = np.diff(prompts.offsets)
-    full = lengths // block_size
-    hits = np.zeros(lengths.size, dtype=np.int64)
-    parent = np.full(lengths.size, -1, dtype=np.int64)  # chain id of blocks 0..j-1
-    for level in range(int(full.max(initial=0))):
-        rows = np.flatnonzero(full > level)
-        starts = prompts.offsets[rows] + level * block_size
-        blocks = prompts.values[starts[:, None] + np.arange(block_size)]
-        keys = np.concatenate([parent[rows, None].view(np.int32).reshape(rows.size, 2),
-                               blocks], axis=1)
-        _, first, chain = np.unique(_rows_as_void(keys), return_index=True, return_inverse=True)
-        hits[rows] += first[chain] != np.arange(rows.size)
-        parent[rows] = chain
-    never_all = (lengths - 1) // block_size
-    return np.minimum(hits, never_all) * block_size
-
-
-def _rows_as_void(matrix: np.ndarray) -> np.ndarray:
-    matrix = np.ascontiguousarray(matrix, dtype=np.int32)
-    return matrix.view(np.dtype((np.void, matrix.shape[1] * 4))).ravel()
+    cache = BlockManager(UNBOUNDED, block_size)
+    hits = []
+    for prompt in prompts:
+        seq = EngineSequence(array("q", np.asarray(prompt, dtype=np.int64).tobytes()))
+        computed = cache.get_computed_blocks(seq)
+        cache.allocate_slots(seq, seq.num_tokens - len(computed) * block_size, computed)
+        cache.free(seq)  # its blocks stay cached: nothing is ever evicted
+        hits.append(len(computed) * block_size)
+    return np.asarray(hits, dtype=np.int64)

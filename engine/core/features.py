@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from engine.core.scheduler import SchedulerOutput
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import Sequence
 
 FEATURES = ("prefill_tokens", "prefill_attn", "decode_seqs", "decode_ctx", "num_seqs")

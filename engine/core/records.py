@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any
 
-from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import Sequence, SequenceStatus
 
 

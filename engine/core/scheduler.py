@@ -11,71 +11,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from engine.core.config import EngineConfig
 from engine.core.kv.block_manager import BlockManager
+from engine.core.scheduler_output import DecodeHorizon, SchedulerOutput
 from engine.core.sequence import Sequence, SequenceStatus
 
 
 def is_prefilling(seq: Sequence) -> bool:
     return seq.num_output_tokens == 0 or seq.num_uncomputed_tokens > 1
-
-
-@dataclass(slots=True)
-class ScheduledSequence:
-    """`seq` computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)."""
-
-    seq: Sequence
-    num_new_tokens: int
-    num_computed_tokens: int
-    samples: bool  # the step reaches the sequence's last known token, so it samples one
-    is_decode: bool
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    num_batched_tokens: int = 0
-    num_decode_seqs: int = 0
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return self.num_batched_tokens - self.num_decode_seqs
-
-    def add(self, seq: Sequence, num_new_tokens: int, admitted: bool = False) -> None:
-        """An admission is always a prefill, even a one-token recompute after a prefix hit."""
-        tokens, computed = len(seq.token_ids), seq.num_computed_tokens
-        uncomputed = tokens - computed
-        # not is_prefilling(seq), with the counts at hand
-        is_decode = not admitted and num_new_tokens == 1 and uncomputed <= 1 and \
-            tokens > seq.num_prompt_tokens
-        self.scheduled.append(ScheduledSequence(
-            seq, num_new_tokens, computed, num_new_tokens == uncomputed, is_decode))
-        self.num_batched_tokens += num_new_tokens
-        self.num_decode_seqs += is_decode
-
-
-@dataclass(slots=True)
-class DecodeHorizon:
-    """What the running sequences do next if no request arrives: every one decodes a token a
-    step, unchanged, for `num_steps` steps; the last of them finishes a sequence when
-    `finishes`. `steps_to_finish[i]` counts the steps up to the one that finishes `seqs[i]`.
-    `admits`: a request arriving during the horizon would be admitted at the next step (so
-    the batch changes then). `all_blocks_free`: every sequence gets its blocks up to its own
-    finish (the horizons after each finish hold too, while nothing arrives)."""
-
-    seqs: list[Sequence]
-    steps_to_finish: list[int]
-    num_steps: int
-    finishes: bool
-    admits: bool
-    all_blocks_free: bool
 
 
 NextTokens = Callable[[Sequence, int], Iterable[int]]  # (sequence, count) -> its next tokens

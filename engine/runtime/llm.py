@@ -20,7 +20,8 @@ from engine.core.memory import (
     max_concurrency,
 )
 from engine.core.records import RequestRecord, StepRecord
-from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from engine.core.shapes import graph_buckets
 from engine.runtime.lookahead import Lookahead

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from engine.core.records import StepRecord
-from engine.core.scheduler import SchedulerOutput
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import Sequence
 from engine.layers.host import to_device
 from engine.runtime.model_runner import InputFill, LaunchedStep

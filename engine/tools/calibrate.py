@@ -47,7 +47,7 @@ from engine.core.catalog import catalog_key, load_model
 from engine.core.config import EngineConfig, ModelConfig
 from engine.core.features import EXTRA_FEATURES, FEATURES, features_of
 from engine.core.memory import estimate_activation_bytes
-from engine.core.scheduler import SchedulerOutput
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from engine.core.shapes import DecodeSplit, graph_buckets
 from engine.runtime.llm import LLMEngine, ModelSource

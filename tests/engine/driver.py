@@ -11,7 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.core.config import EngineConfig
-from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence, SequenceStatus
 
 

@@ -23,7 +23,8 @@ import tests.engine.reference_block_manager as ref_module
 from engine.core.config import EngineConfig
 from engine.core.kv.block_manager import BlockManager, provisional_content_id
 from engine.core.kv.prefix_cache import PENDING, ROOT
-from engine.core.scheduler import Scheduler, SchedulerOutput, is_prefilling
+from engine.core.scheduler import Scheduler, is_prefilling
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from tests.engine.driver import next_token
 from tests.engine.reference_block_manager import ReferenceBlockManager

@@ -4,7 +4,8 @@ implementation (`ReferenceBlockManager`) on hand-made cases."""
 
 from __future__ import annotations
 
-from engine.core.kv.block_manager import BlockManager, FreeBlockQueue
+from engine.core.kv.block_manager import BlockManager
+from engine.core.kv.free_queue import FreeBlockQueue
 from engine.core.kv.prefix_cache import NO_PARENT, hash_block
 from engine.core.sequence import Sequence
 from tests.engine.reference_block_manager import ReferenceBlockManager

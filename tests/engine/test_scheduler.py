@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from engine.core.config import EngineConfig
-from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.scheduler import Scheduler
+from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence, SequenceStatus
 
 

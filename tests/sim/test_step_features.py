@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.core.features import StepFeatures, decode_run_features, features_of
-from engine.core.scheduler import ScheduledSequence, SchedulerOutput
+from engine.core.scheduler_output import ScheduledSequence, SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from sim.step_terms import compile_term, term_column
 from sim.step_time import CalibratedStepTime, DecodeRun
