@@ -41,7 +41,8 @@ def test_groups_mirror_the_catalog_and_presets() -> None:
 
     assert options("model") == sorted(list_models())
     assert options("hardware") == sorted(list_hardware())
-    assert options("workload") == sorted(PRESETS)
+    # every preset, and the default: a window of the Azure trace committed in the repo
+    assert options("workload") == sorted([*PRESETS, "azure_window"])
 
 
 @pytest.mark.parametrize(("override", "key"), [
@@ -69,7 +70,7 @@ def summaries(folder: Path) -> list[dict]:
 
 
 def test_single_sim_run_writes_its_folder(tmp_path: Path) -> None:
-    result = run_py("workload.params.n=60", f"hydra.run.dir={tmp_path}")
+    result = run_py("workload=poisson_chat", "workload.params.n=60", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     for name in ("summary.json", "requests.parquet", "steps.parquet"):
         assert (tmp_path / name).is_file()
@@ -92,8 +93,9 @@ def test_forced_unknown_engine_key_is_named(tmp_path: Path) -> None:
 
 
 def test_sweep_records_impossible_and_failed_points_and_goes_on(tmp_path: Path) -> None:
-    result = run_py("-m", "workload.params.n=40", "engine.block_size=16,32",
-                    "engine.gpu_memory_utilization=0.005,0.9", "fail_point=false,true",
+    result = run_py("-m", "workload=poisson_chat", "workload.params.n=40",
+                    "engine.block_size=16,32", "engine.gpu_memory_utilization=0.005,0.9",
+                    "fail_point=false,true",
                     f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     found = summaries(tmp_path)

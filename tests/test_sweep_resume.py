@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ["-m", "engine.block_size=16,32", "engine.max_model_len=2048,4096",
+SWEEP = ["-m", "engine.block_size=16,32", "engine.max_model_len=2048,4096", "workload=poisson_chat",
          "workload.params.n=300", "progress=false"]
 PATHS = ("point", "report")  # where each point's files are: differs between sweep folders
 
