@@ -39,7 +39,6 @@ from engine.core.parallel import (
     allreduces_per_step,
     rank_kv_bytes_per_token,
     rank_num_parameters,
-    rank_weight_bytes,
 )
 from sim.step_time import DecodeRun, ModelWork, RooflineStepTime, StepTimeModel
 
@@ -89,7 +88,7 @@ class AllReduceProfile:
     hardware: str = ""
     dtype: str = "bfloat16"
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
-    source: str = "all-reduce profile"
+    source: str = field(default="all-reduce profile", compare=False)
 
     def __post_init__(self) -> None:
         sizes = np.asarray(self.sizes_bytes, dtype=float)
@@ -145,8 +144,8 @@ def rank_work(model: ModelConfig, dtype: str, tp: int) -> ModelWork:
     embed = s.vocab * model.hidden_size
     body = rank_num_parameters(model, tp) - embed * (1 if model.tie_word_embeddings else 2)
     attn = 4.0 * model.num_hidden_layers * s.num_heads * model.head_dim
-    return ModelWork(float(body), float(embed), attn,
-                     float(rank_weight_bytes(model, tp, dtype)),
+    read = body + embed  # what a step reads: the embedding table is only looked up
+    return ModelWork(float(body), float(embed), attn, float(read * DTYPE_BYTES[dtype]),
                      float(rank_kv_bytes_per_token(model, tp, dtype)))
 
 
