@@ -26,10 +26,12 @@ from engine.runtime.distributed import (
     spawn_workers,
 )
 from engine.runtime.lookahead import Lookahead
-from engine.runtime.startup import start_runner
+from engine.runtime.startup import check_shared_device, start_runner
 from engine.runtime.tp_worker import worker_main
 
 ModelSource = ModelConfig | dict[str, Any] | str | Path
+__all__ = ["LLM", "LLMEngine", "RequestOutput", "check_shared_device", "pick_device",
+           "resolve_model"]
 
 
 @dataclass
