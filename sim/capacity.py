@@ -27,6 +27,10 @@ class CapacityPlan:
     mean_request_len: float | None
     max_concurrency_at_mean_len: float | None
     largest_max_model_len: int
+    # Tensor parallelism: the figures above are per rank (every rank holds num_blocks blocks
+    # of its KV heads; a block still holds block_size tokens of every layer).
+    tensor_parallel_size: int = 1
+    rank_num_blocks: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,13 +48,16 @@ def plan_capacity(model: ModelConfig, hardware: Hardware, config: EngineConfig,
     return CapacityPlan(
         model.name, hardware.name, memory.starts, memory.error, n, bs, max(n, 0) * bs,
         max(n, 0) * memory.block_bytes / GiB, config.max_model_len,
-        max_concurrency(n, bs, config.max_model_len), mean_request_len, at_mean, largest)
+        max_concurrency(n, bs, config.max_model_len), mean_request_len, at_mean, largest,
+        config.tensor_parallel_size, list(memory.rank_num_blocks) or None)
 
 
 def format_plan(plan: CapacityPlan, memory: MemoryPrediction) -> str:
     gib = {k: v / GiB for k, v in memory.terms.to_dict().items() if k.endswith("_bytes")}
+    tp = plan.tensor_parallel_size
     lines = [
-        f"capacity plan  {plan.model} on {plan.hardware}",
+        f"capacity plan  {plan.model} on {plan.hardware}"
+        + (f", tensor_parallel_size={tp} (memory and KV blocks per rank)" if tp > 1 else ""),
         f"  memory       total {gib['total_bytes']:.2f} GiB x {memory.terms.gpu_memory_utilization}"
         f" = budget {gib['budget_bytes']:.2f} GiB",
         f"               weights {gib['weights_bytes']:.2f} + activation "
@@ -61,6 +68,13 @@ def format_plan(plan: CapacityPlan, memory: MemoryPrediction) -> str:
     ]
     if plan.error:
         lines.append(f"  error        {plan.error}")
+    if plan.rank_num_blocks:
+        p = memory.parallel
+        lines.append(f"  ranks        KV blocks by rank {plan.rank_num_blocks} -> min "
+                     f"{plan.num_blocks:,}; {p['num_heads_per_rank']} query / "
+                     f"{p['kv_heads_per_rank']} KV heads per rank (KV heads replicated "
+                     f"x{p['kv_head_replicas']}), TP buffers "
+                     f"{p['comm_buffer_bytes'] / GiB:.2f} GiB per rank")
     lines += [
         f"  KV blocks    {plan.num_blocks:,} x {plan.block_size} tokens = "
         f"{plan.kv_cache_tokens:,} tokens ({plan.kv_cache_gib:.2f} GiB)",

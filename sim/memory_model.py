@@ -12,6 +12,12 @@ A GPU shared with other processes (`Hardware.used_by_others_gib`), as vLLM V1 tr
 free at start = total - others - this engine's CUDA context; the engine refuses to start when
 that is below total x gpu_memory_utilization (`check_free_memory`), and otherwise budgets
 total x utilization exactly as on a GPU of its own: others' memory never changes num_blocks.
+
+Tensor parallelism (`EngineConfig.tensor_parallel_size`), per rank, through
+`engine.core.parallel`: the rank's weight shard, its KV heads (bytes_per_block), its
+activation (rank 0 samples over the gathered logits), the communicators' buffers as non-torch
+memory (`comm_buffer_bytes`, sourced there); num_blocks is the minimum over the ranks.
+Calibration profiles are measured at TP=1: at TP > 1 the formulas stand in for them.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from engine.core.memory import (
     check_startup,
     decide_num_blocks,
     estimate_activation_bytes,
+    min_over_ranks,
     mixed_buffer_bytes,
 )
+from engine.core.parallel import RankShapes, comm_buffer_bytes, rank_weight_bytes
 from engine.core.shapes import graph_buckets
 from sim.profile import Profile
 
@@ -43,15 +51,22 @@ class MemoryPrediction:
     sources: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # the engine's start-up error, word for word, if it cannot start
     error_type: str | None = None
+    # Tensor parallelism: every rank's num_blocks (num_blocks is their minimum; `terms` are
+    # the rank that set it) and the per-rank shapes. Empty at TP=1.
+    rank_num_blocks: list[int] = field(default_factory=list)
+    parallel: dict[str, Any] = field(default_factory=dict)
 
     @property
     def starts(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.terms.to_dict(), "bytes_per_block": self.block_bytes,
-                "num_blocks": self.num_blocks, "sources": dict(self.sources),
-                "starts": self.starts, "error": self.error, "error_type": self.error_type}
+        d = {**self.terms.to_dict(), "bytes_per_block": self.block_bytes,
+             "num_blocks": self.num_blocks, "sources": dict(self.sources),
+             "starts": self.starts, "error": self.error, "error_type": self.error_type}
+        if self.parallel:
+            d.update(rank_num_blocks=list(self.rank_num_blocks), parallel=dict(self.parallel))
+        return d
 
 
 # What the engine's graph probe measures beyond the largest batch's activations: the warm-up
@@ -75,13 +90,15 @@ def estimate_cuda_graph_bytes(model: ModelConfig, config: EngineConfig) -> int:
         return 0
     largest = graph_buckets(config.max_num_seqs)[-1]
     tokens = config.cudagraph_token_limit
-    pool = estimate_activation_bytes(model, max(largest, tokens), 0, config.dtype)
+    pool = estimate_activation_bytes(model, max(largest, tokens), 0, config.dtype,
+                                     config.tensor_parallel_size)
     return pool + GRAPH_POOL_OVERHEAD_BYTES + _mixed_buffers(model, config, tokens)
 
 
 def mixed_graph_bytes(model: ModelConfig, config: EngineConfig, tokens: int) -> int:
     """What mixed-step graphs of up to `tokens` rows add to the graph memory (formula)."""
-    return (estimate_activation_bytes(model, tokens, 0, config.dtype)
+    return (estimate_activation_bytes(model, tokens, 0, config.dtype,
+                                      config.tensor_parallel_size)
             + _mixed_buffers(model, config, tokens))
 
 
@@ -94,9 +111,58 @@ def _mixed_buffers(model: ModelConfig, config: EngineConfig, tokens: int) -> int
 
 def predict_memory(model: ModelConfig, hardware: Hardware, config: EngineConfig,
                    profile: Profile | None = None) -> MemoryPrediction:
+    if config.tensor_parallel_size > 1:
+        return predict_rank_memory(model, hardware, config)
     terms, sources = _terms(model, hardware, config, profile)
     terms.used_at_start_bytes, sources["used_at_start"] = _used_at_start(hardware)
     return prediction_from_terms(model, config, terms, sources)
+
+
+def predict_rank_memory(model: ModelConfig, hardware: Hardware,
+                        config: EngineConfig) -> MemoryPrediction:
+    """Every rank's terms (formulas), num_blocks the minimum over the ranks, the start-up
+    verdict that rank's: the engine all-reduces num_blocks (MIN) before its checks."""
+    tp = config.tensor_parallel_size
+    ranks = []
+    for rank in range(tp):
+        terms, sources = rank_terms(model, hardware, config, rank)
+        terms.used_at_start_bytes, sources["used_at_start"] = _used_at_start(hardware)
+        ranks.append((terms, sources))
+    sizes = [decide_num_blocks(terms, model, config) for terms, _ in ranks]
+    low = sizes.index(min_over_ranks(sizes))
+    prediction = prediction_from_terms(model, config, *ranks[low])
+    shapes = RankShapes.of(model, tp)
+    prediction.rank_num_blocks = [size.num_blocks for size in sizes]
+    prediction.parallel = {
+        "tensor_parallel_size": tp, "min_rank": low, "num_heads_per_rank": shapes.num_heads,
+        "kv_heads_per_rank": shapes.num_kv_heads, "kv_head_replicas": shapes.kv_head_replicas,
+        "vocab_per_rank": shapes.vocab,
+        "comm_buffer_bytes": comm_buffer_bytes(tp, hardware.kind)}
+    return prediction
+
+
+def rank_terms(model: ModelConfig, hardware: Hardware, config: EngineConfig,
+               rank: int) -> tuple[MemoryTerms, dict[str, str]]:
+    """One rank's start-up terms at TP > 1, by formula (engine.core.parallel)."""
+    tp, tokens = config.tensor_parallel_size, config.max_num_batched_tokens
+    weights = rank_weight_bytes(model, tp, config.dtype, config.quantization)
+    act = estimate_activation_bytes(model, tokens, min(config.max_num_seqs, tokens),
+                                    config.dtype, tp, rank)
+    sources = {"weights": f"exact, rank shard of TP={tp}", "activation": f"formula, rank {rank}"}
+    if hardware.kind == "cpu":
+        terms = MemoryTerms(int(config.cpu_memory_gib * GiB), config.gpu_memory_utilization,
+                            weights, act, source="predicted")
+        return terms, {"total": "EngineConfig.cpu_memory_gib", **sources,
+                       "non_torch": "none on CPU (gloo buffers in host memory)",
+                       "cuda_graph": "none on CPU"}
+    non_torch = hardware.non_torch_bytes_default + comm_buffer_bytes(tp, hardware.kind)
+    terms = MemoryTerms(hardware.total_memory_bytes, config.gpu_memory_utilization, weights,
+                        act, non_torch, estimate_cuda_graph_bytes(model, config),
+                        source="predicted")
+    return terms, {"total": f"catalog: {hardware.name}", **sources,
+                   "non_torch": "catalog default + TP communicator buffers "
+                                "(engine.core.parallel.TP_COMM_BYTES)",
+                   "cuda_graph": "formula" if not config.enforce_eager else "enforce_eager"}
 
 
 def prediction_from_terms(model: ModelConfig, config: EngineConfig, terms: MemoryTerms,

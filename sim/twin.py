@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 
 from engine.core.catalog import Hardware, catalog_key, load_hardware, load_model, model_from_dict
-from engine.core.config import EngineConfig, ModelConfig
+from engine.core.config import ConfigError, EngineConfig, ModelConfig
 from engine.core.request import Request, RequestTable, as_table
 from sim.capacity import CapacityPlan, plan_capacity
+from sim.collectives import ALLREDUCE_DIR, tensor_parallel_step_time
 from sim.memory_model import MemoryPrediction, predict_memory
 from sim.profile import PROFILE_DIR, Profile, ProfileKey, find_profile, slug
 from sim.request_log import RequestLog
@@ -109,6 +110,8 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
                          f"{', '.join(PREDICTORS)}")
     model_cfg, hw, keys = resolve_entries(model, hardware, keys)
     config.validate(model_cfg)
+    if config.tensor_parallel_size > 1:
+        return setup_tensor_parallel(model_cfg, hw, config, predictor, keys)
     key = ProfileKey(keys[1], keys[0], config.dtype, attention_backend(hw, config))
     profile = find_profile(key, profile_dir) if predictor != "roofline" else None
     if predictor == "calibrated" and profile is None:
@@ -120,6 +123,31 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
         source=f"roofline of {hw.name} (catalog peaks, documented efficiencies)")
     memory = predict_memory(model_cfg, hw, config, profile)
     return TwinSetup(model_cfg, keys[0], hw, keys[1], config, profile, step_time, memory)
+
+
+def check_gpus(hardware: Hardware, config: EngineConfig) -> None:
+    """tensor_parallel_size GPUs of the node (a CPU runs its ranks as processes)."""
+    tp = config.tensor_parallel_size
+    if hardware.kind == "gpu" and tp > hardware.num_gpus:
+        raise ConfigError("tensor_parallel_size", tp, f"at most the num_gpus ({hardware.num_gpus})"
+                          f" of {hardware.name}: pick a multi-GPU entry, e.g. h100_80gb_x8")
+
+
+def setup_tensor_parallel(model: ModelConfig, hardware: Hardware, config: EngineConfig,
+                          predictor: str, keys: tuple[str, str],
+                          allreduce_dir: Path = ALLREDUCE_DIR) -> TwinSetup:
+    """TP > 1: calibration profiles are measured at TP=1 (their key has no TP), so the step
+    time is one rank's roofline plus the all-reduces (sim.collectives) and memory comes from
+    the per-rank formulas (sim.memory_model.predict_rank_memory)."""
+    check_gpus(hardware, config)
+    tp = config.tensor_parallel_size
+    if predictor == "calibrated":
+        raise FileNotFoundError(f"no calibration profile at tensor_parallel_size={tp}: "
+                                "profiles are measured at TP=1; use predictor=roofline or auto")
+    step_time = tensor_parallel_step_time(model, hardware, keys[1], config.dtype, tp,
+                                          allreduce_dir)
+    memory = predict_memory(model, hardware, config)
+    return TwinSetup(model, keys[0], hardware, keys[1], config, None, step_time, memory)
 
 
 def simulate(setup: TwinSetup, requests: RequestTable | Iterable[Request], skip: bool = True,

@@ -23,7 +23,9 @@ HARDWARE_KINDS = ("gpu", "cpu")
 
 @dataclass
 class Hardware:
-    """One accelerator: its memory as CUDA sees it and its roofline peaks."""
+    """One accelerator, or a node of `num_gpus` of them: per-GPU memory as CUDA sees it and
+    roofline peaks, and (multi-GPU nodes) the interconnect tensor parallelism all-reduces
+    over."""
 
     name: str
     kind: str  # "gpu" or "cpu"
@@ -35,6 +37,15 @@ class Hardware:
     # Memory other processes hold on this GPU when the engine starts (0: the GPU is ours).
     # The twin runs the engine's free-memory check with it (engine.core.memory).
     used_by_others_gib: float = 0.0
+    # A node of num_gpus identical GPUs (engine.tensor_parallel_size <= num_gpus); every
+    # memory and peak figure above is per GPU.
+    num_gpus: int = 1
+    # The GPU's NVLink bandwidth, both directions together (datasheet; 0: no NVLink).
+    nvlink_bandwidth_bytes_per_s: float = 0.0
+    # NCCL all-reduce bus bandwidth (nccl-tests' busbw) and small-message latency between the
+    # node's GPUs: the all-reduce roofline's two terms (sim/collectives.py).
+    allreduce_bus_bandwidth_bytes_per_s: float = 0.0
+    allreduce_latency_s: float = 0.0
 
     @property
     def physical_memory_bytes(self) -> int:
@@ -77,6 +88,14 @@ def _check_numbers(hw: Hardware, source: str) -> None:
         value = getattr(hw, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
             raise ValueError(f"{source}: {name}={value!r} is invalid: must be a number > 0")
+    if not isinstance(hw.num_gpus, int) or isinstance(hw.num_gpus, bool) or hw.num_gpus < 1:
+        raise ValueError(f"{source}: num_gpus={hw.num_gpus!r} is invalid: must be an "
+                         "integer >= 1")
+    for name in ("nvlink_bandwidth_bytes_per_s", "allreduce_bus_bandwidth_bytes_per_s",
+                 "allreduce_latency_s"):
+        value = getattr(hw, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{source}: {name}={value!r} is invalid: must be a number >= 0")
     others = hw.used_by_others_gib
     if not (isinstance(others, int | float) and not isinstance(others, bool)
             and 0 <= others * GiB < hw.total_memory_bytes):

@@ -17,6 +17,7 @@ QUANTIZATIONS = ("none", "int8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 FP8_KV_DTYPE = "float8_e4m3fn"
 INT8_SCALE_DTYPE = "float32"  # one AbsMax scale per output channel of a quantized linear
+TP_SIZES = (1, 2, 4, 8)  # tensor_parallel_size: GPUs of one node
 # Bytes per element of everything the engine stores: model dtypes, int8 weights, fp8 KV.
 STORAGE_BYTES = {**DTYPE_BYTES, "int8": 1, FP8_KV_DTYPE: 1}
 GiB = 1 << 30
@@ -30,6 +31,14 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field_name}={value!r} is invalid: must be {allowed}")
+
+
+class TensorParallelError(ConfigError):
+    """A tensor_parallel_size the model's shape does not divide (worded like vLLM's)."""
+
+    def __init__(self, value: int, message: str):
+        self.field, self.value, self.allowed = "tensor_parallel_size", value, message
+        ValueError.__init__(self, message)
 
 
 @dataclass
@@ -185,6 +194,8 @@ class EngineConfig:
     quantization: str = "none"
     # "auto": the KV cache in `dtype`; "fp8": float8 e4m3 with per-layer scales (1.0).
     kv_cache_dtype: str = "auto"
+    # GPUs the model is sharded over (Megatron-style, engine/core/parallel.py): 1, 2, 4 or 8.
+    tensor_parallel_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -221,6 +232,7 @@ class EngineConfig:
             raise ConfigError("cpu_memory_gib", self.cpu_memory_gib, "a number > 0")
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        check_tensor_parallel(self.tensor_parallel_size, model)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +249,30 @@ class EngineConfig:
         if self.enforce_eager:
             return 0
         return min(self.max_cudagraph_tokens, self.max_num_batched_tokens)
+
+
+def check_tensor_parallel(tp: Any, model: ModelConfig | None = None) -> None:
+    """1, 2, 4 or 8, dividing the attention heads (vLLM's check, its words), the KV heads
+    (or, with fewer KV heads than ranks, a multiple of them: each is then replicated) and the
+    MLP width."""
+    if tp not in TP_SIZES or isinstance(tp, bool):
+        raise ConfigError("tensor_parallel_size", tp, "one of 1, 2, 4, 8")
+    if model is None:
+        return
+    heads, kv = model.num_attention_heads, model.num_key_value_heads
+    if heads % tp:
+        raise TensorParallelError(tp, f"Total number of attention heads ({heads}) must be "
+                                  f"divisible by tensor parallel size ({tp}).")
+    if kv >= tp and kv % tp:
+        raise TensorParallelError(tp, f"Total number of key-value heads ({kv}) must be "
+                                  f"divisible by tensor parallel size ({tp}).")
+    if kv < tp and tp % kv:
+        raise TensorParallelError(tp, f"Tensor parallel size ({tp}) must be a multiple of the "
+                                  f"number of key-value heads ({kv}) when it exceeds it: "
+                                  "each KV head is then replicated on tp / kv ranks.")
+    if model.intermediate_size % tp:
+        raise TensorParallelError(tp, f"intermediate_size ({model.intermediate_size}) must be "
+                                  f"divisible by tensor parallel size ({tp}).")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:

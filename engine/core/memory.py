@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from engine.core.config import DTYPE_BYTES, EngineConfig, GiB, ModelConfig
+from engine.core.parallel import RankShapes, rank_kv_bytes_per_token
 
 
 class StartupError(ValueError):
@@ -67,9 +68,10 @@ class MemoryTerms:
         return d
 
 
-def bytes_per_block(model: ModelConfig, block_size: int, kv_dtype: str) -> int:
-    """2 (K and V) x layers x block_size x kv_heads x head_dim x dtype bytes."""
-    return block_size * model.kv_bytes_per_token(kv_dtype)
+def bytes_per_block(model: ModelConfig, block_size: int, kv_dtype: str, tp: int = 1) -> int:
+    """2 (K and V) x layers x block_size x kv_heads x head_dim x dtype bytes, the KV heads
+    those of one rank of `tp` (engine.core.parallel)."""
+    return block_size * rank_kv_bytes_per_token(model, tp, kv_dtype)
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,18 @@ def decide_num_blocks(terms: MemoryTerms, model: ModelConfig,
                       config: EngineConfig) -> KVCacheSize:
     """The engine's rule, which the twin calls too: `num_gpu_blocks_override` when set,
     else what the budget leaves after every other term, in whole blocks of the KV dtype."""
-    block_bytes = bytes_per_block(model, config.block_size, config.kv_dtype)
+    block_bytes = bytes_per_block(model, config.block_size, config.kv_dtype,
+                                  config.tensor_parallel_size)
     num_blocks = config.num_gpu_blocks_override
     if num_blocks is None:
         num_blocks = terms.kv_cache_bytes // block_bytes
     return KVCacheSize(num_blocks, block_bytes)
+
+
+def min_over_ranks(sizes: list[KVCacheSize]) -> KVCacheSize:
+    """Tensor parallelism: every rank allocates the fewest blocks any rank can hold (vLLM
+    takes the minimum of its workers' KV memory; the engine all-reduces num_blocks, MIN)."""
+    return min(sizes, key=lambda size: size.num_blocks)
 
 
 def blocks_per_request(max_model_len: int, block_size: int) -> int:
@@ -156,7 +165,7 @@ SAMPLER_COPIES = 10  # float32 rows x vocab buffers live at the sampler's peak
 
 
 def estimate_activation_bytes(model: ModelConfig, num_tokens: int, num_seqs: int,
-                              dtype: str) -> int:
+                              dtype: str, tp: int = 1, rank: int = 0) -> int:
     """Documented fallback for the peak activation of a `num_tokens` dummy step.
 
     Live at the MLP of one layer: the residual stream and hidden state (2 x hidden), the
@@ -166,11 +175,18 @@ def estimate_activation_bytes(model: ModelConfig, num_tokens: int, num_seqs: int
     about SAMPLER_COPIES float32 copies of rows x vocab (Qwen3-0.6B bf16 on an H200 peaked at
     ~1.62 GB with 256 rows, nearly flat from 2,048 to 8,192 tokens: the sampler dominates).
     Measured profiles replace this where they exist.
+
+    Rank `rank` of `tp`: the projections' outputs are its shards (the residual stream whole);
+    rank 0 samples over the gathered logits, the other ranks hold one copy of their logits
+    shard (the sampler's rows x vocab-per-rank, in `dtype`).
     """
-    q = model.num_attention_heads * model.head_dim
-    kv = model.num_key_value_heads * model.head_dim
-    per_token = 2 * model.hidden_size + q + 2 * kv + 3 * model.intermediate_size
-    sampler = SAMPLER_COPIES * num_seqs * model.vocab_size * 4
+    s = RankShapes.of(model, tp)
+    q, kv = s.num_heads * model.head_dim, s.num_kv_heads * model.head_dim
+    per_token = 2 * model.hidden_size + q + 2 * kv + 3 * s.intermediate
+    if rank == 0:
+        sampler = SAMPLER_COPIES * num_seqs * model.vocab_size * 4
+    else:
+        sampler = num_seqs * s.vocab * DTYPE_BYTES[dtype]
     return num_tokens * per_token * DTYPE_BYTES[dtype] + sampler
 
 

@@ -3,6 +3,11 @@
 Parameter names follow HF's except for the fused projections: ``q_proj``/``k_proj``/``v_proj``
 live in ``qkv_proj`` and ``gate_proj``/``up_proj`` in ``gate_up_proj`` (see
 ``packed_modules``, used by engine.models.weights).
+
+Tensor parallel as Megatron and vLLM shard it (engine/layers/parallel_linear.py): q/k/v and
+gate/up column-parallel, o and down row-parallel (each followed by an all-reduce), embedding
+and LM head vocab-parallel; this process builds the shard of its rank (engine.layers.parallel).
+At TP=1 the layers are the plain ones.
 """
 
 from __future__ import annotations
@@ -14,22 +19,28 @@ from engine.core.config import ModelConfig
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.kernels import dispatch
-from engine.layers.linear import Linear, MergedLinear, VocabEmbedding
 from engine.layers.norm import RMSNorm
+from engine.layers.parallel_linear import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from engine.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, qk_norm: bool = False):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = hd = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, hd, config.num_attention_heads,
+                                          config.num_key_value_heads, config.attention_bias)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
-        self.qkv_proj = MergedLinear(config.hidden_size,
-                                     [self.q_size, self.kv_size, self.kv_size],
-                                     bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size,
+                                        bias=config.attention_bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb  # one cos/sin cache shared by all layers
@@ -76,8 +87,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [inter, inter])
-        self.down_proj = Linear(inter, config.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter])
+        self.down_proj = RowParallelLinear(inter, config.hidden_size)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +117,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, qk_norm: bool = False):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                      config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, qk_norm)
@@ -133,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.qk_norm)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -141,10 +152,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] over a flattened batch -> hidden states [T, hidden]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden: [N, hidden] -> logits [N, vocab] in the model's dtype. The sampler reads
         them in float32 itself: a float32 copy of a 256 x 151,936 batch costs a full extra
-        write and read of it per decode step."""
+        write and read of it per decode step. At TP > 1: on rank 0, None on the others."""
         return self.lm_head(hidden)
 
     def ignores_checkpoint_tensor(self, name: str) -> bool:

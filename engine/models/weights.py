@@ -70,10 +70,30 @@ def load_hf_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]
 def _copy(model: nn.Module, name: str, param: torch.Tensor, tensor: torch.Tensor,
           shard: int | None) -> bool:
     target = param if shard is None else _merged(model, name).shard(param, shard)
-    if target.shape != tensor.shape:
+    tensor = _rank_piece(model, name, tensor, shard)
+    if tensor is None or target.shape != tensor.shape:
         return False
     target.copy_(tensor)
     return True
+
+
+def _rank_piece(model: nn.Module, name: str, tensor: torch.Tensor,
+                shard: int | None) -> torch.Tensor | None:
+    """This rank's part of a full checkpoint tensor (the tensor itself at TP=1; None when
+    its shape cannot be the full tensor)."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if not hasattr(module, "shard_full"):
+        return tensor
+    expected = module.full_shape(attr)
+    if shard is not None:
+        size = module.segments[shard][0]
+        if tensor.shape[0] != size or tensor.shape[1:] != expected[1:]:
+            return None
+        return module.shard_part(tensor, shard)
+    if tuple(tensor.shape) != tuple(expected):
+        return None
+    return module.shard_full(attr, tensor)
 
 
 def _merged(model: nn.Module, param_name: str) -> MergedLinear:

@@ -10,24 +10,29 @@ from typing import Any
 
 import torch
 
-from engine.core.config import EngineConfig, GiB, ModelConfig
-from engine.core.memory import (
-    MemoryTerms,
-    check_free_memory,
-    check_startup,
-    decide_num_blocks,
-    estimate_activation_bytes,
-    max_concurrency,
-)
+from engine.core.config import ConfigError, EngineConfig, ModelConfig
+from engine.core.memory import max_concurrency
+from engine.core.parallel import RankShapes
 from engine.core.records import RequestRecord, StepRecord
 from engine.core.scheduler import Scheduler
 from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
-from engine.core.shapes import graph_buckets
+from engine.runtime.distributed import (
+    PlanChannel,
+    available,
+    close_tp,
+    free_port,
+    init_tp,
+    rank_device,
+    spawn_workers,
+)
 from engine.runtime.lookahead import Lookahead
-from engine.runtime.model_runner import ModelRunner
+from engine.runtime.startup import check_shared_device, start_runner
+from engine.runtime.tp_worker import worker_main
 
 ModelSource = ModelConfig | dict[str, Any] | str | Path
+__all__ = ["LLM", "LLMEngine", "RequestOutput", "check_shared_device", "pick_device",
+           "resolve_model"]
 
 
 @dataclass
@@ -63,20 +68,23 @@ class LLMEngine:
         self.config = (config or EngineConfig.from_kwargs(**engine_args))
         self.config.validate(self.model_config)
         self.device = pick_device(self.config.device)
+        self.tp_size = self.config.tensor_parallel_size
+        self._workers: list[Any] = []
         torch.manual_seed(self.config.seed)
-        free_before = _cuda_free_bytes(self.device)
-        used_at_start = check_shared_device(self.device, free_before,
-                                            self.config.gpu_memory_utilization)
-        self.model_runner = ModelRunner(self.model_config, self.config, self.device, model_path)
-        self.memory = self._profile_memory(free_before)
-        self.memory.used_at_start_bytes = used_at_start
-        self.memory.cuda_graph_bytes = self._probe_graph_memory()
-        size = decide_num_blocks(self.memory, self.model_config, self.config)
-        check_startup(size, self.config)
-        self.num_blocks, self.block_bytes = size.num_blocks, size.block_bytes
-        self.model_runner.allocate_kv_cache(self.num_blocks)
-        self.cuda_graph_bytes_captured = self.model_runner.capture_cuda_graphs()
-        self.model_runner.warm_up()
+        if self.tp_size > 1:
+            self._start_workers(model_path)
+        try:
+            started = start_runner(self.model_config, self.config, self.device, model_path)
+        except BaseException as err:
+            self._fail_start(err)
+            raise
+        self.model_runner = started.runner
+        self.memory = started.memory
+        self.num_blocks, self.block_bytes = started.size.num_blocks, started.size.block_bytes
+        self.cuda_graph_bytes_captured = started.cuda_graph_bytes_captured
+        self.rank_memory = started.rank_memory  # TP > 1: every rank's own terms
+        if self.tp_size > 1:
+            self.model_runner.plan_channel = PlanChannel()
         self.scheduler = Scheduler(self.config, self.num_blocks,
                                    self.model_config.eos_token_ids())
         self.step_records: list[StepRecord] = []
@@ -86,38 +94,56 @@ class LLMEngine:
         self._steps_in_flight = 0  # planned, not yet recorded (async scheduling)
         self._t0 = time.perf_counter()
 
-    # -- start-up ------------------------------------------------------------------------------
+    # -- tensor parallelism ----------------------------------------------------------------------
 
-    def _profile_memory(self, free_before: int) -> MemoryTerms:
-        cfg, runner = self.config, self.model_runner
-        peak = runner.profile_run()
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            # Only what this process took since start-up counts, never other processes' memory.
-            non_torch = max(0, free_before - free - torch.cuda.memory_reserved(self.device))
-            return MemoryTerms(total, cfg.gpu_memory_utilization, runner.weight_bytes, peak or 0,
-                               non_torch_bytes=non_torch, source="measured")
-        num_seqs = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        act = peak if peak is not None else estimate_activation_bytes(
-            self.model_config, cfg.max_num_batched_tokens, num_seqs, cfg.dtype)
-        return MemoryTerms(int(cfg.cpu_memory_gib * GiB), cfg.gpu_memory_utilization,
-                           runner.weight_bytes, act,
-                           source="cpu: configured total, estimated activation")
+    def _start_workers(self, model_path: str | None) -> None:
+        """Spawn ranks 1..tp-1 (engine.runtime.tp_worker) and join the group as rank 0."""
+        tp, kind = self.tp_size, self.device.type
+        if not available(kind):
+            raise RuntimeError(f"tensor_parallel_size={tp} needs torch.distributed with the "
+                               f"{'nccl' if kind == 'cuda' else 'gloo'} backend")
+        if kind == "cuda" and torch.cuda.device_count() < tp:
+            raise ConfigError("tensor_parallel_size", tp, "at most the number of visible "
+                              f"CUDA devices ({torch.cuda.device_count()})")
+        port = free_port()
+        self._workers, self._errors = spawn_workers(
+            worker_main, tp, (tp, port, self.model_config, self.config, model_path, kind))
+        self.device = rank_device(self.device, 0)
+        init_tp(0, tp, port, self.device)
 
-    def _probe_graph_memory(self) -> int:
-        """The graph pool's size, from capturing the largest decode graph and the largest
-        mixed-step bucket over a one-block cache: graphs must be captured over the real
-        cache, which they are sized for."""
-        runner = self.model_runner
-        if not runner.uses_cuda_graphs:
-            return 0
-        runner.allocate_kv_cache(1)
-        largest = graph_buckets(self.config.max_num_seqs)[-1]
-        tokens = self.config.cudagraph_token_limit
-        probed = runner.capture_cuda_graphs([largest], [tokens] if tokens else None)
-        runner.release_cuda_graphs()
-        runner.release_kv_cache()
-        return probed
+    def _fail_start(self, err: BaseException) -> None:
+        """Stop the workers; their errors (the first cause, often) join rank 0's."""
+        self.close()
+        for rank, text in self._worker_errors():
+            err.add_note(f"tensor-parallel rank {rank}: {text}")
+
+    def _worker_errors(self) -> list[tuple[int, str]]:
+        errors = getattr(self, "_errors", None)
+        found = []
+        while errors is not None and not errors.empty():
+            found.append(errors.get())
+        return found
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers and leave the group (nothing to do at TP=1)."""
+        if not self._workers:
+            return
+        runner = getattr(self, "model_runner", None)
+        if runner is not None and runner.plan_channel is not None:
+            runner.plan_channel.send(None)
+            runner.plan_channel = None
+        for proc in self._workers:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+        self._workers = []
+        close_tp()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def memory_report(self) -> dict[str, Any]:
         cfg = self.config
@@ -132,6 +158,10 @@ class LLMEngine:
             attention_backend=self.model_runner.attention_backend,
             quantization=cfg.quantization, kv_dtype=cfg.kv_dtype,
             max_concurrency=max_concurrency(self.num_blocks, cfg.block_size, cfg.max_model_len))
+        if self.tp_size > 1:
+            report.update(tensor_parallel_size=self.tp_size, rank_memory=self.rank_memory,
+                          kv_heads_per_rank=RankShapes.of(self.model_config,
+                                                          self.tp_size).num_kv_heads)
         return report
 
     # -- online API ----------------------------------------------------------------------------
@@ -241,33 +271,13 @@ class LLM(LLMEngine):
 
         with tqdm(total=total, desc="generate", disable=not use_tqdm) as bar:
             bar.update(total - sum(1 for _ in self._pending()))
-            if self.config.async_scheduling:
+            if self.config.async_scheduling and self.tp_size == 1:  # TP > 1 steps in turn
                 Lookahead(self).run(lambda finished: bar.update(len(finished)))
             while self.has_unfinished():
                 bar.update(len(self.step()))
 
     def _pending(self) -> list[Sequence]:
         return list(self.scheduler.running) + list(self.scheduler.waiting)
-
-
-def _cuda_free_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    torch.cuda.init()
-    gc.collect()  # as vLLM before its snapshot: engines dropped in this process give back
-    torch.cuda.empty_cache()  # the blocks torch still caches for them
-    return torch.cuda.mem_get_info(device)[0]
-
-
-def check_shared_device(device: torch.device, free: int, utilization: float) -> int:
-    """vLLM V1's start-up check on a CUDA device that other processes may share (before the
-    model loads); returns the bytes in use at start, 0 off CUDA."""
-    if device.type != "cuda":
-        return 0
-    total = torch.cuda.mem_get_info(device)[1]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    check_free_memory(free, total, utilization, f"cuda:{index}")
-    return total - free
 
 
 def _to_output(seq: Sequence) -> RequestOutput:

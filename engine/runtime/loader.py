@@ -72,7 +72,9 @@ def quantize(model: nn.Module, quantization: str) -> nn.Module:
 
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int) -> None:
-    """normal(0, 0.02) for linear and embedding weights, zero biases, ones for norms."""
+    """normal(0, 0.02) for linear and embedding weights, zero biases, ones for norms. A
+    tensor-parallel shard draws its full tensor and keeps its part, so every TP size builds
+    the same model from the same seed."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     done: set[int] = set()
@@ -86,9 +88,19 @@ def init_weights(model: nn.Module, seed: int) -> None:
             elif name == "bias":
                 param.zero_()
             elif isinstance(module, Linear | VocabEmbedding):
-                param.normal_(0.0, INIT_STD, generator=generator)
+                _init_normal(module, name, param, generator)
             else:
                 raise TypeError(f"no init rule for {type(module).__name__}.{name}")
+
+
+def _init_normal(module: nn.Module, name: str, param: torch.Tensor,
+                 generator: torch.Generator) -> None:
+    full_shape = module.full_shape(name) if hasattr(module, "full_shape") else param.shape
+    if tuple(full_shape) == tuple(param.shape):
+        param.normal_(0.0, INIT_STD, generator=generator)
+        return
+    full = torch.empty(full_shape, dtype=param.dtype, device=param.device)
+    param.copy_(module.shard_full(name, full.normal_(0.0, INIT_STD, generator=generator)))
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "bfloat16",

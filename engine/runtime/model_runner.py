@@ -13,6 +13,7 @@ import torch
 
 from engine.core.config import ConfigError, EngineConfig, ModelConfig
 from engine.core.memory import blocks_per_request
+from engine.core.parallel import RankShapes
 from engine.core.sequence import SamplingParams, Sequence
 from engine.core.shapes import (
     SAMPLE_MULTIPLE,
@@ -31,6 +32,7 @@ from engine.layers.context import ForwardContext, PagedMetadata, dense_context, 
 from engine.layers.host import to_device
 from engine.layers.kv_quant import kv_torch_dtype
 from engine.layers.linear import Linear
+from engine.layers.parallel import get_tp
 from engine.layers.sampler import Sampler
 from engine.runtime.decode_graphs import DecodeGraphs
 from engine.runtime.loader import build_model, load_model, to_torch_dtype
@@ -166,6 +168,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.mixed: MixedGraphs | None = None
         self._seeded: dict[int, tuple[Sequence, torch.Generator]] = {}
+        # Tensor parallelism, rank 0: where each step's plan goes to the other ranks
+        # (engine.runtime.distributed.PlanChannel); None at TP=1 and on the other ranks.
+        self.plan_channel = None
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
@@ -263,15 +268,18 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)
         last_rows = torch.tensor(list(accumulate(lens)), device=self.device) - 1
         logits = self.model.compute_logits(hidden[last_rows])
+        if logits is None:  # TP > 1: only rank 0 samples
+            return
         params = [SamplingParams(temperature=0.7, top_k=50, top_p=0.9)] * len(lens)
         Sampler(self._generator(0))(logits, params)  # own generator: the engine's stays put
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One [2, layers, num_blocks, block_size, kv_heads, head_dim] tensor in the KV dtype,
-        viewed per layer."""
+        viewed per layer; the KV heads this rank holds (all of them at TP=1)."""
         cfg = self.model_config
-        shape = (2, len(self.attention_layers), num_blocks, self.block_size,
-                 cfg.num_key_value_heads, cfg.head_dim)
+        kv_heads = RankShapes.of(cfg, get_tp().size).num_kv_heads
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, kv_heads,
+                 cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -346,7 +354,10 @@ class ModelRunner:
     def launch(self, scheduled: list[ScheduledLike], host: HostBatch,
                fill: InputFill | None = None) -> LaunchedStep:
         """Queue the step's forward pass and sampling on the device without waiting for them;
-        the tokens come back through `LaunchedStep.sampled()`."""
+        the tokens come back through `LaunchedStep.sampled()`. At TP > 1 the plan goes to
+        the other ranks first, which run the same forward pass."""
+        if self.plan_channel is not None:
+            self.plan_channel.send(host)
         step = self.upload(host)
         logits = self.compute_step_logits(step, fill)
         seqs = [scheduled[i].seq for i in step.sample_seqs]
@@ -356,9 +367,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_step_logits(self, step: StepInput,
-                            fill: InputFill | None = None) -> torch.Tensor:
+                            fill: InputFill | None = None) -> torch.Tensor | None:
         """Run the model on the step; logits of the sampling rows [len(sample_seqs), V].
-        `fill` writes device-resident token ids into the step's input ids first."""
+        `fill` writes device-resident token ids into the step's input ids first. At TP > 1
+        the logits are rank 0's; the other ranks get None."""
         if self.kv_cache is None:
             raise RuntimeError("allocate_kv_cache() must run before execute_model()")
         bucket = self._graph_bucket(step.host)
@@ -375,6 +387,8 @@ class ModelRunner:
             with forward_context(step.context):
                 hidden = self.model(step.input_ids, step.positions)
         logits = self.model.compute_logits(hidden[step.sample_rows])
+        if logits is None:
+            return None
         return logits[:len(step.sample_seqs)]  # the rest: padding rows
 
     def _runs_mixed(self, host: HostBatch) -> bool:

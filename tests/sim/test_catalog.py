@@ -29,9 +29,10 @@ HF_KEYS = {"architectures", "vocab_size", "hidden_size", "intermediate_size",
 
 
 def test_catalog_lists_every_file():
-    assert list_models() == ["llama3_1_8b", "mistral_7b_v0_3", "qwen3_0_6b", "qwen3_8b",
-                             "tiny_llama", "tiny_qwen3"]
-    assert list_hardware() == ["a100_80gb", "cpu", "h100_80gb", "h200_141gb", "l4_24gb"]
+    assert list_models() == ["llama3_1_70b", "llama3_1_8b", "mistral_7b_v0_3", "qwen3_0_6b",
+                             "qwen3_32b", "qwen3_8b", "tiny_llama", "tiny_qwen3"]
+    assert list_hardware() == ["a100_80gb", "cpu", "h100_80gb", "h100_80gb_x8", "h200_141gb",
+                               "h200_141gb_x8", "l4_24gb"]
 
 
 @pytest.mark.parametrize("name", list_models())
