@@ -205,8 +205,8 @@ def replay_run(model: Any, config: EngineConfig, requests: list[Request], path: 
     from tqdm.auto import tqdm
 
     threads = _cpu_threads(config)
-    engine = LLMEngine(path or model, config)
-    with tqdm(total=len(requests), desc="replay", unit="req", disable=not progress) as bar:
+    with LLMEngine(path or model, config) as engine, \
+            tqdm(total=len(requests), desc="replay", unit="req", disable=not progress) as bar:
         result = replay(engine, requests, on_progress=lambda done, _: bar.update(done - bar.n))
     reqs, steps = records_frames(result)
     info = {"memory": result.memory, "device": {"name": result.device},

@@ -19,7 +19,7 @@ from engine.core.parallel import (
     rank_num_parameters,
     rank_weight_bytes,
 )
-from sim.cli import main as sim_main
+from run import sim_main
 from sim.collectives import (
     AllReduceProfile,
     AllReduceRoofline,
@@ -82,8 +82,8 @@ def test_70b_on_four_h100s_at_32k() -> None:
 
 
 def test_capacity_cli_answers_per_rank(capsys) -> None:
-    code = sim_main(["capacity", "--model", "llama3_1_70b", "--hardware", "h100_80gb_x8",
-                     "--set", "tensor_parallel_size=4", "--set", "max_model_len=32768"])
+    code = sim_main(["capacity", "model=llama3_1_70b", "hardware=h100_80gb_x8",
+                     "engine.tensor_parallel_size=4", "engine.max_model_len=32768"])
     out = capsys.readouterr().out
     assert code == 0
     assert "tensor_parallel_size=4 (memory and KV blocks per rank)" in out
