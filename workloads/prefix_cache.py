@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from workloads.errors import check_number
+from workloads.schema import TOKENS_COLUMN, Trace
 from workloads.tokens import PromptTokens
 
 
@@ -37,3 +38,21 @@ def cacheable_tokens(prompts: PromptTokens, block_size: int) -> np.ndarray:
 def _rows_as_void(matrix: np.ndarray) -> np.ndarray:
     matrix = np.ascontiguousarray(matrix, dtype=np.int32)
     return matrix.view(np.dtype((np.void, matrix.shape[1] * 4))).ravel()
+
+
+def cacheable_by_structure(prompt_len: np.ndarray, shared: np.ndarray,
+                           block_size: int) -> np.ndarray:
+    """Per request: the full blocks of its `shared` leading tokens (a group prefix or the
+    previous turn seen before), never the whole prompt. Equal to `cacheable_tokens` of the
+    generated ids (own tokens are distinct by construction) and costs nothing per token."""
+    check_number("block_size", block_size, 1, integer=True)
+    return np.minimum(shared // block_size, (prompt_len - 1) // block_size) * block_size
+
+
+def explicit_prompts(trace: Trace) -> PromptTokens:
+    """The token ids a trace carries (its prompt_token_ids column), as one ragged array."""
+    column = trace.df[TOKENS_COLUMN]
+    offsets = np.zeros(len(column) + 1, dtype=np.int64)
+    np.cumsum(column.map(len).to_numpy(dtype=np.int64), out=offsets[1:])
+    values = np.concatenate([np.zeros(0, np.int32), *column]).astype(np.int32, copy=False)
+    return PromptTokens(values, offsets)
