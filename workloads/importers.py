@@ -168,9 +168,11 @@ def _read_source(path: Path, columns: Mapping[str, str], time_unit: str,
     df = pd.concat(parts) if len(parts) > 1 else parts[0]
     if df.empty:
         raise TraceError("file", None, "<no rows>", "at least one request after the header")
-    t = df.pop("t")
-    df["t"] = (t - t.min()) / 1e9 if time_unit == "datetime" else (t - t.min()) * TIME_UNITS[
-        time_unit]
+    t = df.pop("t").to_numpy()
+    if time_unit == "datetime":  # pandas' own float seconds, as before chunking
+        df["t"] = pd.to_timedelta(t - t.min(), unit="ns").total_seconds().to_numpy()
+    else:
+        df["t"] = (t - t.min()) * TIME_UNITS[time_unit]
     return df
 
 
