@@ -128,8 +128,6 @@ def known_columns(columns: Iterable[Any], source: str | None = None) -> list[str
 def _typed_column(raw: pd.Series, name: str) -> pd.Series:
     if name == "arrival_s":
         return _float_column(raw, name)
-    if name == TOKENS_COLUMN:
-        return _token_column(raw)
     lo, hi = INT_RANGES[name]
     return _int_column(raw, name, lo, hi, nullable=name not in REQUIRED_COLUMNS)
 
