@@ -2,7 +2,8 @@
 
 A run folder (DIR/summary.json exists) gets its report.html (plotly.js embedded). A sweep
 directory (run folders below it, e.g. a Hydra multirun folder, finished or not) gets sweep.html,
-points.csv, one plotly.min.js, and a report.html for each point that has none.
+points.csv, one plotly.min.js, and a report.html for each point that has none, then prints the
+sweep's status line (ok / cannot start / failed / interrupted counts).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from reports.console import sweep_status_line
 from reports.run_folder import SUMMARY, find_runs
 from reports.run_page import write_run_page
 from reports.sweep_page import build_sweep_report
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
     for point, why in report.page_errors.items():
         print(f"warning: no run page for point {point}: {why}", file=sys.stderr)
+    print(sweep_status_line(target)[0])
     return 0
 
 

@@ -4,11 +4,13 @@ Every folder with a summary.json is a point, whatever its status (ok, cannot_sta
 summary.json that cannot be parsed is "unreadable"), so a partial sweep aggregates whatever
 exists. Only summary.json is read: the records are not needed for the table.
 
-Columns: point, status, model, hardware, block_size, max_model_len, gpu_memory_utilization,
-every other configuration field that varies across points, `sim_<metric>` (predicted),
-`real_<metric>` (measured), `err_<metric>_pct` (signed prediction error), error, error_type,
-mode, report. Metric columns with no value at any point are left out (a sim-only sweep has no
-real_ or err_ columns).
+Columns: point, status, warning, model, hardware, block_size, max_model_len,
+gpu_memory_utilization, every other configuration field that varies across points,
+`sim_<metric>` (predicted), `real_<metric>` (measured), `err_<metric>_pct` (signed prediction
+error), error, error_type, mode, report. Metric columns with no value at any point are left out
+(a sim-only sweep has no real_ or err_ columns). The request counts (completed, rejected,
+unfinished) are metrics too; `warning` says, per side, when a point rejected or left unfinished
+any request ("12% rejected (120 of 1,000), 3 unfinished"), empty otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from reports.run_folder import REPORT, SOURCES, SUMMARY, find_runs
 
 X_AXIS, Y_AXIS, FACET = "block_size", "gpu_memory_utilization", "max_model_len"
 ALWAYS = ("model", "hardware", X_AXIS, FACET, Y_AXIS)
-META = ("point", "status", "error", "error_type", "mode", "report")
+META = ("point", "status", "warning", "error", "error_type", "mode", "report")
 TAIL = ("error", "error_type", "mode", "report")
 SKIPPED_CONFIG = ("overrides",)  # Hydra's override list: repeats the varying fields
 SIDE_PREFIX = {"sim": "sim_", "real": "real_"}
@@ -40,6 +42,7 @@ class PointMetric:
     sim: tuple[str, str]  # (part of summary["sim"], key)
     real: tuple[str, str]  # (part of summary["real"], key)
     error: bool = True  # has a prediction-error column
+    count: bool = False  # a request count: shown whether or not the side ran a step
 
 
 POINT_METRICS: tuple[PointMetric, ...] = (
@@ -57,6 +60,8 @@ POINT_METRICS: tuple[PointMetric, ...] = (
                 ("metrics", "e2e_p99_s")),
     PointMetric("preemptions", "preemptions", "int", ("metrics", "total_preemptions"),
                 ("metrics", "total_preemptions"), error=False),
+    *(PointMetric(key, f"{key} requests", "int", ("metrics", key), ("metrics", key),
+                  error=False, count=True) for key in ("completed", "rejected", "unfinished")),
 )
 METRICS_BY_NAME = {m.name: m for m in POINT_METRICS}
 
@@ -81,7 +86,8 @@ def point_row(root: Path, path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         return {**row, "status": "unreadable", "error": f"{SUMMARY} unreadable: {err}"}
     row.update(status=str(summary.get("status", "unknown")), error=summary.get("error"),
-               error_type=summary.get("error_type"), mode=summary.get("mode"))
+               error_type=summary.get("error_type"), mode=summary.get("mode"),
+               warning=request_warning(summary))
     row.update(config_fields(summary.get("config") or {}))
     row.update(metric_fields(summary))
     return row
@@ -128,9 +134,52 @@ def metric_fields(summary: dict[str, Any]) -> dict[str, Any]:
 def _side_value(summary: dict[str, Any], side: str, metric: PointMetric) -> float:
     part, key = metric.sim if side == "sim" else metric.real
     found = (summary.get(side) or {}).get(part) or {}
-    if part == "metrics" and not served(found):
+    if metric.count and not count(found, "num_requests"):
+        return np.nan  # no request came in: the configuration never started
+    if part == "metrics" and not metric.count and not served(found):
         return np.nan  # nothing ran: no latency, throughput or peak to report
     return _or_nan(number(found.get(key)))
+
+
+def side_metrics(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each side's metrics that saw at least one request."""
+    found = {side: (summary.get(side) or {}).get("metrics") for side in SOURCES}
+    return {side: m for side, m in found.items()
+            if isinstance(m, dict) and count(m, "num_requests") > 0}
+
+
+def count(metrics: dict[str, Any], key: str) -> int:
+    """A count from summary.json's metrics; 0 when absent or not a number."""
+    return int(number(metrics.get(key)) or 0)
+
+
+def request_warning(summary: dict[str, Any]) -> str | None:
+    """"12% rejected (120 of 1,000), 3 unfinished" per side that rejected or left unfinished
+    any request (sides named when both ran); None when every request completed."""
+    sides = side_metrics(summary)
+    parts = [(side, text) for side, m in sides.items() if (text := counts_warning(m))]
+    if not parts:
+        return None
+    return "; ".join(f"{side}: {text}" if len(sides) > 1 else text for side, text in parts)
+
+
+def counts_warning(metrics: dict[str, Any]) -> str:
+    total = count(metrics, "num_requests")
+    rejected, unfinished = count(metrics, "rejected"), count(metrics, "unfinished")
+    parts = []
+    if rejected:
+        parts.append(f"{share(rejected, total)} rejected ({rejected:,} of {total:,})")
+    if unfinished:
+        parts.append(f"{unfinished:,} unfinished")
+    return ", ".join(parts)
+
+
+def share(part: int, total: int) -> str:
+    """A percentage as a reader wants it: 12%, 4.5%, <0.1%."""
+    pct = 100.0 * part / total if total else 0.0
+    if 0 < pct < 0.1:
+        return "<0.1%"
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.1f}%"
 
 
 def served(metrics: dict[str, Any]) -> bool:
@@ -143,10 +192,10 @@ def _or_nan(value: float | None) -> float:
 
 
 def _ordered(rows: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = dict.fromkeys(("point", "status", *ALWAYS))  # even if never set
+    seen: dict[str, None] = dict.fromkeys(("point", "status", "warning", *ALWAYS))  # always
     for row in rows:
         seen.update(dict.fromkeys(row))
-    head = ["point", "status", *ALWAYS]
+    head = ["point", "status", "warning", *ALWAYS]
     metrics = [c for c in seen if is_metric(c)]
     tail = [c for c in TAIL if c in seen]
     middle = [c for c in seen if c not in head and c not in tail and c not in metrics]

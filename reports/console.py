@@ -1,8 +1,101 @@
-"""What a run prints in the terminal: its metrics in a few lines."""
+"""What a run and a sweep print on the console: one or two lines each, and the exit code.
+
+    console_summary(summary)        after each run (summary.json's dict)
+    sweep_status_line(sweep_dir)    after a sweep: the line and the exit code
+    format_metrics(metrics, ...)    `python -m sim`: the twin's metrics in a few lines
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
 from typing import Any
+
+import pandas as pd
+
+from reports.aggregate import count, read_points, share, side_metrics
+from reports.formatting import fmt, number
+
+NAMED_STATUSES = ("ok", "cannot_start", "failed", "interrupted")
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+LATENCIES = (("TTFT", "ttft", (50, 99)), ("TPOT", "tpot", (50, 99)), ("E2E", "e2e", (99,)))
+
+
+def console_summary(summary: dict[str, Any]) -> str:
+    """`[status] sim: 960 of 1,000 completed, 40 rejected (4.0%), 0 unfinished`, then a line of
+    the main latencies and throughput per side that served requests; an error's first line
+    replaces the counts where no side saw a request."""
+    status = str(summary.get("status", "unknown"))
+    sides = side_metrics(summary)
+    head = " | ".join(f"{side}: {counts_text(m)}" for side, m in sides.items())
+    error = first_line(summary.get("error"))
+    if error and (status != "ok" or not head):
+        head = f"{head} | {error}" if head else error
+    lines = [f"[{status}] {head or 'no request ran'}"]
+    latency = " | ".join(f"{side}: {latency_text(m)}" for side, m in sides.items()
+                         if count(m, "completed"))
+    if latency:
+        lines.append(latency)
+    return "\n".join(lines)
+
+
+def counts_text(metrics: dict[str, Any]) -> str:
+    total = count(metrics, "num_requests")
+    done, rejected, unfinished = (count(metrics, k)
+                                  for k in ("completed", "rejected", "unfinished"))
+    rejected_text = f"{rejected:,} rejected" + (f" ({share(rejected, total)})" if rejected else "")
+    return (f"{done:,} of {total:,} completed, {rejected_text}, "
+            f"{unfinished:,} unfinished")
+
+
+def latency_text(metrics: dict[str, Any]) -> str:
+    parts = []
+    for label, key, quantiles in LATENCIES:
+        values = " / ".join(f"p{q} {fmt(metrics.get(f'{key}_p{q}_s'), 'time')}"
+                            for q in quantiles)
+        parts.append(f"{label} {values}")
+    rate = number(metrics.get("output_throughput_tok_s"))
+    if rate is not None:
+        parts.append(f"{fmt(rate, 'float')} output tok/s")
+    return ", ".join(parts)
+
+
+def first_line(text: Any) -> str:
+    lines = str(text).strip().splitlines() if text else []
+    return lines[0][:200] if lines else ""
+
+
+def sweep_status_line(sweep_dir: str | Path) -> tuple[str, int]:
+    """("sweep DIR: 13 points: 10 ok (2 with rejected or unfinished requests), 2 cannot start,
+    1 failed, 0 interrupted", exit code): 130 when a point was interrupted, else 1 when one
+    failed (or its summary.json is unreadable), else 0 (a point that cannot start is a result).
+    """
+    root = Path(sweep_dir)
+    try:
+        points = read_points(root)
+    except OSError as err:
+        return f"sweep {root}: unreadable ({err})", EXIT_FAILED
+    if points.empty:
+        return f"sweep {root}: no points (no summary.json under it)", EXIT_FAILED
+    counts = Counter(points["status"])
+    code = EXIT_INTERRUPTED if counts["interrupted"] else \
+        EXIT_FAILED if any(s not in ("ok", "cannot_start") for s in counts) else EXIT_OK
+    return f"sweep {root}: {status_summary(points)}", code
+
+
+def status_summary(points: pd.DataFrame) -> str:
+    """"13 points: 10 ok (2 with rejected or unfinished requests), 2 cannot start, 1 failed,
+    0 interrupted" (and any other status that occurs)."""
+    counts = Counter(points["status"])
+    flagged = int((points["status"].eq("ok") & points.get(
+        "warning", pd.Series(index=points.index, dtype=object)).notna()).sum())
+    parts = []
+    for status in [*NAMED_STATUSES, *sorted(set(counts) - set(NAMED_STATUSES))]:
+        text = f"{counts[status]} {status.replace('_', ' ')}"
+        if status == "ok" and flagged:
+            text += f" ({flagged} with rejected or unfinished requests)"
+        parts.append(text)
+    return f"{len(points)} points: " + ", ".join(parts)
 
 
 def format_metrics(m: dict[str, Any], predictor: dict[str, str], simulated_s: float,

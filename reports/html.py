@@ -42,8 +42,11 @@ td.msg { text-align: left; min-width: 220px; max-width: 340px; white-space: norm
          font-weight: 600; color: #fff; white-space: nowrap; }
 .st-ok { background: #1a7f37; } .st-cannot_start { background: #bc4c00; }
 .st-failed, .st-unreadable { background: #cf222e; } .st-unknown { background: #6e7781; }
+.st-interrupted { background: #8250df; }
 tr.row-cannot_start td { background: #fff4e5; }
 tr.row-failed td, tr.row-unreadable td { background: #ffebe9; }
+tr.row-interrupted td { background: #fbefff; } tr.row-warn td { background: #fff8c5; }
+.warn { color: #7d4e00; font-size: 0.8rem; font-weight: 600; }
 .alert { border: 2px solid #cf222e; background: #ffebe9; border-radius: 6px; padding: 12px 16px;
          margin: 14px 0; }
 .alert.warn { border-color: #bc4c00; background: #fff4e5; }

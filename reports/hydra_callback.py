@@ -1,4 +1,5 @@
-"""Hydra callback: after a sweep, write the aggregated report into the sweep folder."""
+"""Hydra callback: after a sweep, write the aggregated report into the sweep folder and print
+the sweep's status line; `sweep_exit_code()` is the code the process should exit with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+_LAST: dict[str, int] = {"exit_code": 0}
 
 
 class SweepReport(Callback):
@@ -20,3 +23,13 @@ class SweepReport(Callback):
         except Exception as err:  # the points are on disk; `python -m reports` rebuilds
             print(f"sweep report not written ({err}); rebuild it with "
                   f"python -m reports {sweep_dir}", file=sys.stderr)
+        from reports.console import sweep_status_line
+
+        line, _LAST["exit_code"] = sweep_status_line(sweep_dir)
+        print(line, file=sys.stderr if _LAST["exit_code"] else sys.stdout)
+
+
+def sweep_exit_code() -> int:
+    """The exit code of the last sweep this process ran (0 when none): 130 when a point was
+    interrupted, 1 when one failed, else 0."""
+    return _LAST["exit_code"]

@@ -6,7 +6,8 @@
     report.html       the run page
 
 summary.json:
-    {"status": "ok" | "cannot_start" | "failed", "error": str | null, "error_type": str | null,
+    {"status": "ok" | "cannot_start" | "failed" | "interrupted", "error": str | null,
+     "error_type": str | null, "trace": {workloads.trace_source(...)} (where run.py records it),
      "mode": "sim" | "real" | "both" | "calibrate",
      "config": {"model": ..., "hardware": ..., "predictor": ..., "engine": {EngineConfig},
                 "workload": {...}},

@@ -1,17 +1,21 @@
 """The run page: one run folder -> report.html, predicted beside measured.
 
-Sections, each only when its data exist: status / error, serving metrics, latency CDFs, KV usage
-over time, per-request parity (sim and real both), memory terms, capacity plan, configuration.
+Sections, each only when its data exist: status / error, a warning when requests were rejected
+or left unfinished (counts and the commonest rejection reasons), serving metrics, latency CDFs,
+KV usage over time, per-request parity (sim and real both), memory terms, capacity plan,
+configuration.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from reports.aggregate import counts_warning, side_metrics
 from reports.html import EMBED, badge, esc, figure_div, key_values, page, plotly_script, section
 from reports.metrics import STEP_COLUMNS, kv_usage_timeline, request_latencies
 from reports.plots import kv_timeline, latency_cdfs, memory_bars, request_parity, thin_timeline
@@ -25,7 +29,11 @@ from reports.run_tables import (
 )
 
 STEP_BATCH = 1 << 18  # step records read at a time for the timeline
-ALERT_TITLE = {"cannot_start": "Cannot start", "failed": "Run failed"}
+ALERT_TITLE = {"cannot_start": "Cannot start", "failed": "Run failed",
+               "interrupted": "Interrupted: what was finished is kept"}
+TOP_REASONS = 3
+# Numbers that differ request by request in the scheduler's reasons, masked to group them.
+_PER_REQUEST = re.compile(r"(prompt of|needs) \d+")
 
 
 def write_run_page(run_dir: Path, plotly_js: str | Path = EMBED) -> Path:
@@ -40,7 +48,8 @@ def write_run_page(run_dir: Path, plotly_js: str | Path = EMBED) -> Path:
 
 def render_run_page(run: RunFolder, plotly_tag: str) -> str:
     s = run.summary
-    body = [_header(run), _alert(s), _metrics_section(s), *_record_sections(run),
+    body = [_header(run), _alert(s), requests_alert(run), _metrics_section(s),
+            *_record_sections(run),
             _memory_section(s), _capacity_section(s), _config_section(s)]
     return page(f"kvtwin run {run.path.name}: {_title(s)}", [b for b in body if b], plotly_tag)
 
@@ -76,7 +85,7 @@ def _alert(s: dict[str, Any]) -> str:
     status = str(s.get("status", "unknown"))
     if status in ALERT_TITLE:
         kind = f": {s['error_type']}" if s.get("error_type") else ""
-        css = "alert warn" if status == "cannot_start" else "alert"
+        css = "alert" if status == "failed" else "alert warn"
         trace = s.get("traceback")
         details = (f"<details><summary>traceback</summary><pre>{esc(trace)}</pre></details>"
                    if trace else "")
@@ -88,6 +97,36 @@ def _alert(s: dict[str, Any]) -> str:
         return ('<div class="alert warn" id="run-error"><strong>The simulator predicted this '
                 f"configuration cannot start</strong><pre>{esc(predicted['error'])}</pre></div>")
     return ""
+
+
+def requests_alert(run: RunFolder) -> str:
+    """A banner when a side rejected or left unfinished any request: its counts, then the
+    commonest rejection reasons (requests.parquet's finish_reason, per-request numbers masked).
+    """
+    sides = {side: text for side, m in side_metrics(run.summary).items()
+             if (text := counts_warning(m))}
+    if not sides:
+        return ""
+    items = []
+    for side, text in sides.items():
+        reasons = "".join(f"<li>{n:,} &times; {esc(reason)}</li>"
+                          for reason, n in rejection_reasons(run, side))
+        label = f"{side}: " if len(sides) > 1 or len(side_metrics(run.summary)) > 1 else ""
+        items.append(f"<p>{esc(label + text)}</p>" + (f"<ul>{reasons}</ul>" if reasons else ""))
+    return ('<div class="alert warn" id="requests-warning"><strong>Not every request '
+            "completed</strong>" + "".join(items) + "</div>")
+
+
+def rejection_reasons(run: RunFolder, side: str) -> list[tuple[str, int]]:
+    """The commonest reasons the side's rejected requests give, most frequent first."""
+    reqs, _ = run.side(side)
+    if reqs.empty or "rejected" not in reqs or "finish_reason" not in reqs:
+        return []
+    rejected = reqs["rejected"].astype("boolean").fillna(False).astype(bool)
+    reasons = reqs.loc[rejected, "finish_reason"].dropna().astype(str)
+    masked = reasons.str.replace(_PER_REQUEST, lambda m: f"{m.group(1)} N", regex=True)
+    counts = masked.value_counts()
+    return [(str(r), int(n)) for r, n in counts.head(TOP_REASONS).items()]
 
 
 def _served(s: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -181,7 +220,7 @@ def _config_section(s: dict[str, Any]) -> str:
     cfg = s.get("config") or {}
     parts = []
     for title, values in (("engine", cfg.get("engine")), ("workload", cfg.get("workload")),
-                          ("versions", s.get("versions"))):
+                          ("trace source", s.get("trace")), ("versions", s.get("versions"))):
         if isinstance(values, dict) and values:
             parts.append(f"<p class='meta'>{esc(title)}</p>" + key_values(
                 (k, _plain(v)) for k, v in values.items()))

@@ -26,6 +26,7 @@ from reports.aggregate import (
     select_columns,
     varies,
 )
+from reports.console import status_summary
 from reports.formatting import error_class, fmt, fmt_error, number
 from reports.html import (
     Cell,
@@ -116,6 +117,7 @@ def _header(root: Path, points: pd.DataFrame, common: dict[str, object]) -> str:
     settings = key_values((k, v) for k, v in common.items()) if common else ""
     return (f"<h1>kvtwin sweep: {esc(root.name)}</h1>"
             f"<p class='meta'>{len(points)} points &middot; {summary}</p>"
+            f"<p class='meta' id='sweep-status'>{esc(status_summary(points))}</p>"
             + (section("Settings shared by every point", settings) if settings else ""))
 
 
@@ -125,7 +127,8 @@ def _table_section(root: Path, points: pd.DataFrame, report: SweepReport) -> str
     headers = [Cell("point", css="text"), Cell("status", css="text"),
                Cell("message", css="text"), *config, *(metric_label(c) for c in metrics)]
     rows = [_row(root, point, config, metrics, report) for _, point in points.iterrows()]
-    row_css = [f"row-{s}" for s in points["status"]]
+    row_css = [f"row-{s}" + (" row-warn" if _warning(p) else "")
+               for s, (_, p) in zip(points["status"], points.iterrows(), strict=True)]
     tbl = table(headers, rows, css="sortable", row_css=row_css, tid="points-table")
     return section("Points", f'<div class="scroll">{tbl}</div>', sid="points",
                    note="Click a column header to sort. Each point links to its run page; "
@@ -139,11 +142,23 @@ def _row(root: Path, point: pd.Series, config: list[str], metrics: list[str],
     message = point.get("error") if isinstance(point.get("error"), str) else ""
     if rel in report.page_errors:
         message = f"{message} (run page not written: {report.page_errors[rel]})".strip()
-    cells: list[Cell | str] = [Cell(rel, href=href, css="text"),
-                               Cell(badge(str(point["status"])), sort=str(point["status"]),
-                                    raw_html=True, css="text"), _message_cell(message)]
+    cells: list[Cell | str] = [Cell(rel, href=href, css="text"), _status_cell(point),
+                               _message_cell(message)]
     cells += [_config_cell(point[c]) for c in config]
     return cells + [_metric_cell(c, point[c]) for c in metrics]
+
+
+def _warning(point: pd.Series) -> str:
+    value = point.get("warning")
+    return value if isinstance(value, str) else ""
+
+
+def _status_cell(point: pd.Series) -> Cell:
+    """The status badge; a point that rejected or left requests unfinished says so beside it
+    ("ok, 12% rejected (120 of 1,000)")."""
+    status, warning = str(point["status"]), _warning(point)
+    text = badge(status) + (f'<span class="warn">, {esc(warning)}</span>' if warning else "")
+    return Cell(text, sort=f"{status} {warning}".strip(), raw_html=True, css="text")
 
 
 def _message_cell(message: str) -> Cell:
@@ -186,7 +201,8 @@ def _figure_sections(points: pd.DataFrame) -> list[str]:
         return []
     out = [section("Feasibility", figure_div(feasibility_map(points), "plot-feasibility"),
                    note="Green: starts (with its KV blocks); orange: cannot start; red: "
-                        "failed. Hover a cell for the message.")]
+                        "failed or interrupted; ⚠: starts, but rejected or left unfinished "
+                        "some requests. Hover a cell for the message.")]
     wide = "wide" if facets.shape[1] > 2 else None
     out.append(grid(*_value_maps(points, wide)))
     out.append(grid(*_error_maps(points, wide)))
@@ -199,7 +215,7 @@ def _figure_sections(points: pd.DataFrame) -> list[str]:
 def _value_maps(points: pd.DataFrame, css: str | None) -> list[str]:
     """Per metric, the predicted values (the measured ones in a sweep with no sim side)."""
     out = []
-    for metric in POINT_METRICS:
+    for metric in (m for m in POINT_METRICS if not m.count):  # counts: the table and map
         column = next((f"{s}_{metric.name}" for s in ("sim", "real")
                        if f"{s}_{metric.name}" in points.columns), None)
         if column:

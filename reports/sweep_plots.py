@@ -19,7 +19,7 @@ from reports.formatting import fmt
 from reports.plots import COLOR, base_layout, decades, identity_line, log_ticks, time_unit
 
 STATUS_TEXT = {"ok": "starts", "cannot_start": "cannot start", "failed": "failed",
-               "unreadable": "unreadable"}
+               "interrupted": "interrupted", "unreadable": "unreadable"}
 STATUS_CODE = {"ok": 0.0, "cannot_start": 0.5}  # anything else: 1.0
 FEASIBILITY_SCALE = [[0, "#2da44e"], [0.25, "#2da44e"], [0.25, "#fb8f44"], [0.75, "#fb8f44"],
                      [0.75, "#cf222e"], [1, "#cf222e"]]
@@ -159,6 +159,10 @@ def feasibility_map(points: pd.DataFrame) -> go.Figure:
         label = STATUS_TEXT.get(status, str(status))
         blocks = point.get("sim_num_blocks", point.get("real_num_blocks"))
         shown = f"{label}<br>{fmt(blocks, 'int')} blocks" if status == "ok" else label
+        warning = point.get("warning")
+        if isinstance(warning, str) and warning:  # it starts, but not every request ran
+            shown += "<br>⚠ " + warning.split(" (")[0]
+            return STATUS_CODE.get(status, 1.0), shown, _hover(point, wrap(warning))
         return STATUS_CODE.get(status, 1.0), shown, _hover(point, wrap(point.get("error")))
 
     for index, (_, group) in enumerate(facets.groups):

@@ -5,34 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+import warnings
 from typing import Any
 
 from workloads.describe import describe
 from workloads.errors import SpecError, TraceError
-from workloads.importers import AZURE_COLUMNS, import_azure
+from workloads.load import FILE_FORMATS, READERS, load_trace
 from workloads.models import catalog_models, model_kv_bytes_per_token
 from workloads.presets import PRESETS, make_preset
-from workloads.schema import Trace
 from workloads.summary_text import format_summary
-from workloads.trace_io import read_trace, write_trace
+from workloads.trace_io import write_trace
 
-FORMATS = ("auto", "parquet", "csv", "jsonl", "azure")
-
-
-def load_any(path: str, fmt: str = "auto", **azure_options: Any) -> Trace:
-    """A trace file, or an Azure-format CSV (detected from its header when fmt is "auto")."""
-    if fmt == "azure" or (fmt == "auto" and _is_azure_csv(Path(path))):
-        return import_azure(path, **azure_options)[0]
-    return read_trace(path, None if fmt == "auto" else fmt)
-
-
-def _is_azure_csv(path: Path) -> bool:
-    if path.suffix.lower() != ".csv" or not path.is_file():
-        return False
-    with path.open() as f:
-        header = {c.strip() for c in f.readline().split(",")}
-    return set(AZURE_COLUMNS.values()) <= header
+FORMATS = READERS + FILE_FORMATS
+AZURE_OPTIONS = ("start_s", "duration_s", "rate_scale")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     kv.add_argument("--model", help=f"{', '.join(catalog_models())} or an HF config.json path")
     d.add_argument("--dtype", default="bfloat16")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
-    for flag, kind in (("--start-s", float), ("--duration-s", float), ("--rate-scale", float),
-                       ("--max-model-len", int)):
-        d.add_argument(flag, type=kind, help="Azure import option")
+    d.add_argument("--exact-cache", action="store_true",
+                   help="count cacheable tokens from every generated token id (slow, memory "
+                        "per token) instead of the trace's structure")
+    d.add_argument("--max-model-len", type=int,
+                   help="bound prompt_len + output_len (see --too-long)")
+    d.add_argument("--too-long", choices=("error", "keep", "cap", "drop"),
+                   help="a request over the bounds: error (kvtwin default), keep, or for an "
+                        "Azure trace cap (its default) / drop")
+    for flag in ("--start-s", "--duration-s", "--rate-scale"):
+        d.add_argument(flag, type=float, help="Azure import option")
     g = sub.add_parser("generate", help="write a preset workload to a trace file")
     g.add_argument("preset", choices=sorted(PRESETS))
     g.add_argument("-o", "--output", required=True, help=".parquet, .csv or .jsonl")
@@ -60,15 +52,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _describe(args: argparse.Namespace) -> str:
-    options = {k: v for k in ("start_s", "duration_s", "rate_scale", "max_model_len")
-               if (v := getattr(args, k)) is not None}
-    trace = load_any(args.trace, args.format, **options)
+    options = {k: v for k in AZURE_OPTIONS if (v := getattr(args, k)) is not None}
+    trace = load_trace(args.trace, args.format, max_model_len=args.max_model_len,
+                       too_long=args.too_long, **options)
     per_token, model = args.kv_bytes_per_token, None
     if args.model:
         per_token, model = model_kv_bytes_per_token(args.model, args.dtype), \
             f"{args.model} {args.dtype}"
     summary = describe(trace, block_size=args.block_size, kv_bytes_per_token=per_token,
-                       kv_model=model)
+                       kv_model=model, exact_cache=args.exact_cache)
     return json.dumps(summary.to_dict(), indent=2) if args.json else format_summary(summary)
 
 
@@ -95,15 +87,22 @@ def _presets() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors are one line on stderr (exit 2); warnings one line each ("warning: ...")."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "describe":
-            print(_describe(args))
-        elif args.command == "generate":
-            print(_generate(args))
-        else:
-            print(_presets())
-    except (SpecError, TraceError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            if args.command == "describe":
+                print(_describe(args))
+            elif args.command == "generate":
+                print(_generate(args))
+            else:
+                print(_presets())
+        except (SpecError, TraceError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _one_line_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    print(f"warning: {message}", file=sys.stderr)

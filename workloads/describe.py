@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from workloads.errors import check_number
-from workloads.prefix_cache import cacheable_tokens
+from workloads.errors import SpecError, check_number
+from workloads.prefix_cache import cacheable_by_structure, cacheable_tokens, explicit_prompts
 from workloads.schema import Trace
 from workloads.tokens import TokenSpec
-from workloads.tokens_bulk import all_prompt_token_ids
+
+# exact_cache generates every prompt token: refused beyond this many (4 bytes each).
+MAX_EXACT_TOKENS = 1 << 28
 
 PERCENTILES = (50, 90, 99)
 MiB = 1 << 20
@@ -39,6 +41,7 @@ class TraceSummary:
     block_size: int
     cacheable_prompt_tokens: int
     cacheable_ratio: float
+    cacheable_from: str = "structure"
     kv_bytes_per_token: int | None = None
     kv_model: str | None = None
     kv_bytes_per_request: dict[str, float] | None = None
@@ -49,20 +52,24 @@ class TraceSummary:
 
 
 def describe(trace: Trace, *, block_size: int = 16, kv_bytes_per_token: int | None = None,
-             kv_model: str | None = None, tokens: TokenSpec | None = None) -> TraceSummary:
+             kv_model: str | None = None, tokens: TokenSpec | None = None,
+             exact_cache: bool = False) -> TraceSummary:
     """Summarise `trace`.
 
     mean_rate = (requests - 1) / span of arrivals (None when all arrive at once); peak rates are
     the most arrivals in any sliding window of 1 s / 60 s, divided by the window. Sharing counts
-    prompt tokens an earlier prompt already held (see shared_prompt_tokens); cacheable tokens
-    come from the actual token ids (prefix_cache.py). KV per request is its peak:
-    prompt_len + output_len - 1 tokens (the last sampled token is never fed back).
+    prompt tokens an earlier prompt already held (see shared_prompt_tokens). Cacheable tokens
+    come from that structure (no token is made: memory follows the request count, never the
+    lengths), from the ids a trace carries, or, with exact_cache, from every generated token
+    id (prefix_cache.py; refused over MAX_EXACT_TOKENS prompt tokens). KV per request is its
+    peak: prompt_len + output_len - 1 tokens (the last sampled token is never fed back).
     """
     check_number("block_size", block_size, 1, integer=True)
-    prompt = trace.df["prompt_len"].to_numpy()
-    output = trace.df["output_len"].to_numpy()
-    shared = int(shared_prompt_tokens(trace).sum())
-    cacheable = int(cacheable_tokens(all_prompt_token_ids(trace, tokens), block_size).sum())
+    prompt = trace.df["prompt_len"].to_numpy(dtype=np.int64)
+    output = trace.df["output_len"].to_numpy(dtype=np.int64)
+    per_request = shared_prompt_tokens(trace)
+    shared = int(per_request.sum())
+    cacheable, method = _cacheable(trace, prompt, per_request, block_size, tokens, exact_cache)
     summary = TraceSummary(
         source=_source(trace.meta), requests=len(trace),
         **_rates(trace.df["arrival_s"].to_numpy()),
@@ -72,10 +79,25 @@ def describe(trace: Trace, *, block_size: int = 16, kv_bytes_per_token: int | No
         conversations=_distinct(trace, "conversation_id"),
         shared_prompt_tokens=shared, prefix_sharing_ratio=shared / float(prompt.sum()),
         block_size=block_size, cacheable_prompt_tokens=cacheable,
-        cacheable_ratio=cacheable / float(prompt.sum()))
+        cacheable_ratio=cacheable / float(prompt.sum()), cacheable_from=method)
     if kv_bytes_per_token is not None:
         _add_kv(summary, prompt + output - 1, kv_bytes_per_token, kv_model, block_size)
     return summary
+
+
+def _cacheable(trace: Trace, prompt: np.ndarray, shared: np.ndarray, block_size: int,
+               tokens: TokenSpec | None, exact: bool) -> tuple[int, str]:
+    if trace.has_explicit_tokens:
+        return int(cacheable_tokens(explicit_prompts(trace), block_size).sum()), "token ids"
+    if not exact:
+        return int(cacheable_by_structure(prompt, shared, block_size).sum()), "structure"
+    if int(prompt.sum()) > MAX_EXACT_TOKENS:
+        raise SpecError("exact_cache", True, f"used on traces of at most {MAX_EXACT_TOKENS:,} "
+                        f"prompt tokens (this one has {int(prompt.sum()):,})")
+    from workloads.tokens_bulk import all_prompt_token_ids  # makes every token: opt-in only
+
+    return int(cacheable_tokens(all_prompt_token_ids(trace, tokens), block_size).sum()), \
+        "generated token ids"
 
 
 def _rates(arrival: np.ndarray) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from engine.core.config import ConfigError
@@ -11,16 +12,39 @@ class TraceError(ValueError):
     """A trace value outside its allowed range.
 
     `row` is the 0-based position of the request in the file as read (before any sorting),
-    or None when the problem is not tied to one row.
+    or None when the problem is not tied to one row; `path` names the file when one was read.
+    The message is one line: "<path>: row <row>: <field>=<value> is invalid: must be <allowed>".
     """
 
-    def __init__(self, field: str, row: int | None, value: Any, allowed: str):
+    def __init__(self, field: str, row: int | None, value: Any, allowed: str,
+                 path: str | None = None):
         self.field = field
         self.row = row
         self.value = value
         self.allowed = allowed
-        where = f"row {row}: " if row is not None else ""
-        super().__init__(f"{where}{field}={value!r} is invalid: must be {allowed}")
+        self.path = path
+        where = f"{path}: " if path else ""
+        where += f"row {row}: " if row is not None else ""
+        text = f"{where}{field}={short_repr(value)} is invalid: must be {allowed}"
+        super().__init__(text.replace("\r", " ").replace("\n", " "))
+
+    def at(self, path: str | Path) -> TraceError:
+        """The same error naming `path` (kept when it names a file already)."""
+        if self.path:
+            return self
+        return TraceError(self.field, self.row, self.value, self.allowed, str(path))
+
+    def shifted(self, rows: int) -> TraceError:
+        """The same error with its row counted `rows` further (a chunk's first row)."""
+        if self.row is None or not rows:
+            return self
+        return TraceError(self.field, self.row + rows, self.value, self.allowed, self.path)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value) on one line, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class SpecError(ConfigError):

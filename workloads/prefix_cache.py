@@ -13,6 +13,8 @@ import numpy as np
 from engine.core.kv.block_manager import BlockManager
 from engine.core.sequence import Sequence as EngineSequence
 from workloads.errors import check_number
+from workloads.schema import TOKENS_COLUMN, Trace
+from workloads.tokens import PromptTokens
 
 UNBOUNDED = 1 << 62  # blocks: the cache never evicts
 
@@ -29,3 +31,22 @@ def cacheable_tokens(prompts: Iterable[Sequence[int]], block_size: int) -> np.nd
         cache.free(seq)  # its blocks stay cached: nothing is ever evicted
         hits.append(len(computed) * block_size)
     return np.asarray(hits, dtype=np.int64)
+
+
+def cacheable_by_structure(prompt_len: np.ndarray, shared: np.ndarray,
+                           block_size: int) -> np.ndarray:
+    """Per request: the full blocks of its `shared` leading tokens (a group prefix or the
+    previous turn seen before), never the whole prompt: what the engine's cache serves the
+    generated ids, by their construction (own tokens are distinct), with no token made.
+    Tested equal to `cacheable_tokens`, the engine's own answer."""
+    check_number("block_size", block_size, 1, integer=True)
+    return np.minimum(shared // block_size, (prompt_len - 1) // block_size) * block_size
+
+
+def explicit_prompts(trace: Trace) -> PromptTokens:
+    """The token ids a trace carries (its prompt_token_ids column), as one ragged array."""
+    column = trace.df[TOKENS_COLUMN]
+    offsets = np.zeros(len(column) + 1, dtype=np.int64)
+    np.cumsum(column.map(len).to_numpy(dtype=np.int64), out=offsets[1:])
+    values = np.concatenate([np.zeros(0, np.int32), *column]).astype(np.int32, copy=False)
+    return PromptTokens(values, offsets)

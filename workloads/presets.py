@@ -20,7 +20,7 @@ from workloads.build import build_trace
 from workloads.errors import SpecError, check_number
 from workloads.importers import import_azure
 from workloads.lengths import LogNormal, Uniform
-from workloads.schema import Trace, base_meta
+from workloads.schema import MAX_LEN, Trace, base_meta
 from workloads.structure import MultiTurn, SharedPrefix
 from workloads.validate import make_trace
 
@@ -30,6 +30,7 @@ TRACE_DIR = Path(os.environ.get("KVTWIN_TRACE_DIR")
 # Lengths shaped like the Azure 2023 conversation trace (median / p99 / max from its README).
 CHAT_PROMPT = LogNormal(median=1020, p99=4142, max_len=14050)
 CHAT_OUTPUT = LogNormal(median=129, p99=601, max_len=1000)
+MAX_BENCH_TOKENS = 1 << 24  # nanovllm_bench: n x max_input_len
 
 
 def nanovllm_bench(n: int = 256, max_input_len: int = 1024, max_output_len: int = 1024,
@@ -38,8 +39,11 @@ def nanovllm_bench(n: int = 256, max_input_len: int = 1024, max_output_len: int 
     randint(100, max_input_len) then its ids randint(0, 10000); then every output length
     randint(100, max_output_len). Offline (all at t=0); the ids are carried explicitly."""
     check_number("n", n, 1, integer=True)
-    check_number("max_input_len", max_input_len, 100, integer=True)
-    check_number("max_output_len", max_output_len, 100, integer=True)
+    check_number("max_input_len", max_input_len, 100, MAX_LEN, integer=True)
+    check_number("max_output_len", max_output_len, 100, MAX_LEN, integer=True)
+    if n * max_input_len > MAX_BENCH_TOKENS:  # each id is a Python int: bound them first
+        raise SpecError("max_input_len", max_input_len,
+                        f"at most {MAX_BENCH_TOKENS:,} // n = {MAX_BENCH_TOKENS // n:,} (n={n})")
     rng = random.Random(seed)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, max_input_len))]
                for _ in range(n)]

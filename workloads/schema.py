@@ -19,7 +19,12 @@ FORMAT_NAME = "kvtwin-trace"
 FORMAT_VERSION = 1
 # Ids and group keys go into 56 bits of a Philox key (see tokens.py).
 MAX_ID = (1 << 56) - 1
-MAX_LEN = (1 << 31) - 1
+# The longest prompt or output a trace holds by default: beyond any model's context today
+# (10M tokens at most), small enough that nothing sized by a length can exhaust memory.
+MAX_LEN = 1 << 24
+# What the format stores at all (int32 token positions); a request between the two is kept
+# only when the reader is asked to keep over-long requests (see workloads.bounds).
+MAX_STORED_LEN = (1 << 31) - 1
 
 
 @dataclass(frozen=True, eq=False)  # compare with .equals (DataFrames have no truth value)

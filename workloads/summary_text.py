@@ -20,7 +20,8 @@ def format_summary(s: TraceSummary) -> str:
         f" {s.shared_prompt_tokens:,} prompt tokens ({s.prefix_sharing_ratio:.1%}) repeat an"
         " earlier prompt",
         f"prefix cache    block {s.block_size}: {s.cacheable_prompt_tokens:,} prompt tokens"
-        f" ({s.cacheable_ratio:.1%}) cacheable (full blocks, infinite cache)",
+        f" ({s.cacheable_ratio:.1%}) cacheable (full blocks, infinite cache; from the"
+        f" {s.cacheable_from})",
     ]
     if s.kv_bytes_per_token is not None:
         model = f"{s.kv_model}, " if s.kv_model else ""

@@ -3,11 +3,18 @@
 Parquet keeps the metadata as JSON under the schema-metadata key `kvtwin`. CSV and JSONL keep it
 in a sidecar `<file>.meta.json` next to the file (a file without one loads with empty metadata).
 In CSV, a prompt_token_ids cell is the ids separated by spaces; empty cells are nulls.
+
+Reading streams: Parquet record batches, CSV and JSONL chunks of rows, each validated as it
+comes (lengths against their bounds first, see workloads.bounds), so memory follows the rows
+read, never a value in them. Whatever is wrong with a file ends in one TraceError naming it
+(and the row and column where a row is at fault).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +23,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workloads.bounds import LengthBounds
 from workloads.errors import SpecError, TraceError
 from workloads.schema import ALL_COLUMNS, TOKENS_COLUMN, Trace
-from workloads.validate import make_trace
+from workloads.streams import (
+    CHUNK_ROWS,
+    check_file,
+    csv_chunks,
+    csv_header,
+    jsonl_rows,
+    read_json_object,
+)
+from workloads.validate import TraceBuilder
 
 META_KEY = b"kvtwin"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
@@ -55,19 +71,39 @@ def write_trace(trace: Trace, path: str | Path, fmt: str | None = None) -> Path:
     return path
 
 
-def read_trace(path: str | Path, fmt: str | None = None) -> Trace:
-    """Read and validate a trace (see validate.make_trace for the checks)."""
+def read_trace(path: str | Path, fmt: str | None = None, *, max_model_len: int | None = None,
+               too_long: str = "error", unsorted: str = "sort",
+               chunk_rows: int = CHUNK_ROWS) -> Trace:
+    """Read and validate a trace (see validate.make_trace for the checks), a chunk at a time.
+
+    Lengths are bounded by the schema's MAX_LEN and, given `max_model_len`, by
+    prompt_len + output_len <= max_model_len; too_long="keep" keeps longer requests (for the
+    scheduler to reject) instead of raising. unsorted="error" refuses unsorted arrivals.
+    """
     path = Path(path)
     kind = trace_format(path, fmt)
-    if not path.is_file():
-        raise FileNotFoundError(f"trace not found: {path}")
+    bounds = LengthBounds(max_model_len, too_long)
+    check_file(path, kind)
+    try:
+        columns, chunks, meta = _open(path, kind, chunk_rows)
+        builder = TraceBuilder(columns, bounds, unsorted, source=str(path))
+        for chunk in chunks:
+            builder.add(chunk)
+        return builder.trace(meta)
+    except TraceError as err:
+        raise err.at(path) from None
+
+
+def _open(path: Path, kind: str, rows: int
+          ) -> tuple[list[str], Iterator[pd.DataFrame], dict[str, Any]]:
+    """(column names, chunks of raw rows, metadata) of a trace file."""
     if kind == "parquet":
-        raw, meta = _read_parquet(path)
-    else:
-        raw = _read_csv(path) if kind == "csv" else _read_jsonl(path)
-        side = sidecar_path(path)
-        meta = json.loads(side.read_text()) if side.is_file() else {}
-    return make_trace(raw, meta)
+        return _parquet_chunks(path, rows)
+    side = sidecar_path(path)
+    meta = read_json_object(side, "metadata") if side.is_file() else {}
+    if kind == "csv":
+        return csv_header(path), csv_chunks(path, rows=rows), meta
+    return _jsonl_chunks(path, rows) + (meta,)
 
 
 def _meta_json(meta: dict[str, Any]) -> str:
@@ -91,13 +127,71 @@ def _arrow_column(series: pd.Series, name: str) -> pa.Array:
     return pa.array(series, type=ARROW_TYPES[name], from_pandas=True)
 
 
-def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    table = pq.read_table(path)
-    raw_meta = (table.schema.metadata or {}).get(META_KEY)
-    meta = json.loads(raw_meta) if raw_meta else {}
-    df = table.to_pandas(types_mapper=lambda t: pd.Int64Dtype() if pa.types.is_integer(t)
-                         else None)
-    return df, meta
+def _parquet_chunks(path: Path, rows: int
+                    ) -> tuple[list[str], Iterator[pd.DataFrame], dict[str, Any]]:
+    try:
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise TraceError("file", None, f"<{_first_line(err)}>",
+                         "a Parquet file (as kvtwin, pandas or pyarrow write one)") from None
+    raw_meta = (schema.metadata or {}).get(META_KEY)
+    meta = _parquet_meta(raw_meta) if raw_meta else {}
+    names = list(schema.names)
+    return names, _parquet_batches(file, _schema_columns(names), rows), meta
+
+
+def _parquet_meta(raw: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise TraceError("metadata", None, raw[:60], "a JSON object under the key 'kvtwin'")
+    return meta
+
+
+def _parquet_batches(file: pq.ParquetFile, columns: list[str],
+                     rows: int) -> Iterator[pd.DataFrame]:
+    batches = file.iter_batches(batch_size=rows, columns=columns, use_threads=False)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise TraceError("file", None, f"<{_first_line(err)}>",
+                             "a readable Parquet file") from None
+        yield pd.DataFrame({name: _pandas_column(column, name)
+                            for name, column in zip(batch.schema.names, batch.columns,
+                                                    strict=True)})
+
+
+def _pandas_column(column: pa.Array, name: str) -> pd.Series:
+    """Integers exactly (nullable Int64 / UInt64), anything else as pandas makes it."""
+    kind = column.type
+    try:
+        if pa.types.is_signed_integer(kind):
+            return column.cast(pa.int64()).to_pandas(types_mapper=_as_int64)
+        if pa.types.is_unsigned_integer(kind):
+            return column.cast(pa.uint64()).to_pandas(types_mapper=_as_uint64)
+        return column.to_pandas()
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as err:
+        raise TraceError(name, None, f"<{kind}: {_first_line(err)}>",
+                         "integers, numbers or text") from None
+
+
+def _as_int64(_: pa.DataType) -> pd.api.extensions.ExtensionDtype:
+    return pd.Int64Dtype()
+
+
+def _as_uint64(_: pa.DataType) -> pd.api.extensions.ExtensionDtype:
+    return pd.UInt64Dtype()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:120] if text else type(err).__name__
 
 
 def _write_csv(trace: Trace, path: Path) -> None:
@@ -105,10 +199,6 @@ def _write_csv(trace: Trace, path: Path) -> None:
     if TOKENS_COLUMN in df:
         df[TOKENS_COLUMN] = [" ".join(map(str, np.asarray(t).tolist())) for t in df[TOKENS_COLUMN]]
     df.to_csv(path, index=False, lineterminator="\n")
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
 
 
 def _write_jsonl(trace: Trace, path: Path) -> None:
@@ -127,21 +217,29 @@ def _plain_list(series: pd.Series) -> list[Any]:
     return series.tolist()
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
-    with path.open() as lines:
-        for line in lines:
-            if line.strip():
-                rows.append(_json_row(line, len(rows)))
-    names = [c for c in ALL_COLUMNS if any(c in r for r in rows)]
-    return pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object) for c in names})
+def _schema_columns(names: list[str]) -> list[str]:
+    """The schema's columns among `names` (TraceBuilder checks and warns about the rest)."""
+    return [c for c in ALL_COLUMNS if c in names]
 
 
-def _json_row(line: str, row: int) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise TraceError("<line>", row, line.strip()[:60], f"valid JSON ({err.msg})") from None
-    if not isinstance(value, dict):
-        raise TraceError("<line>", row, line.strip()[:60], "a JSON object")
-    return value
+def _jsonl_chunks(path: Path, rows: int) -> tuple[list[str], Iterator[pd.DataFrame]]:
+    """The columns are the keys of the first chunk of rows; a key of the schema first met
+    later is an error (a row without a key has a null there)."""
+    chunks = jsonl_rows(path, rows)
+    first = next(chunks, [])
+    keys = list(dict.fromkeys(k for row in first for k in row))
+    return keys, _jsonl_frames(first, chunks, _schema_columns(keys))
+
+
+def _jsonl_frames(first: list[dict[str, Any]], rest: Iterator[list[dict[str, Any]]],
+                  known: list[str]) -> Iterator[pd.DataFrame]:
+    done = 0
+    for chunk in itertools.chain([first], rest):
+        for pos, row in enumerate(chunk):
+            late = next((k for k in row if k in ALL_COLUMNS and k not in known), None)
+            if late is not None:
+                raise TraceError(late, done + pos, row[late],
+                                 f"absent: the first {len(first)} rows have no {late}")
+        done += len(chunk)
+        yield pd.DataFrame({c: pd.Series([r.get(c) for r in chunk], dtype=object)
+                            for c in known})

@@ -1,23 +1,28 @@
 """Turn a raw table (any dtypes, as read from a file) into a validated Trace.
 
 Every check reports the first offending row by its 0-based position in the input, the field, the
-value and the allowed range. Unsorted arrivals are sorted (stable) with a TraceWarning.
+value and the allowed range. Rows are checked chunk by chunk as a reader streams them
+(`TraceBuilder`), lengths against their bounds (workloads.bounds) before a token column is
+parsed; the table-wide checks (unique ids, prefix groups, conversations) run once at the end.
+Unsorted arrivals are sorted (stable) with a TraceWarning, or refused with unsorted="error".
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from workloads.errors import TraceError, TraceWarning
+from workloads.bounds import DEFAULT_BOUNDS, LengthBounds
+from workloads.errors import SpecError, TraceError, TraceWarning
 from workloads.schema import (
     ALL_COLUMNS,
     CONVERSATION_COLUMNS,
     MAX_ID,
-    MAX_LEN,
+    MAX_STORED_LEN,
     PREFIX_COLUMNS,
     REQUIRED_COLUMNS,
     TOKENS_COLUMN,
@@ -26,54 +31,103 @@ from workloads.schema import (
 
 INT_RANGES = {
     "request_id": (0, MAX_ID),
-    "prompt_len": (1, MAX_LEN),
-    "output_len": (1, MAX_LEN),
+    "prompt_len": (1, MAX_STORED_LEN),
+    "output_len": (1, MAX_STORED_LEN),
     "prefix_group": (0, MAX_ID),
-    "prefix_len": (1, MAX_LEN),
+    "prefix_len": (1, MAX_STORED_LEN),
     "conversation_id": (0, MAX_ID),
-    "turn": (0, MAX_LEN),
+    "turn": (0, MAX_STORED_LEN),
 }
 MAX_TOKEN_ID = (1 << 31) - 1
+UNSORTED = ("sort", "error")
 
 
-def make_trace(raw: pd.DataFrame, meta: dict[str, Any] | None = None) -> Trace:
-    """Validate `raw` and return a Trace sorted by arrival time (row numbers refer to `raw`)."""
-    raw = raw.reset_index(drop=True)
-    _check_columns(raw)
-    if raw.empty:
-        raise TraceError("request_id", None, "<no rows>", "at least one request")
-    unknown = [str(c) for c in raw.columns if c not in ALL_COLUMNS]
-    if unknown:
-        warnings.warn(TraceWarning(f"ignoring unknown columns: {', '.join(unknown)}"),
-                      stacklevel=3)
-    df = pd.DataFrame(index=raw.index)
-    for name in (c for c in ALL_COLUMNS if c in raw):
-        df[name] = _typed_column(raw[name], name)
-    _check_unique_ids(df)
-    _check_prefix(df)
-    if TOKENS_COLUMN in df:
-        _check_token_lengths(df)
-    df = _sorted_by_arrival(df)
-    _check_conversations(df)
-    return Trace(df.reset_index(drop=True), dict(meta or {}))
+def make_trace(raw: pd.DataFrame, meta: dict[str, Any] | None = None, *,
+               bounds: LengthBounds | None = None, unsorted: str = "sort",
+               source: str | None = None) -> Trace:
+    """Validate `raw` and return a Trace sorted by arrival time (row numbers refer to `raw`;
+    `source` names the file in warnings)."""
+    builder = TraceBuilder(raw.columns, bounds, unsorted, source)
+    builder.add(raw)
+    return builder.trace(meta)
 
 
-def _check_columns(raw: pd.DataFrame) -> None:
+class TraceBuilder:
+    """Rows validated as they come, chunk after chunk (row numbers continue across chunks);
+    `trace` runs the table-wide checks. Holds only the typed columns of the known fields."""
+
+    def __init__(self, columns: Iterable[Any], bounds: LengthBounds | None = None,
+                 unsorted: str = "sort", source: str | None = None):
+        if unsorted not in UNSORTED:
+            raise SpecError("unsorted", unsorted, "'sort' or 'error'")
+        self.source = source  # the file, named in warnings
+        self.columns = known_columns(columns, source)
+        self.bounds = bounds or DEFAULT_BOUNDS
+        self.unsorted = unsorted
+        self.rows = 0
+        self.too_long = 0
+        self._parts: list[pd.DataFrame] = []
+
+    def add(self, raw: pd.DataFrame) -> None:
+        raw = raw.set_axis(pd.RangeIndex(self.rows, self.rows + len(raw)), axis=0)
+        df = pd.DataFrame(index=raw.index)
+        for name in (c for c in self.columns if c != TOKENS_COLUMN):
+            df[name] = _typed_column(raw[name], name)
+        self.too_long += self.bounds.check(df)  # before any token list is parsed
+        if TOKENS_COLUMN in self.columns:
+            df[TOKENS_COLUMN] = _token_column(raw[TOKENS_COLUMN])
+            _check_token_lengths(df)
+        self._parts.append(df)
+        self.rows += len(raw)
+
+    def trace(self, meta: dict[str, Any] | None = None) -> Trace:
+        if not self.rows:
+            raise TraceError("request_id", None, "<no rows>", "at least one request")
+        parts = [p for p in self._parts if len(p)]
+        df = parts[0] if len(parts) == 1 else pd.concat(parts)
+        self._parts = []
+        _check_unique_ids(df)
+        _check_prefix(df)
+        df = _sorted_by_arrival(df, self.unsorted, self.source)
+        _check_conversations(df)
+        if self.too_long:
+            warn(self.bounds.kept_warning(self.too_long), self.source)
+        return Trace(df.reset_index(drop=True), dict(meta or {}))
+
+
+def warn(warning: Warning, source: str | None) -> None:
+    """A warning, naming the file it is about."""
+    if source:
+        warning = type(warning)(f"{source}: {warning}")
+    warnings.warn(warning, stacklevel=4)
+
+
+def known_columns(columns: Iterable[Any], source: str | None = None) -> list[str]:
+    """The schema's columns among `columns`, in schema order; a TraceError names a missing
+    required one, a TraceWarning the unknown ones."""
+    names = [str(c) for c in columns]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise TraceError("columns", None, dup, "unique column names (this one repeats)")
     required = list(REQUIRED_COLUMNS)
     for pair in (PREFIX_COLUMNS, CONVERSATION_COLUMNS):
-        if any(c in raw for c in pair):
+        if any(c in names for c in pair):
             required += pair
     for name in required:
-        if name not in raw:
+        if name not in names:
             raise TraceError(name, 0, "<missing column>",
                              f"present: the columns {', '.join(required)} are required")
+    unknown = [n for n in names if n not in ALL_COLUMNS]
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10
+                                           else "")
+        warn(TraceWarning(f"ignoring unknown columns: {shown}"), source)
+    return [c for c in ALL_COLUMNS if c in names]
 
 
 def _typed_column(raw: pd.Series, name: str) -> pd.Series:
     if name == "arrival_s":
         return _float_column(raw, name)
-    if name == TOKENS_COLUMN:
-        return _token_column(raw)
     lo, hi = INT_RANGES[name]
     return _int_column(raw, name, lo, hi, nullable=name not in REQUIRED_COLUMNS)
 
@@ -81,8 +135,8 @@ def _typed_column(raw: pd.Series, name: str) -> pd.Series:
 def _fail_first(mask: np.ndarray, raw: pd.Series, name: str, allowed: str) -> None:
     bad = np.flatnonzero(mask)
     if bad.size:
-        row = int(bad[0])
-        raise TraceError(name, row, _plain(raw.iloc[row]), allowed)
+        pos = int(bad[0])
+        raise TraceError(name, int(raw.index[pos]), _plain(raw.iloc[pos]), allowed)
 
 
 def _plain(value: Any) -> Any:
@@ -105,6 +159,9 @@ def _int_column(raw: pd.Series, name: str, lo: int, hi: int, nullable: bool) -> 
 def _exact_numbers(values: pd.Series) -> pd.Series:
     """Numbers from numeric or text values: int64 when all are integers, else float64 (NaN if
     not a number). Text integers stay exact beyond 2**53."""
+    if pd.api.types.is_unsigned_integer_dtype(values.dtype) and len(values) and \
+            int(values.max()) > np.iinfo(np.int64).max:
+        return values.astype(float)  # out of every range: fails its check, named as given
     if pd.api.types.is_integer_dtype(values.dtype) or pd.api.types.is_float_dtype(values.dtype):
         return values.astype(np.int64 if pd.api.types.is_integer_dtype(values.dtype) else float)
     try:
@@ -134,10 +191,10 @@ def _float_column(raw: pd.Series, name: str) -> pd.Series:
 
 def _token_column(raw: pd.Series) -> pd.Series:
     arrays = []
-    for row, value in enumerate(raw):
+    for row, value in zip(raw.index, raw, strict=True):
         arr = _token_array(value)
         if arr is None:
-            raise TraceError(TOKENS_COLUMN, row, _short(value),
+            raise TraceError(TOKENS_COLUMN, int(row), value,
                              f"a list of integers in [0, {MAX_TOKEN_ID}]")
         arrays.append(arr)
     return pd.Series(arrays, index=raw.index, dtype=object)
@@ -157,11 +214,6 @@ def _token_array(value: Any) -> np.ndarray | None:
     if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
         return None
     return arr.astype(np.int32)
-
-
-def _short(value: Any) -> Any:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_unique_ids(df: pd.DataFrame) -> None:
@@ -207,21 +259,24 @@ def _check_token_lengths(df: pd.DataFrame) -> None:
     prompt = df["prompt_len"].to_numpy()
     bad = np.flatnonzero(lens != prompt)
     if bad.size:
-        row = int(bad[0])
-        raise TraceError(TOKENS_COLUMN, row, f"<{lens[row]} tokens>",
-                         f"exactly prompt_len = {prompt[row]} tokens long")
+        pos = int(bad[0])
+        raise TraceError(TOKENS_COLUMN, int(df.index[pos]), f"<{lens[pos]} tokens>",
+                         f"exactly prompt_len = {prompt[pos]} tokens long")
 
 
-def _sorted_by_arrival(df: pd.DataFrame) -> pd.DataFrame:
+def _sorted_by_arrival(df: pd.DataFrame, unsorted: str, source: str | None) -> pd.DataFrame:
     arrival = df["arrival_s"].to_numpy()
     back = np.flatnonzero(np.diff(arrival) < 0)
     if not back.size:
         return df
     row = int(back[0]) + 1
-    warnings.warn(TraceWarning(
+    if unsorted == "error":
+        raise TraceError("arrival_s", row, float(arrival[row]),
+                         f">= {float(arrival[row - 1])!r} of row {row - 1} (arrivals in "
+                         "non-decreasing order; unsorted='sort' sorts them)")
+    warn(TraceWarning(
         f"arrivals are not sorted (row {row}: arrival_s={float(arrival[row])!r} < "
-        f"{float(arrival[row - 1])!r} of row {row - 1}); sorted by arrival_s (stable)"),
-        stacklevel=3)
+        f"{float(arrival[row - 1])!r} of row {row - 1}); sorted by arrival_s (stable)"), source)
     return df.sort_values("arrival_s", kind="stable")
 
 

@@ -274,7 +274,9 @@ def test_sweep_table_rows_statuses_links_and_messages(sim_sweep: Path, sim_repor
     points = collect_points(sim_sweep)
     rows = table_rows(sim_report, "points-table")
     assert [r[0] for r in rows] == list(points["point"])
-    assert [r[1] for r in rows] == [s.replace("_", " ") for s in points["status"]]
+    assert [r[1] for r in rows] == [s.replace("_", " ") + (f", {w}" if isinstance(w, str) else "")
+                                    for s, w in zip(points["status"], points["warning"],
+                                                    strict=True)]
     for point in points["point"]:
         assert f'<a href="{point}/report.html">{point}</a>' in sim_report
     failed = re.search(r'<tr class="row-failed">(.*?)</tr>', sim_report, re.S).group(1)

@@ -116,3 +116,26 @@ def test_summary_text_and_dict() -> None:
     assert s.to_dict()["prompt_len"]["max"] == 30.0
     with pytest.raises(SpecError, match="block_size=0"):
         describe(trace, block_size=0)
+
+
+@pytest.mark.parametrize("name", ["shared_prefix", "multi_turn"])
+def test_cacheable_from_structure_equals_the_token_ids(name: str) -> None:
+    from workloads.presets import make_preset
+
+    trace = make_preset(name, n=120, seed=5)
+    by_structure = describe(trace, block_size=16)
+    exact = describe(trace, block_size=16, exact_cache=True)
+    assert by_structure.cacheable_from == "structure"
+    assert exact.cacheable_from == "generated token ids"
+    assert by_structure.cacheable_prompt_tokens == exact.cacheable_prompt_tokens > 0
+
+
+def test_exact_cache_is_refused_on_huge_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    module = importlib.import_module("workloads.describe")  # the package's `describe` shadows it
+    monkeypatch.setattr(module, "MAX_EXACT_TOKENS", 100)
+    trace = build_trace(n=8, arrivals=Offline(), prompt_lens=Fixed(40), output_lens=Fixed(2))
+    with pytest.raises(SpecError, match="exact_cache=True .* at most 100 prompt tokens"):
+        describe(trace, exact_cache=True)
+    assert describe(trace).cacheable_prompt_tokens == 0
