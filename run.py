@@ -152,8 +152,8 @@ def run_mode(cfg: DictConfig, steps: StepsWriter,
         raise RuntimeError("fail_point=true: this point fails on purpose")
     if cfg.mode in MODE_RUNNERS:
         return MODE_RUNNERS[cfg.mode](cfg)
-    setup, requests = prepare(cfg)
-    summary: dict[str, Any] = {"status": "ok"}
+    setup, requests, source = prepare(cfg)
+    summary: dict[str, Any] = {"status": "ok", "trace": source}
     records: Records = {}
     if cfg.mode in ("sim", "both"):
         _run_sim(cfg, setup, requests, summary, records, steps, signals)
@@ -163,12 +163,15 @@ def run_mode(cfg: DictConfig, steps: StepsWriter,
     return summary, records
 
 
-def prepare(cfg: DictConfig) -> tuple[Any, Any]:
-    """The twin's setup (model, hardware, engine config, predictor) and the requests."""
+def prepare(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """The twin's setup (model, hardware, engine config, predictor), the requests, and where
+    the trace came from (path and checksum, or preset and parameters)."""
+    from workloads import trace_source
     from workloads.trace_requests import model_requests
 
     setup = _setup(cfg)
-    return setup, model_requests(load_workload(cfg), setup.model.vocab_size)
+    trace = load_workload(cfg)
+    return setup, model_requests(trace, setup.model.vocab_size), trace_source(trace)
 
 
 def _run_sim(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
@@ -385,11 +388,15 @@ def engine_config(cfg: DictConfig) -> EngineConfig:
 
 
 def load_workload(cfg: DictConfig) -> Any:
-    from workloads import make_preset, read_trace
+    """The preset, or the trace file `workload.path` (kvtwin's format or an Azure CSV)."""
+    from workloads import load_trace, make_preset
 
     w = cfg.workload
     if w.path:
-        return read_trace(w.path)
+        is_azure = w.get("format") == "azure"
+        too_long = w.get("too_long") or (None if is_azure else "keep")
+        return load_trace(w.path, w.get("format", "auto"), too_long=too_long,
+                          max_model_len=cfg.engine.max_model_len)
     return make_preset(w.name, **OmegaConf.to_container(w.params, resolve=True))
 
 
@@ -501,7 +508,7 @@ def _simulate_here(args: Any, cfg: DictConfig) -> int:
     from sim.capacity import format_plan
     from sim.twin import simulate
 
-    setup, requests = prepare(cfg)
+    setup, requests, _ = prepare(cfg)
     start = time.perf_counter()
     run = simulate(setup, requests, skip=cfg.skip)
     wall = time.perf_counter() - start
@@ -566,9 +573,10 @@ def _record(out: Path, summary: dict[str, Any], records: Records,
     except Exception as err:  # the records matter more than the page
         print(f"report page not written: {err}", file=sys.stderr)
         page = out
-    print(f"[{summary['status']}] {page}")
-    if summary.get("error"):
-        print(f"  {summary['error']}")
+    from reports.console import console_summary
+
+    print(console_summary(summary))
+    print(f"  report: {page}")
 
 
 def _progress(cfg: DictConfig, total: int, desc: str) -> Any:
@@ -582,3 +590,6 @@ if __name__ == "__main__":
         sys.argv.remove("--debug")
         os.environ["HYDRA_FULL_ERROR"] = "1"
     main()
+    from reports.hydra_callback import sweep_exit_code
+
+    sys.exit(sweep_exit_code())  # a sweep with a failed or interrupted point: non-zero

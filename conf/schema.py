@@ -32,6 +32,11 @@ class ModelEntry:
 class WorkloadConfig:
     name: str = "poisson_chat"  # a preset of workloads.PRESETS
     path: Optional[str] = None  # noqa: UP045  (a trace file instead of a preset)
+    # path's reader: auto (an Azure CSV is recognised by its columns) | kvtwin | azure
+    format: str = "auto"
+    # path's requests longer than engine.max_model_len: keep (the engine rejects them, and
+    # they are recorded) | error | cap | drop; None: keep (a kvtwin trace), cap (Azure)
+    too_long: Optional[str] = None  # noqa: UP045
     params: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006
 
 

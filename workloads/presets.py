@@ -24,6 +24,7 @@ from workloads.schema import MAX_LEN, Trace, base_meta
 from workloads.structure import MultiTurn, SharedPrefix
 from workloads.validate import make_trace
 
+REPO = Path(__file__).resolve().parents[1]
 # The shared traces sit beside the checkout (../shared/traces); $KVTWIN_TRACE_DIR overrides.
 TRACE_DIR = Path(os.environ.get("KVTWIN_TRACE_DIR")
                  or Path(__file__).resolve().parents[2] / "shared" / "traces")
@@ -90,8 +91,12 @@ def azure_conv(path: str | None = None, start_s: float = 0.0, duration_s: float 
                rate_scale: float = 1.0, max_model_len: int | None = None,
                too_long: str = "cap", seed: int = 0) -> Trace:
     """A window of the Azure 2023 conversation trace (default: its first 10 minutes), time
-    compressed by rate_scale. path defaults to $KVTWIN_TRACE_DIR/azure_llm_2023_conv.csv."""
+    compressed by rate_scale. path defaults to $KVTWIN_TRACE_DIR/azure_llm_2023_conv.csv; a
+    relative path not found from here is read from the repository (a committed window)."""
     source = path or str(TRACE_DIR / "azure_llm_2023_conv.csv")
+    if not Path(source).is_absolute() and not Path(source).exists() and \
+            (REPO / source).exists():
+        source = str(REPO / source)
     trace, _ = import_azure(source, start_s=start_s, duration_s=duration_s,
                             rate_scale=rate_scale, max_model_len=max_model_len,
                             too_long=too_long, seed=seed)
