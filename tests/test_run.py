@@ -82,9 +82,14 @@ def test_single_sim_run_writes_its_folder(tmp_path: Path) -> None:
 
 def test_bad_value_fails_before_running(tmp_path: Path) -> None:
     result = run_py("engine.block_size=24", f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0
-    assert "block_size=24 is invalid: must be a power of two from 1 to 256" in result.stderr
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+    assert result.returncode == 2
+    assert result.stderr.strip() == \
+        "error: block_size=24 is invalid: must be a power of two from 1 to 256"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "Traceback" in summary["traceback"]
+    assert not (tmp_path / "report.html").exists()  # no heavy page for a config error
+    debug = run_py("--debug", "engine.block_size=24", f"hydra.run.dir={tmp_path}")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
 def test_forced_unknown_engine_key_is_named(tmp_path: Path) -> None:
