@@ -35,6 +35,7 @@ from engine.core.config import ConfigError, EngineConfig, ModelConfig
 from engine.core.request import Request
 from engine.core.sequence import SamplingParams
 from engine.runtime.loader import to_torch_dtype
+from engine.tools.config import compose_engine
 from workloads.tokens import TokenSpec
 from workloads.trace_requests import request_table
 
@@ -187,27 +188,9 @@ def _fold_tokens(requests: list[Request],
 
 
 def engine_config(preset: str | None = None, **overrides: Any) -> EngineConfig:
-    """EngineConfig from a conf/engine preset (or the defaults) with field overrides;
-    an unknown field or a bad value raises ConfigError naming it."""
-    values = engine_preset(preset) if preset else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return EngineConfig.from_kwargs(**values)
-
-
-def engine_preset(name: str) -> dict[str, Any]:
-    """conf/engine/<name>.yaml merged over the presets its `defaults` list names."""
-    from omegaconf import OmegaConf
-
-    path = CONF_DIR / "engine" / f"{name}.yaml"
-    if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ConfigError("engine", name, f"one of {available}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    merged: dict[str, Any] = {}
-    for parent in data.pop("defaults", []):
-        if parent != "_self_":
-            merged.update(engine_preset(parent))
-    return {**merged, **data}
+    """EngineConfig from a conf/engine preset (or the defaults) with field overrides,
+    composed by run.py's Hydra config; an unknown field or a bad value names it."""
+    return compose_engine(preset=preset, **overrides)
 
 
 # -- timing ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +30,7 @@ from typing import Any
 
 from engine.core.config import EngineConfig
 from engine.core.request import Request
-from engine.runtime.serve.__main__ import engine_config, model_source
+from engine.tools.config import compose_engine, model_source
 
 KEYS = ("completed", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p50_s", "e2e_p50_s",
         "output_throughput_tok_s", "duration_s")
@@ -81,7 +82,8 @@ def over_http(args: argparse.Namespace, runs: dict[str, list[Request]]) -> dict[
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(_server_command(args, port), env=_env(args))
+    folder = Path(tempfile.mkdtemp(prefix="kvtwin-serve-"))
+    server = subprocess.Popen(_server_command(args, port, folder), env=_env(args))
     try:
         _wait_healthy(url, server)
         replay_http(url, runs["light"][:4])  # warm the connection path and the server
@@ -112,13 +114,15 @@ def _twin_model(model: str) -> Any:
     return model
 
 
-def _server_command(args: argparse.Namespace, port: int) -> list[str]:
-    command = [sys.executable, "-m", "engine.runtime.serve", "--model", args.model,
-               "--port", str(port), "--log-level", "error"]
-    for pair in args.set:
-        command += ["--set", pair]
+def _server_command(args: argparse.Namespace, port: int, folder: Path) -> list[str]:
+    """`python run.py mode=serve` on this bench's model and engine settings."""
+    model = [f"model.path={args.model}"] if Path(args.model).is_dir() else \
+        [f"model={args.model}"]
+    command = [sys.executable, "-m", "engine.runtime.serve", *model, f"serve.port={port}",
+               "serve.log_level=error", "progress=false", f"hydra.run.dir={folder}",
+               *(o if o.startswith("engine") else f"engine.{o}" for o in args.set)]
     if args.torch_threads:
-        command += ["--torch-threads", str(args.torch_threads)]
+        command.append(f"serve.torch_threads={args.torch_threads}")
     return command
 
 
@@ -225,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.cpu_smoke:
         smoke(args)
     model, _ = model_source(args.model)
-    config = engine_config(args.set)
+    config = compose_engine(args.set)
     vocab = _vocab(model)
     runs = traces(args, vocab)
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
