@@ -25,7 +25,8 @@ MILLION_RSS_BYTES = int(1.5 * 2**30)  # the target: a million requests within 1.
 
 @pytest.fixture(autouse=True)
 def _enabled(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("benchmark_disable"):
+    options = request.config.getoption
+    if options("benchmark_disable") and not options("benchmark_enable"):
         pytest.skip("whole-process benchmarks run with --benchmark-enable")
 
 
