@@ -207,6 +207,24 @@ def throughput(prompt_tokens: int, output_tokens: int, wall_s: float) -> dict[st
             "total_tok_s": (prompt_tokens + output_tokens) / wall_s if wall_s > 0 else 0.0}
 
 
+def nanovllm_throughput(llm: Any, num_requests: int, max_input_len: int,
+                        max_output_len: int) -> dict[str, Any]:
+    """nano-vllm's bench on its first `num_requests` requests, after a warm-up: the offline
+    throughput the quantization and tensor-parallel benches report."""
+    params = {"max_input_len": max_input_len, "max_output_len": max_output_len}
+    workload = build_workload("nanovllm_bench", llm.model_config.vocab_size, num_requests,
+                              params)
+    warm_up_kvtwin(llm, workload.requests, NANOVLLM_TEMPERATURE)
+    sampling = [sampling_params(r, NANOVLLM_TEMPERATURE) for r in workload.requests]
+    start = clock(llm.device)
+    outputs = llm.generate([r.prompt_token_ids for r in workload.requests], sampling)
+    wall = clock(llm.device) - start
+    output_tokens = sum(len(o.output_token_ids) for o in outputs)
+    return {"num_requests": len(outputs), "prompt_tokens": workload.prompt_tokens,
+            "output_tokens": output_tokens, "wall_s": wall,
+            **throughput(workload.prompt_tokens, output_tokens, wall)}
+
+
 # -- kvtwin ------------------------------------------------------------------------------------
 
 @dataclass

@@ -163,24 +163,6 @@ def decode_row(llm: Any, batch: int, context: int, bandwidth: float | None) -> d
     return row
 
 
-def throughput_run(llm: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """nano-vllm's bench on the first --num-requests requests, after a warm-up."""
-    params = {"max_input_len": args.max_input_len, "max_output_len": args.max_output_len}
-    workload = bench.build_workload("nanovllm_bench", llm.model_config.vocab_size,
-                                    args.num_requests, params)
-    bench.warm_up_kvtwin(llm, workload.requests, TEMPERATURE)
-    sampling = [bench.sampling_params(r, TEMPERATURE) for r in workload.requests]
-    synchronize(llm.device)
-    start = time.perf_counter()
-    outputs = llm.generate([r.prompt_token_ids for r in workload.requests], sampling)
-    synchronize(llm.device)
-    wall = time.perf_counter() - start
-    output_tokens = sum(len(o.output_token_ids) for o in outputs)
-    return {"num_requests": len(outputs), "prompt_tokens": workload.prompt_tokens,
-            "output_tokens": output_tokens, "wall_s": wall,
-            **bench.throughput(workload.prompt_tokens, output_tokens, wall)}
-
-
 def memory_pairs(measured: dict[str, Any], predicted: Any) -> dict[str, Any]:
     """Every start-up term: predicted (the twin), measured (the engine), and their sources."""
     twin = predicted.to_dict()
@@ -206,7 +188,8 @@ def run_engine(model: str, hardware: str, variant: str, args: argparse.Namespace
               "cuda_graphs": llm.model_runner.cuda_graphs_enabled,
               "memory": memory_pairs(llm.memory_report(), predicted),
               "decode": [decode_row(llm, b, args.context, bandwidth) for b in args.batches]}
-    result["throughput"] = throughput_run(llm, args)
+    result["throughput"] = bench.nanovllm_throughput(
+        llm, args.num_requests, args.max_input_len, args.max_output_len)
     del llm
     result["in_use_after_release_bytes"] = release(device)
     return result

@@ -194,23 +194,6 @@ def memory_by_rank(llm: Any, predicted: Any) -> dict[str, Any]:
             "sources": predicted.sources, "parallel": predicted.parallel}
 
 
-def throughput_run(llm: Any, args: argparse.Namespace) -> dict[str, Any]:
-    params = {"max_input_len": args.max_input_len, "max_output_len": args.max_output_len}
-    workload = bench.build_workload("nanovllm_bench", llm.model_config.vocab_size,
-                                    args.num_requests, params)
-    bench.warm_up_kvtwin(llm, workload.requests, TEMPERATURE)
-    sampling = [bench.sampling_params(r, TEMPERATURE) for r in workload.requests]
-    synchronize(llm.device)
-    start = time.perf_counter()
-    outputs = llm.generate([r.prompt_token_ids for r in workload.requests], sampling)
-    synchronize(llm.device)
-    wall = time.perf_counter() - start
-    output_tokens = sum(len(o.output_token_ids) for o in outputs)
-    return {"num_requests": len(outputs), "prompt_tokens": workload.prompt_tokens,
-            "output_tokens": output_tokens, "wall_s": wall,
-            **bench.throughput(workload.prompt_tokens, output_tokens, wall)}
-
-
 def validation_load(args: argparse.Namespace, config: EngineConfig, setup: Any,
                     rate: float) -> dict[str, Any]:
     """One load: the same trace replayed on the engine and simulated by the twin."""
@@ -256,7 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with LLM(load_model(args.model), config) as llm:
         result["startup_s"] = time.perf_counter() - start
         result["memory"] = memory_by_rank(llm, setup.memory)
-        result["throughput"] = throughput_run(llm, args)
+        result["throughput"] = bench.nanovllm_throughput(
+            llm, args.num_requests, args.max_input_len, args.max_output_len)
     result["predictor"] = setup.predictor
     result["validation"] = [validation_load(args, config, setup, rate) for rate in args.loads]
     result["hardware_catalog"] = load_hardware(hardware).name
