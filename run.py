@@ -463,6 +463,7 @@ def sim_main(argv: list[str] | None = None) -> int:
 def _config_summary(cfg: DictConfig) -> dict[str, Any]:
     choices = _choices(cfg)
     return {"model": choices.get("model"), "hardware": choices.get("hardware"),
+            "used_by_others_gib": cfg.hardware.get("used_by_others_gib", 0.0),
             "predictor": cfg.predictor, "engine": _entry(cfg.engine),
             "workload": _entry(cfg.workload), "overrides": _overrides(cfg)}
 

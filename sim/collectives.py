@@ -32,15 +32,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.core.catalog import Hardware
-from engine.core.config import DTYPE_BYTES, ModelConfig
+from engine.core.config import DTYPE_BYTES, EngineConfig, ModelConfig
 from engine.core.features import StepFeatures, StepRow
 from engine.core.parallel import (
-    RankShapes,
     allreduces_per_step,
-    rank_kv_bytes_per_token,
-    rank_num_parameters,
 )
-from sim.step_time import DecodeRun, ModelWork, RooflineStepTime, StepTimeModel
+from sim.step_time import DecodeRun, RooflineStepTime, StepTimeModel
 
 ALLREDUCE_FORMAT = "kvtwin-allreduce/1"
 ALLREDUCE_DIR = Path(__file__).resolve().parent / "profiles" / "allreduce"
@@ -138,26 +135,14 @@ def allreduce_model(hardware: Hardware, hardware_key: str, tp: int,
     return AllReduceRoofline.of(hardware, tp)
 
 
-def rank_work(model: ModelConfig, dtype: str, tp: int) -> ModelWork:
-    """`ModelWork` of one rank: its parameters, heads and KV heads (ModelWork.of at TP=1)."""
-    s = RankShapes.of(model, tp)
-    embed = s.vocab * model.hidden_size
-    body = rank_num_parameters(model, tp) - embed * (1 if model.tie_word_embeddings else 2)
-    attn = 4.0 * model.num_hidden_layers * s.num_heads * model.head_dim
-    read = body + embed  # what a step reads: the embedding table is only looked up
-    return ModelWork(float(body), float(embed), attn, float(read * DTYPE_BYTES[dtype]),
-                     float(rank_kv_bytes_per_token(model, tp, dtype)))
-
-
-def rank_roofline(model: ModelConfig, hardware: Hardware, dtype: str,
-                  tp: int) -> RooflineStepTime:
+def rank_roofline(model: ModelConfig, hardware: Hardware, config: EngineConfig) -> RooflineStepTime:
     """The roofline of one rank's shard (its FLOPs and bytes), the catalog's peaks per GPU."""
-    roof = RooflineStepTime(model, dtype, hardware.peak_bf16_flops,
+    tp = config.tensor_parallel_size
+    return RooflineStepTime(model, config.dtype, hardware.peak_bf16_flops,
                             hardware.hbm_bandwidth_bytes_per_s,
                             source=f"roofline of one {hardware.name} rank of TP={tp} "
-                                   "(catalog peaks, documented efficiencies)")
-    roof.work = rank_work(model, dtype, tp)
-    return roof
+                                   "(catalog peaks, documented efficiencies)",
+                            quantization=config.quantization, kv_dtype=config.kv_dtype, tp=tp)
 
 
 class TensorParallelStepTime:
@@ -193,9 +178,10 @@ class TensorParallelStepTime:
 
 
 def tensor_parallel_step_time(model: ModelConfig, hardware: Hardware, hardware_key: str,
-                              dtype: str, tp: int,
+                              config: EngineConfig,
                               directory: Path = ALLREDUCE_DIR) -> TensorParallelStepTime:
     """The twin's step time at TP > 1: one rank's roofline plus the all-reduces."""
+    tp = config.tensor_parallel_size
     comm = allreduce_model(hardware, hardware_key, tp, directory)
-    return TensorParallelStepTime(rank_roofline(model, hardware, dtype, tp), comm, model,
-                                  dtype, tp)
+    return TensorParallelStepTime(rank_roofline(model, hardware, config), comm, model,
+                                  config.dtype, tp)

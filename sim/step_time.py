@@ -24,6 +24,12 @@ from engine.core.features import (
     StepRow,
     decode_run_features,
 )
+from engine.core.parallel import (
+    RankShapes,
+    rank_kv_bytes_per_token,
+    rank_num_parameters,
+    rank_weight_bytes,
+)
 from sim.step_terms import (
     DECODE_TERMS,
     MIXED_TERMS,
@@ -289,12 +295,18 @@ class ModelWork:
     kv_token_bytes: float
 
     @classmethod
-    def of(cls, model: ModelConfig, dtype: str) -> ModelWork:
-        embed = model.vocab_size * model.hidden_size
-        body = model.num_parameters() - embed * (1 if model.tie_word_embeddings else 2)
-        attn = 4.0 * model.num_hidden_layers * model.num_attention_heads * model.head_dim
-        return cls(float(body), float(embed), attn, float((body + embed) * DTYPE_BYTES[dtype]),
-                   float(model.kv_bytes_per_token(dtype)))
+    def of(cls, model: ModelConfig, dtype: str, quantization: str = "none",
+           kv_dtype: str | None = None, tp: int = 1) -> ModelWork:
+        """One rank's work (the whole model at tp=1). int8 weights and an fp8 cache cut the
+        bytes a step reads, not its FLOPs (weights are dequantized into `dtype` matmuls)."""
+        s = RankShapes.of(model, tp)
+        embed = s.vocab * model.hidden_size
+        body = rank_num_parameters(model, tp) - embed * (1 if model.tie_word_embeddings else 2)
+        attn = 4.0 * model.num_hidden_layers * s.num_heads * model.head_dim
+        looked_up = 0 if model.tie_word_embeddings else embed * DTYPE_BYTES[dtype]
+        read = rank_weight_bytes(model, tp, dtype, quantization) - looked_up
+        kv = rank_kv_bytes_per_token(model, tp, kv_dtype or dtype)
+        return cls(float(body), float(embed), attn, float(read), float(kv))
 
 
 def roofline_work(work: ModelWork, f: StepFeatures) -> Roofline:
@@ -321,11 +333,15 @@ class RooflineStepTime:
     compute_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.8
     overhead_s: float = 0.0004
+    quantization: str = "none"
+    kv_dtype: str | None = None  # None: the model dtype
+    tp: int = 1  # one rank's shard of the work
     kind: str = "roofline"
     work: ModelWork = field(init=False)
 
     def __post_init__(self) -> None:
-        self.work = ModelWork.of(self.model, self.dtype)
+        self.work = ModelWork.of(self.model, self.dtype, self.quantization, self.kv_dtype,
+                                 self.tp)
 
     reads_longest = False
     reads_shared = False

@@ -120,7 +120,8 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
                                 "predictor=roofline")
     step_time = profile_step_time(profile, config) if profile else RooflineStepTime(
         model_cfg, config.dtype, hw.peak_bf16_flops, hw.hbm_bandwidth_bytes_per_s,
-        source=f"roofline of {hw.name} (catalog peaks, documented efficiencies)")
+        source=f"roofline of {hw.name} (catalog peaks, documented efficiencies)",
+        quantization=config.quantization, kv_dtype=config.kv_dtype)
     memory = predict_memory(model_cfg, hw, config, profile)
     return TwinSetup(model_cfg, keys[0], hw, keys[1], config, profile, step_time, memory)
 
@@ -144,7 +145,7 @@ def setup_tensor_parallel(model: ModelConfig, hardware: Hardware, config: Engine
     if predictor == "calibrated":
         raise FileNotFoundError(f"no calibration profile at tensor_parallel_size={tp}: "
                                 "profiles are measured at TP=1; use predictor=roofline or auto")
-    step_time = tensor_parallel_step_time(model, hardware, keys[1], config.dtype, tp,
+    step_time = tensor_parallel_step_time(model, hardware, keys[1], config,
                                           allreduce_dir)
     memory = predict_memory(model, hardware, config)
     return TwinSetup(model, keys[0], hardware, keys[1], config, None, step_time, memory)

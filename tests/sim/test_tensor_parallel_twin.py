@@ -27,7 +27,6 @@ from sim.collectives import (
     allreduce_model,
     allreduce_profile_path,
     rank_roofline,
-    rank_work,
 )
 from sim.step_time import DecodeRun, ModelWork
 from sim.twin import setup_twin
@@ -43,7 +42,7 @@ def test_tp1_arithmetic_is_the_models(name: str) -> None:
     for quant in ("none", "int8"):
         assert rank_weight_bytes(model, 1, "bfloat16", quant) == \
             model.weight_bytes("bfloat16", quant)
-    assert rank_work(model, "bfloat16", 1) == ModelWork.of(model, "bfloat16")
+    assert ModelWork.of(model, "bfloat16", tp=1) == ModelWork.of(model, "bfloat16")
 
 
 def test_catalog_70b_and_32b_match_their_hf_configs() -> None:
@@ -118,7 +117,7 @@ def test_step_time_adds_the_allreduces_bit_for_bit() -> None:
     assert list(predicted) == [st.step(r, i) for i, r in enumerate(rows)]
     run = DecodeRun(7, 2100, 5)
     assert list(st.decode_run(run)) == list(st.predict(run.features()))
-    compute = rank_roofline(model, hw, "bfloat16", 2)
+    compute = rank_roofline(model, hw, EngineConfig(tensor_parallel_size=2))
     comm = predicted - compute.predict(features(rows))
     token_bytes = model.hidden_size * 2
     one = AllReduceRoofline.of(hw, 2).seconds(np.array([64 * token_bytes]))[0]
@@ -128,7 +127,7 @@ def test_step_time_adds_the_allreduces_bit_for_bit() -> None:
 
 def test_rank_roofline_divides_the_work() -> None:
     model = load_model("llama3_1_70b")
-    one, four = rank_work(model, "bfloat16", 1), rank_work(model, "bfloat16", 4)
+    one, four = ModelWork.of(model, "bfloat16"), ModelWork.of(model, "bfloat16", tp=4)
     assert four.attn_unit == one.attn_unit / 4
     assert four.kv_token_bytes == one.kv_token_bytes / 4
     assert one.weight_bytes / 4 < four.weight_bytes < one.weight_bytes / 3.9
