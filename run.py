@@ -18,16 +18,21 @@ sweep the sweep goes on. SIGINT and SIGTERM keep what was done, marked interrupt
 signal exits at once. `+resume=true` in a sweep keeps the points that finished.
 
 The module front ends (`python -m sim`, `python -m engine.tools.*`) compose their
-configuration through Hydra too (`compose_config`), so an EngineConfig is built one way.
+configuration through Hydra too (`conf.compose`), so an EngineConfig is built one way.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,16 +40,30 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
+from conf.compose import compose_config, container, engine_config, load_workload
 from conf.schema import MODES, TARGETS, register
+from engine.core.catalog import model_from_dict
 from engine.core.config import EngineConfig
 from engine.core.memory import StartupError
+from reports.console import console_summary, format_metrics
+from reports.html import EMBED, ensure_plotly_js
+from reports.http.side import http_side
+from reports.hydra_callback import sweep_exit_code
+from reports.metrics import requests_frame, steps_frame, summarize, twin_metrics
 from reports.run_folder import SUMMARY, StepsWriter, write_run, write_summary
+from reports.run_page import write_run_page
+from reports.twin_run import run_twin
+from sim.capacity import format_plan, plan_capacity
+from sim.twin import setup_twin, simulate
+from sim.vllm_log import format_log_terms, log_config, parse_vllm_log, vllm_what_if
+from workloads import trace_source
+from workloads.trace_requests import model_requests
 
 register()
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 Records = dict[str, tuple[Any, Any]]
 EXPECTED = (ValueError, OSError)  # bad values, bad traces, missing files: one line, exit 2
 FINAL = ("ok", "cannot_start")    # a point that ended with one of these is kept on resume
@@ -166,9 +185,6 @@ def run_mode(cfg: DictConfig, steps: StepsWriter,
 def prepare(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
     """The twin's setup (model, hardware, engine config, predictor), the requests, and where
     the trace came from (path and checksum, or preset and parameters)."""
-    from workloads import trace_source
-    from workloads.trace_requests import model_requests
-
     setup = _setup(cfg)
     trace = load_workload(cfg)
     return setup, model_requests(trace, setup.model.vocab_size), trace_source(trace)
@@ -176,10 +192,8 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
 
 def _run_sim(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
              records: Records, steps: StepsWriter, signals: Signals) -> None:
-    from reports.twin_run import run_twin
-
     with _progress(cfg, len(requests), "simulate") as bar, signals.poll():
-        side = run_twin(setup, requests, steps, skip=cfg.skip, slo=_entry(cfg.slo),
+        side = run_twin(setup, requests, steps, skip=cfg.skip, slo=container(cfg.slo),
                         on_progress=lambda n: bar.update(n - bar.n),
                         should_stop=signals.stop_requested)
     summary["sim"] = side.summary
@@ -198,7 +212,6 @@ def _run_sim(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any]
 def _run_real(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
               records: Records) -> None:
     from engine.runtime.replay import replay_run
-    from reports.metrics import summarize
 
     config = engine_config(cfg)
     check_real_engine(setup, config)
@@ -209,7 +222,7 @@ def _run_real(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any
     except StartupError as err:
         summary.update(status="cannot_start", error=str(err), error_type=type(err).__name__)
         return
-    limits = {f"slo_{k}": v for k, v in _entry(cfg.slo).items()}
+    limits = {f"slo_{k}": v for k, v in container(cfg.slo).items()}
     metrics = summarize(reqs, steps, num_blocks=info["memory"]["num_blocks"], **limits)
     summary["real"] = {**info, "metrics": metrics}
     records["real"] = (reqs, steps)
@@ -226,10 +239,8 @@ def _target(cfg: DictConfig) -> str:
 def _run_http(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
               records: Records) -> None:
     """The trace replayed over HTTP against cfg.endpoint (any OpenAI-compatible server)."""
-    from reports.http.side import http_side
-
     info, result = http_side(cfg.endpoint, list(requests), model=cfg.served_model,
-                             progress=cfg.progress, slo=_entry(cfg.slo))
+                             progress=cfg.progress, slo=container(cfg.slo))
     summary["real"] = info
     records["real"] = (result.requests, result.steps)
     if result.interrupted:
@@ -290,9 +301,6 @@ def _fresh_process(fn: Any, *args: Any) -> Any:
 
 
 def _in_child(method: str, fn: Any, args: tuple[Any, ...]) -> Any:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":  # the server imports with PYTHONPATH, not this sys.path
         root, path = str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")
@@ -313,12 +321,10 @@ def _cuda_fork_error(err: BaseException) -> bool:
 
 def _serve(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
     """Serve the composed model and engine over HTTP until Ctrl-C; records what it served."""
-    from engine.core.catalog import model_from_dict
     from engine.runtime.serve import ServeOptions, serve
-    from reports.metrics import requests_frame, steps_frame, summarize
 
-    model = cfg.model.path or model_from_dict(_entry(cfg.model))
-    got = serve(model, engine_config(cfg), ServeOptions(**_entry(cfg.serve)),
+    model = cfg.model.path or model_from_dict(container(cfg.model))
+    got = serve(model, engine_config(cfg), ServeOptions(**container(cfg.serve)),
                 name=_choices(cfg).get("model"))
     reqs, steps = requests_frame(got["requests"]), steps_frame(got["steps"])
     metrics = summarize(reqs, steps, num_blocks=got["num_blocks"])
@@ -331,7 +337,7 @@ def _calibrate(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
 
     choices = _choices(cfg)
     command = "python run.py mode=calibrate " + " ".join(_overrides(cfg))
-    source = cfg.model.path or choices.get("model") or _entry(cfg.model)["name"]
+    source = cfg.model.path or choices.get("model") or container(cfg.model)["name"]
     profile = calibrate(source, engine_config(cfg), hardware=choices.get("hardware"),
                         command=command)
     path = profile.save()
@@ -349,7 +355,7 @@ def _bench(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
 
     model = _bench_model(cfg)
     config = engine_config(cfg).validate(model.config)
-    options = bench.bench_options(_entry(cfg.bench) if "bench" in cfg else None)
+    options = bench.bench_options(container(cfg.bench) if "bench" in cfg else None)
     trace = load_workload(cfg)
     source = {"path": cfg.workload.path} if cfg.workload.path else \
         {"preset": cfg.workload.name, "params": trace.meta["preset"]["params"]}
@@ -363,12 +369,11 @@ def _bench(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
 
 
 def _bench_model(cfg: DictConfig) -> Any:
-    from engine.core.catalog import model_from_dict
     from engine.tools.bench import BenchModel, resolve_model
 
     if cfg.model.path:
         return resolve_model(cfg.model.path)
-    return BenchModel(model_from_dict(_entry(cfg.model)), None,
+    return BenchModel(model_from_dict(container(cfg.model)), None,
                       _choices(cfg).get("model") or "model")
 
 
@@ -382,35 +387,6 @@ MODE_RUNNERS = {"serve": _serve, "calibrate": _calibrate, "bench": _bench}
 
 
 # -- configuration ---------------------------------------------------------------------------
-
-def engine_config(cfg: DictConfig) -> EngineConfig:
-    return EngineConfig.from_kwargs(**OmegaConf.to_container(cfg.engine, resolve=True))
-
-
-def load_workload(cfg: DictConfig) -> Any:
-    """The preset, or the trace file `workload.path` (kvtwin's format or an Azure CSV)."""
-    from workloads import load_trace, make_preset
-
-    w = cfg.workload
-    if w.path:
-        is_azure = w.get("format") == "azure"
-        too_long = w.get("too_long") or (None if is_azure else "keep")
-        return load_trace(w.path, w.get("format", "auto"), too_long=too_long,
-                          max_model_len=cfg.engine.max_model_len)
-    return make_preset(w.name, **OmegaConf.to_container(w.params, resolve=True))
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """run.py's configuration for `overrides`, without a run (the module front ends)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
-
-
-def _entry(node: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True)
-
 
 def _choices(cfg: DictConfig) -> dict[str, str]:
     """Which file of each config group was chosen (model, hardware, ...)."""
@@ -439,8 +415,6 @@ def _debug() -> bool:
 def sim_main(argv: list[str] | None = None) -> int:
     """`python -m sim [simulate | capacity] [--json] [--vllm-log FILE] [OVERRIDE ...]`: the
     twin in the terminal, configured by run.py's Hydra overrides; no run folder."""
-    import argparse
-
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("simulate", "capacity") else "simulate"
     parser = argparse.ArgumentParser(prog="python -m sim", description=sim_main.__doc__)
@@ -464,8 +438,8 @@ def _config_summary(cfg: DictConfig) -> dict[str, Any]:
     choices = _choices(cfg)
     return {"model": choices.get("model"), "hardware": choices.get("hardware"),
             "used_by_others_gib": cfg.hardware.get("used_by_others_gib", 0.0),
-            "predictor": cfg.predictor, "engine": _entry(cfg.engine),
-            "workload": _entry(cfg.workload), "overrides": _overrides(cfg)}
+            "predictor": cfg.predictor, "engine": container(cfg.engine),
+            "workload": container(cfg.workload), "overrides": _overrides(cfg)}
 
 
 def _failed(base: dict[str, Any], err: BaseException, expected: bool) -> dict[str, Any]:
@@ -475,8 +449,6 @@ def _failed(base: dict[str, Any], err: BaseException, expected: bool) -> dict[st
 
 
 def _finished(out: Path) -> bool:
-    import json
-
     try:
         return json.loads((out / SUMMARY).read_text()).get("status") in FINAL
     except (OSError, ValueError):
@@ -484,9 +456,7 @@ def _finished(out: Path) -> bool:
 
 
 def _sim_command(args: Any, cfg: DictConfig) -> int:
-    import json
 
-    from sim.capacity import format_plan, plan_capacity
 
     if args.command == "capacity" and args.vllm_log:
         return _capacity_from_log(args, cfg)
@@ -501,13 +471,7 @@ def _sim_command(args: Any, cfg: DictConfig) -> int:
 
 
 def _simulate_here(args: Any, cfg: DictConfig) -> int:
-    import json
-    import time
 
-    from reports.console import format_metrics
-    from reports.metrics import twin_metrics
-    from sim.capacity import format_plan
-    from sim.twin import simulate
 
     setup, requests, _ = prepare(cfg)
     start = time.perf_counter()
@@ -526,10 +490,7 @@ def _simulate_here(args: Any, cfg: DictConfig) -> int:
 def _capacity_from_log(args: Any, cfg: DictConfig) -> int:
     """The what-if from a vLLM server's start-up log: its measured terms, this config's
     settings where the overrides give them, the log's settings elsewhere."""
-    import json
 
-    from sim.capacity import format_plan, plan_capacity
-    from sim.vllm_log import format_log_terms, log_config, parse_vllm_log, vllm_what_if
 
     setup = _setup(cfg)
     log = parse_vllm_log(args.vllm_log.read_text(errors="replace"))
@@ -553,10 +514,8 @@ def _capacity_from_log(args: Any, cfg: DictConfig) -> int:
 
 
 def _setup(cfg: DictConfig) -> Any:
-    from sim.twin import setup_twin
-
     choices = _choices(cfg)
-    return setup_twin(_entry(cfg.model), _entry(cfg.hardware), engine_config(cfg),
+    return setup_twin(container(cfg.model), container(cfg.hardware), engine_config(cfg),
                       cfg.predictor, keys=(choices.get("model"), choices.get("hardware")))
 
 
@@ -566,23 +525,18 @@ def _record(out: Path, summary: dict[str, Any], records: Records,
             steps: StepsWriter | None = None) -> None:
     write_run(out, summary, records or None, steps)
     try:
-        from reports.html import EMBED, ensure_plotly_js
-        from reports.run_page import write_run_page
 
         js = ensure_plotly_js(Path(HydraConfig.get().sweep.dir)) if _in_sweep() else EMBED
         page = write_run_page(out, js)
     except Exception as err:  # the records matter more than the page
         print(f"report page not written: {err}", file=sys.stderr)
         page = out
-    from reports.console import console_summary
 
     print(console_summary(summary))
     print(f"  report: {page}")
 
 
 def _progress(cfg: DictConfig, total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="req", disable=not cfg.progress, leave=False)
 
 
@@ -591,6 +545,5 @@ if __name__ == "__main__":
         sys.argv.remove("--debug")
         os.environ["HYDRA_FULL_ERROR"] = "1"
     main()
-    from reports.hydra_callback import sweep_exit_code
 
     sys.exit(sweep_exit_code())  # a sweep with a failed or interrupted point: non-zero

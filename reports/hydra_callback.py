@@ -10,6 +10,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from reports.console import sweep_status_line
+from reports.sweep_page import write_sweep_report
+
 _LAST: dict[str, int] = {"exit_code": 0}
 
 
@@ -17,14 +20,10 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            from reports.sweep_page import write_sweep_report
-
             print(f"sweep report: {write_sweep_report(sweep_dir)}")
         except Exception as err:  # the points are on disk; `python -m reports` rebuilds
             print(f"sweep report not written ({err}); rebuild it with "
                   f"python -m reports {sweep_dir}", file=sys.stderr)
-        from reports.console import sweep_status_line
-
         line, _LAST["exit_code"] = sweep_status_line(sweep_dir)
         print(line, file=sys.stderr if _LAST["exit_code"] else sys.stdout)
 

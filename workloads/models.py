@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.core.catalog import list_models, load_model
+from engine.core.config import DTYPE_BYTES, ModelConfig
 from workloads.errors import SpecError
 
 
 def catalog_models() -> list[str]:
-    from engine.core.catalog import list_models
-
     return list_models()
 
 
 def model_kv_bytes_per_token(model: str, dtype: str = "bfloat16") -> int:
     """KV cache bytes per token (K and V, all layers) of a catalog model or an HF config path."""
-    from engine.core.catalog import load_model
-    from engine.core.config import DTYPE_BYTES, ModelConfig  # pure Python, no torch
-
     if dtype not in DTYPE_BYTES:
         raise SpecError("dtype", dtype, f"one of {', '.join(DTYPE_BYTES)}")
     path = Path(model)

@@ -1,5 +1,6 @@
-"""The tools' configuration: an EngineConfig composed by run.py's Hydra configuration (so it
-is built one way, validated one way), from `engine.*` overrides or a tool's own flags."""
+"""The tools' configuration: an EngineConfig composed by run.py's Hydra configuration
+(conf.compose: built one way, validated one way), from `engine.*` overrides or a tool's own
+flags."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from conf.compose import compose_config, engine_config
 from engine.core.catalog import load_model
 from engine.core.config import EngineConfig
 
@@ -15,8 +17,6 @@ def compose_engine(overrides: list[str] | tuple[str, ...] = (), preset: str | No
                    **fields: Any) -> EngineConfig:
     """run.py's engine config for `engine=<preset>`, the overrides (`K=V` or `engine.K=V`)
     and the fields given (None: not given); a bad key or value names it."""
-    from run import compose_config, engine_config
-
     given = [o if o.lstrip("+").startswith("engine") else f"engine.{o}" for o in overrides]
     given += [f"engine.{k}={_value(v)}" for k, v in fields.items() if v is not None]
     try:

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from engine.core.request import Request, RequestTable, as_table
 from reports.http import records
@@ -80,8 +81,6 @@ class _Replayer:
         self.t0 = 0.0
 
     async def run(self, progress: bool) -> HttpReplayResult:
-        from tqdm.auto import tqdm
-
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT,
                                          trust_env=False) as session:

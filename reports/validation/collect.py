@@ -41,10 +41,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from reports.aggregate import collect_points
 from reports.run_folder import SUMMARY, RunFolder, find_runs, read_run
 from reports.validation.accuracy import INDEX
+from workloads import make_preset, read_trace, write_trace
 
 FORMAT = "kvtwin-validation/1"
 BLOCKS_PATTERNS = (re.compile(r"num_blocks=(-?\d+)"), re.compile(r"GiB, (-?\d+) blocks of"))
@@ -122,8 +124,6 @@ def workload_label(config: dict[str, Any], path: Path) -> str:
             return value
     hydra_yaml = path / ".hydra" / "hydra.yaml"
     if hydra_yaml.is_file():
-        import yaml
-
         choices = (yaml.safe_load(hydra_yaml.read_text()) or {}).get("hydra", {}).get(
             "runtime", {}).get("choices", {})
         if choices.get("workload"):
@@ -165,8 +165,6 @@ def point_wall_s(path: Path) -> float | None:
 def write_point_trace(run: RunFolder, out: Path) -> str:
     """Rebuild the point's trace from its workload config, check it against the requests the
     engine saw, and store it once per distinct workload."""
-    from workloads import make_preset, read_trace, write_trace
-
     workload = run.summary["config"]["workload"]
     key = hashlib.sha1(json.dumps(workload, sort_keys=True).encode()).hexdigest()[:12]
     rel = f"traces/{workload.get('name')}_{key}.parquet"

@@ -34,8 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from conf.compose import compose_config, container, engine_config, load_workload
+from engine.core.catalog import Hardware, model_from_dict
+from engine.core.config import EngineConfig
+from reports.metrics import twin_metrics
+from sim.memory_model import predict_memory
+from sim.twin import setup_twin, simulate
+from workloads.schema import Trace
+from workloads.trace_requests import model_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -96,7 +107,7 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     override list that composes it: swept keys from the sweep file, replaced by the command
     line's value list for the same key."""
     base = [o for o in overrides if o.startswith("+sweep=")]
-    cfg = compose(base, hydra=True)
+    cfg = compose_config(base)
     params = {str(k): [v.strip() for v in str(v).split(",")]
               for k, v in (cfg.hydra.sweeper.params or {}).items()}
     fixed = []
@@ -112,40 +123,20 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return [base + fixed + list(point) for point in itertools.product(*grid)]
 
 
-def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from conf.schema import register
-
-    register()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra)
-
-
 # -- simulation -----------------------------------------------------------------------------
-
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True)
-
 
 def simulate_point(cfg: DictConfig, offline: bool = False) -> dict[str, Any]:
     """The twin's prediction for one composed config (roofline when no profile exists yet)."""
-    from engine.core.config import EngineConfig
-    from reports.metrics import twin_metrics
-    from sim.twin import setup_twin, simulate
-    from workloads.trace_requests import model_requests
-
-    config = EngineConfig.from_kwargs(**_container(cfg.engine))
+    config = engine_config(cfg)
     keys = (cfg.hydra.runtime.choices.get("model"), cfg.hydra.runtime.choices.get("hardware")) \
         if "hydra" in cfg else (None, None)
     try:
-        setup = setup_twin(_container(cfg.model), _container(cfg.hardware), config,
+        setup = setup_twin(container(cfg.model), container(cfg.hardware), config,
                            cfg.predictor, keys=keys)
     except FileNotFoundError:
-        setup = setup_twin(_container(cfg.model), _container(cfg.hardware), config,
+        setup = setup_twin(container(cfg.model), container(cfg.hardware), config,
                            "roofline", keys=keys)
-    trace = load_trace(cfg.workload)
+    trace = load_workload(cfg)
     if offline:
         trace = offline_trace(trace)
     run = simulate(setup, model_requests(trace, setup.model.vocab_size))
@@ -154,24 +145,14 @@ def simulate_point(cfg: DictConfig, offline: bool = False) -> dict[str, Any]:
             "arrival_span_s": float(trace.df["arrival_s"].max()) if len(trace.df) else 0.0}
 
 
-def load_trace(workload: DictConfig):
-    from workloads import make_preset, read_trace
-
-    if workload.path:
-        return read_trace(workload.path)
-    return make_preset(workload.name, **_container(workload.params))
-
-
-def offline_trace(trace):
-    from workloads.schema import Trace
-
+def offline_trace(trace: Trace) -> Trace:
     return Trace(trace.df.assign(arrival_s=0.0), trace.meta)
 
 
 def saturation(overrides: list[str]) -> tuple[float, str]:
     """Predicted saturation (requests/s): the workload's trace offline, simulated; and the
     step-time model that predicted it."""
-    sim = simulate_point(compose(overrides, hydra=True), offline=True)
+    sim = simulate_point(compose_config(overrides), offline=True)
     return float(sim["metrics"].get("request_throughput_req_s") or 0.0), sim["predictor"]["kind"]
 
 
@@ -188,7 +169,7 @@ class PointEstimate:
 
 
 def estimate_point(overrides: list[str], overheads: Overheads | None) -> PointEstimate:
-    cfg = compose(overrides, hydra=True)
+    cfg = compose_config(overrides)
     sim = simulate_point(cfg)
     o = overheads or Overheads.default(sim["gpu"])
     replay = float(sim["metrics"].get("duration_s") or 0.0)
@@ -261,7 +242,7 @@ class SweepEstimate(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             points = multirun_points(config)
-            gpu = _container(config.hardware).get("kind") != "cpu"
+            gpu = container(config.hardware).get("kind") != "cpu"
             total = sum(quick_point_seconds(config, p, gpu) for p in points)
             print(f"sweep estimate: {len(points)} points, ~{total:.0f} s = {total / 60:.1f} "
                   f"min (start-up {Overheads.default(gpu).startup_s:g} s per point assumed; "
@@ -296,23 +277,17 @@ def quick_point_seconds(config: DictConfig, point: dict[str, str], gpu: bool) ->
 
 def point_starts(config: DictConfig, point: dict[str, str]) -> bool:
     """The memory model's verdict for the point's engine settings (no step-time model)."""
-    from engine.core.catalog import Hardware, model_from_dict
-    from engine.core.config import EngineConfig
-    from sim.memory_model import predict_memory
-
-    engine = _container(config.engine)
+    engine = container(config.engine)
     for key, value in point.items():
         if key.startswith("engine."):
             engine[key.removeprefix("engine.")] = _yaml_value(value)
-    memory = predict_memory(model_from_dict(_container(config.model)),
-                            Hardware.from_dict(_container(config.hardware)),
+    memory = predict_memory(model_from_dict(container(config.model)),
+                            Hardware.from_dict(container(config.hardware)),
                             EngineConfig.from_kwargs(**engine))
     return memory.starts
 
 
 def _yaml_value(text: str) -> Any:
-    import yaml
-
     return yaml.safe_load(text) if text else text
 
 
@@ -346,8 +321,6 @@ def render_workload(load: Load, rate: float, saturation_rate: float, arrivals_s:
 
 def azure_native_rate() -> float:
     """Requests per second of the committed Azure window (its own time axis)."""
-    import pandas as pd
-
     t = pd.to_datetime(pd.read_csv(ROOT / AZURE_WINDOW, usecols=["TIMESTAMP"])["TIMESTAMP"])
     return len(t) / max((t.max() - t.min()).total_seconds(), 1e-9)
 
