@@ -265,7 +265,7 @@ def fit_nonnegative(x: np.ndarray, seconds: np.ndarray, weights: np.ndarray | No
 
 def _nnls_weighted(x: np.ndarray, seconds: np.ndarray, w: np.ndarray,
                    weights: np.ndarray | None) -> np.ndarray:
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # only calibration fits: keeps the twin's start light
 
     if weights is not None:
         w = w * np.sqrt(weights)

@@ -29,13 +29,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
+from engine.core.catalog import catalog_key, load_model
 from engine.core.config import ConfigError, EngineConfig, ModelConfig
 from engine.core.request import Request
 from engine.core.sequence import SamplingParams
+from engine.models.weights import export_hf_state_dict
+from engine.runtime.llm import LLM
+from engine.runtime.llm import resolve_model as engine_resolve
 from engine.runtime.loader import to_torch_dtype
+from engine.runtime.replay import device_name
 from engine.tools.config import compose_engine
+from workloads import make_preset, read_trace
+from workloads.presets import preset_params
 from workloads.tokens import TokenSpec
 from workloads.trace_requests import request_table
 
@@ -63,7 +71,6 @@ CB_FIELDS = ("block_size", "page_size", "num_blocks", "max_batch_tokens", "max_m
 @dataclass
 class BenchModel:
     """The model to bench: its shape, a local HF folder (or None: seeded random weights)."""
-
     config: ModelConfig
     path: str | None
     label: str
@@ -141,21 +148,14 @@ def resolve_model(name_or_path: str) -> BenchModel:
     """A local HF folder (config.json, + safetensors if any) or a catalog name (conf/model)."""
     path = Path(name_or_path)
     if path.is_dir():
-        from engine.runtime.llm import resolve_model as engine_resolve
-
         config, weights = engine_resolve(path)
         return BenchModel(config, weights, config.name or path.name)
-    from engine.core.catalog import catalog_key, load_model
-
     return BenchModel(load_model(name_or_path), None, catalog_key("model", name_or_path))
 
 
 def build_workload(name: str, vocab_size: int, num_requests: int | None = None,
                    params: dict[str, Any] | None = None) -> BenchWorkload:
     """A preset of workloads.PRESETS with parameter overrides, or a trace file."""
-    from workloads import make_preset, read_trace
-    from workloads.presets import preset_params
-
     if Path(name).is_file():
         return workload_from_trace(read_trace(name), vocab_size, num_requests, {"path": name})
     params = dict(params or {})
@@ -242,9 +242,6 @@ def sampling_params(request: Request, temperature: float) -> SamplingParams:
 def run_kvtwin(model: BenchModel, config: EngineConfig, workload: BenchWorkload,
                options: BenchOptions, export_weights: bool) -> KvtwinRun:
     """Start the engine (timed), warm it up, then generate every request at once (timed)."""
-    from engine.models.weights import export_hf_state_dict
-    from engine.runtime.llm import LLM
-
     t0 = time.perf_counter()
     llm = LLM(model.path or model.config, config)
     startup = clock(llm.device) - t0
@@ -303,6 +300,7 @@ def phase_times(records: list[Any], durations: list[float]) -> dict[str, Any]:
 
 
 # -- HF transformers peers ---------------------------------------------------------------------
+# transformers is imported where a peer runs: the import alone takes seconds.
 
 def hf_config(model: BenchModel) -> Any:
     """The transformers config of the benched model (its folder's, or built from the shape)."""
@@ -585,8 +583,6 @@ def describe_run(model: BenchModel, config: EngineConfig, workload: BenchWorkloa
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    from engine.runtime.replay import device_name
-
     return {"device": device.type, "device_name": device_name(device),
             "driver_version": driver_version() if device.type == "cuda" else None,
             "cuda_version": torch.version.cuda,
@@ -672,8 +668,6 @@ def _count(n: int, noun: str) -> str:
 
 
 def _table(result: dict[str, Any]) -> Any:
-    import pandas as pd
-
     rows = [_row("kvtwin", result["kvtwin"], None)]
     for name, peer in result["peers"].items():
         label = PEER_LABELS[name].format(batch=peer.get("batch_size"))

@@ -37,8 +37,10 @@ import torch
 
 from engine.core.catalog import list_models, load_model
 from engine.core.config import EngineConfig
+from engine.runtime.llm import LLM
 from engine.tools import bench
 from engine.tools.bench_decode import copy_bandwidth, decode_plan
+from sim.twin import setup_twin
 
 VARIANTS: dict[str, dict[str, str]] = {
     "baseline": {}, "int8_weights": {"quantization": "int8"}, "fp8_kv": {"kv_cache_dtype": "fp8"}}
@@ -113,7 +115,6 @@ def pick_models(args: argparse.Namespace, hardware: str, device: torch.device) -
     start here with blocks for the largest decode batch (none larger: Qwen3-0.6B alone)."""
     if args.models:
         return list(args.models)
-    from sim.twin import setup_twin
 
     config = engine_config(args, "baseline", device)
     size = {m: load_model(m).num_parameters() for m in list_models()}
@@ -173,9 +174,6 @@ def memory_pairs(measured: dict[str, Any], predicted: Any) -> dict[str, Any]:
 
 def run_engine(model: str, hardware: str, variant: str, args: argparse.Namespace,
                device: torch.device, bandwidth: float | None) -> dict[str, Any]:
-    from engine.runtime.llm import LLM
-    from sim.twin import setup_twin
-
     config = engine_config(args, variant, device)
     predicted = setup_twin(model, hardware, config).memory
     start = time.perf_counter()

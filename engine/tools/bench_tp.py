@@ -32,11 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from engine.core.catalog import catalog_key, list_hardware, load_hardware, load_model
 from engine.core.config import EngineConfig
+from engine.runtime.distributed import close_tp, free_port, init_tp, rank_device
+from engine.runtime.llm import LLM, LLMEngine
+from engine.runtime.replay import records_frames, replay
 from engine.tools import bench
 from engine.tools.bench_quant import detect_hardware, resolve_device, synchronize
+from reports.metrics import summarize, twin_metrics
+from sim.collectives import AllReduceProfile, allreduce_profile_path
+from sim.twin import resolve_entries, setup_tensor_parallel, simulate
+from workloads import make_preset
+from workloads.trace_requests import model_requests
 
 TEMPERATURE = bench.NANOVLLM_TEMPERATURE
 DEFAULT_SIZES = [1 << k for k in range(10, 27, 2)]  # 1 KiB .. 64 MiB
@@ -84,8 +93,6 @@ def node_hardware(name: str, device: torch.device) -> str:
 
 def measure_allreduce(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Every rank times the same all-reduces; rank 0's times come back."""
-    from engine.runtime.distributed import free_port
-
     ctx = torch.multiprocessing.get_context("spawn")
     results, port = ctx.SimpleQueue(), free_port()
     procs = [ctx.Process(target=_allreduce_rank, args=(rank, args.tp, port, device.type,
@@ -103,8 +110,6 @@ def measure_allreduce(args: argparse.Namespace, device: torch.device) -> dict[st
 
 def _allreduce_rank(rank: int, size: int, port: int, device_type: str, dtype: str,
                     sizes: list[int], iters: int, results: Any) -> None:
-    from engine.runtime.distributed import close_tp, init_tp, rank_device
-
     device = rank_device(torch.device(device_type), rank)
     group = init_tp(rank, size, port, device)
     rows = []
@@ -122,8 +127,6 @@ def _allreduce_rank(rank: int, size: int, port: int, device_type: str, dtype: st
 
 
 def _time_eager(x: torch.Tensor, group: Any, iters: int, device: torch.device) -> float:
-    import torch.distributed as dist
-
     for _ in range(5):
         dist.all_reduce(x, group=group.device_group)
     synchronize(device)
@@ -137,8 +140,6 @@ def _time_eager(x: torch.Tensor, group: Any, iters: int, device: torch.device) -
 
 def _time_graph(x: torch.Tensor, group: Any, iters: int, device: torch.device) -> float:
     """All-reduces captured in one CUDA graph (as in the engine's decode graphs)."""
-    import torch.distributed as dist
-
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(iters):
@@ -153,8 +154,6 @@ def _time_graph(x: torch.Tensor, group: Any, iters: int, device: torch.device) -
 
 
 def allreduce_profile(measured: dict[str, Any], hardware: str) -> Any:
-    from sim.collectives import AllReduceProfile
-
     key = "graph_s" if measured["device"] == "cuda" else "eager_s"
     rows = measured["rows"]
     return AllReduceProfile(measured["tp"], tuple(float(r["bytes"]) for r in rows),
@@ -174,8 +173,6 @@ def engine_config(args: argparse.Namespace, device: torch.device) -> EngineConfi
 
 def twin_setup(args: argparse.Namespace, hardware: str, config: EngineConfig,
                profile_dir: Path) -> Any:
-    from sim.twin import resolve_entries, setup_tensor_parallel
-
     model, hw, keys = resolve_entries(args.model, hardware)
     return setup_tensor_parallel(model, hw, config, "auto", keys, profile_dir)
 
@@ -197,13 +194,6 @@ def memory_by_rank(llm: Any, predicted: Any) -> dict[str, Any]:
 def validation_load(args: argparse.Namespace, config: EngineConfig, setup: Any,
                     rate: float) -> dict[str, Any]:
     """One load: the same trace replayed on the engine and simulated by the twin."""
-    from engine.runtime.llm import LLMEngine
-    from engine.runtime.replay import records_frames, replay
-    from reports.metrics import summarize, twin_metrics
-    from sim.twin import simulate
-    from workloads import make_preset
-    from workloads.trace_requests import model_requests
-
     trace = make_preset("poisson_chat", n=args.requests, rate=rate)
     requests = model_requests(trace, setup.model.vocab_size)
     predicted = twin_metrics(simulate(setup, requests))
@@ -217,9 +207,6 @@ def validation_load(args: argparse.Namespace, config: EngineConfig, setup: Any,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.runtime.llm import LLM
-    from sim.collectives import allreduce_profile_path
-
     device = resolve_device(args.device)
     hardware = node_hardware(args.hardware, device)
     key = catalog_key("hardware", hardware)
