@@ -59,7 +59,7 @@ PEER_NOTES = {
                 "the rest); startup = HF model build"}
 NANOVLLM_TEMPERATURE = 0.6
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-RESULTS_DIR = Path("results") / "bench"
+RESULTS_DIR = Path("outputs") / "bench"
 ENGINE_FLAGS = ("dtype", "device", "block_size", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "gpu_memory_utilization", "attention_backend", "seed")
 CB_FIELDS = ("block_size", "page_size", "num_blocks", "max_batch_tokens", "max_memory_percent",
@@ -614,7 +614,7 @@ def _version(module: str) -> str | None:
 # -- output ------------------------------------------------------------------------------------
 
 def default_out_path(result: dict[str, Any], root: Path = RESULTS_DIR) -> Path:
-    """results/bench/<gpu-or-cpu>__<model>__<backend>__<timestamp>.json"""
+    """outputs/bench/<gpu-or-cpu>__<model>__<backend>__<timestamp>.json"""
     env = result["environment"]
     where = env["device_name"] if env["device"] == "cuda" else "cpu"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature (nano-vllm's 0.6; 0 = greedy, outputs compared)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     _peer_arguments(p)
-    p.add_argument("--out", type=Path, help="JSON path (default results/bench/<...>.json)")
+    p.add_argument("--out", type=Path, help="JSON path (default outputs/bench/<...>.json)")
     return p
 
 

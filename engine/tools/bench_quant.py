@@ -1,7 +1,7 @@
 """Int8 weights and the fp8 KV cache against the plain engine: decode-step time, offline
 throughput, and the start-up memory terms the twin predicts beside those the engine measured.
 
-    python -m engine.tools.bench_quant --out results/bench/quant_h200.json       # a GPU
+    python -m engine.tools.bench_quant --out outputs/bench/quant_h200.json       # a GPU
     python -m engine.tools.bench_quant --device cpu --models tiny_qwen3 --dtype float32 \\
         --batches 1 4 --context 32 --num-requests 3 --max-input-len 64 --max-output-len 16
 
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-memory-gib", type=float, default=0.25)
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="start no new engine after this many seconds")
-    p.add_argument("--out", type=Path, default=Path("results/bench/quant.json"))
+    p.add_argument("--out", type=Path, default=Path("outputs/bench/quant.json"))
     return p.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """Tensor parallelism on real devices: all-reduce calibration, memory per rank predicted beside
 measured, nano-vllm's throughput bench, and a short replay beside the twin at three loads.
 
-    python -m engine.tools.bench_tp --out results/bench/tp2_h100.json --write-profile  # 2 GPUs
+    python -m engine.tools.bench_tp --out outputs/bench/tp2_h100.json --write-profile  # 2 GPUs
     python -m engine.tools.bench_tp --device cpu --model tiny_qwen3 --dtype float32 \\
         --num-requests 8 --max-input-len 64 --max-output-len 16 --loads 2 4 8 --requests 12 \\
         --sizes 1024 65536 1048576 --out /tmp/tp_cpu.json                           # smoke
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-memory-gib", type=float, default=0.25)
     p.add_argument("--write-profile", action="store_true",
                    help="store the all-reduce profile under sim/profiles/allreduce/")
-    p.add_argument("--out", type=Path, default=Path("results/bench/tp.json"))
+    p.add_argument("--out", type=Path, default=Path("outputs/bench/tp.json"))
     return p.parse_args(argv)
 
 

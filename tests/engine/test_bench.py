@@ -30,7 +30,7 @@ def test_cli_writes_the_json_under_results_bench(tmp_path: Path, monkeypatch: py
     argv = ["--model", "tiny_qwen3", "--engine", "cpu_tiny", "--num-requests", "6",
             *SMALL_ARGS, "--hf-requests", "3", "--hf-batch-size", "2"]
     assert bench.main(argv) == 0
-    [path] = (tmp_path / "results" / "bench").glob("cpu__tiny_qwen3__sdpa__*.json")
+    [path] = (tmp_path / "outputs" / "bench").glob("cpu__tiny_qwen3__sdpa__*.json")
     result = json.loads(path.read_text())
     printed = capsys.readouterr().out
     assert "kvtwin / peer = output tok/s: kvtwin on all requests, the peer on the first 3 of 6" \
@@ -155,7 +155,7 @@ def test_default_out_path_names_gpu_model_backend_and_time() -> None:
     result = {"environment": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"},
               "model": {"name": "qwen3_0_6b"}, "attention_backend": "torch"}
     path = bench.default_out_path(result)
-    assert path.parent == Path("results/bench")
+    assert path.parent == Path("outputs/bench")
     assert path.name.startswith("nvidia_h100_80gb_hbm3__qwen3_0_6b__torch__")
 
 

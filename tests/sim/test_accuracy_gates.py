@@ -190,7 +190,7 @@ def test_a_set_measured_against_itself_has_no_error(vset) -> None:
     assert (errors.fillna(0.0) == 0.0).all().all()
 
 
-MACHINE_A = ROOT / "results" / "validation" / "h100_qwen3_0_6b" / "machine_a"
+MACHINE_A = ROOT / "tests" / "data" / "repeats" / "h100_machine_a"
 
 
 def test_one_machine_measured_the_points_twice_alike_in_memory() -> None:
@@ -207,8 +207,8 @@ def test_one_machine_measured_the_points_twice_alike_in_memory() -> None:
 
 
 @pytest.mark.parametrize(("first", "again", "points"), [
-    (H100, ROOT / "results" / "validation" / "h100_qwen3_0_6b" / "piecewise_loads_run2", 10),
-    (H200, ROOT / "results" / "validation" / "h200_qwen3_0_6b" / "run2", 46)])
+    (H100, ROOT / "tests" / "data" / "repeats" / "h100_qwen3_0_6b_run2", 10),
+    (H200, ROOT / "tests" / "data" / "repeats" / "h200_qwen3_0_6b_run2", 46)])
 def test_an_engine_measured_the_points_twice_alike_in_memory(first: Path, again: Path,
                                                              points: int) -> None:
     """Points replayed again right after on the same machine: the load points of the
