@@ -184,13 +184,17 @@ def predict_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
 
 def sim_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
               replicates: int, seed: int = 0, workers: int | None = None,
+              machine_log_sd: float | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """What run.py records as summary["sim"]["bands"]: None when off (replicates 0) or the
-    configuration cannot start; {"skipped": why} where the predictor has no profile."""
+    configuration cannot start; {"skipped": why} where the predictor has no profile.
+    `machine_log_sd`: the machine spread to draw from instead of the profile's."""
     if replicates <= 0 or not setup.memory.starts:
         return None
+    spread = None if machine_log_sd is None else MachineSpread(
+        machine_log_sd, "bands.machine_log_sd (the run's configuration)")
     try:
-        bands = predict_bands(setup, requests, replicates, seed, workers)
+        bands = predict_bands(setup, requests, replicates, seed, workers, spread)
     except ValueError as err:
         return {"skipped": str(err)}
     if log is not None:

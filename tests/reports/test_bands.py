@@ -16,6 +16,7 @@ from reports.band_format import contains, format_band
 from reports.bands import BAND_METRICS, CDF_COLUMNS, Z95, band, predict_bands, sim_bands
 from reports.metrics import twin_metrics
 from reports.run_page import write_run_page
+from reports.sweep_page import write_sweep_report
 from reports.sweep_plots import points_parity
 from sim.twin import setup_twin, simulate
 from tests.reports.conftest import CHAT, QWEN, write_point
@@ -78,6 +79,8 @@ def test_band_is_a_normal_fit_to_the_logs_or_the_counts() -> None:
 def test_run_py_hook_is_off_at_zero_and_skips_what_has_no_profile(tiny) -> None:
     setup, requests = tiny
     assert sim_bands(setup, requests, 0) is None
+    wide = sim_bands(setup, requests, 2, machine_log_sd=0.3, workers=1)
+    assert wide["sources"]["machine_log_sd"] == 0.3
     roofline = setup_twin("tiny_qwen3", "cpu", EngineConfig(max_model_len=2048), "roofline")
     assert "calibration profile" in sim_bands(roofline, requests, 2)["skipped"]
     small = setup_twin(*QWEN, EngineConfig(gpu_memory_utilization=0.01))
@@ -113,6 +116,8 @@ def test_pages_draw_the_bands(tmp_path: Path) -> None:
         point = write_point(sweep / str(i), *QWEN, EngineConfig(
             block_size=16, max_model_len=4096, gpu_memory_utilization=gmu), CHAT, mode="both")
         with_bands(point, bands)
+    page = write_sweep_report(sweep).read_text()
+    assert "predicted p99 TTFT (95 % band)" in page
     points = collect_points(sweep)
     p99 = bands["metrics"]["ttft_p99_s"]
     assert (points["sim_ttft_p99_s_p5"] == p99["p5"]).all()
