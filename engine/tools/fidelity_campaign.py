@@ -254,6 +254,8 @@ def collect_runs(out: Path, commands: list[Command]) -> dict[int, Path]:
         pd.concat([collect_points(s) for s in sweeps], ignore_index=True).to_csv(
             dest / "sweep_points.csv", index=False)
         sets[run] = dest
+    for js in (out / "runs").rglob("plotly.min.js"):  # 4.8 MB a sweep: the sets are the data
+        js.unlink()
     return sets
 
 
@@ -287,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     state = out / "campaign.json"
     if args.report_only:
-        commands = [Command(**c) for c in json.loads(state.read_text())["commands"]]
-        sets = collect_runs(out, commands)
+        sets = {r: p for r, p in ((1, out / "sets" / SET), (2, out / "sets" / f"{SET}_run2"))
+                if (p / "index.json").is_file()}
+        if not sets:
+            commands = [Command(**c) for c in json.loads(state.read_text())["commands"]]
+            sets = collect_runs(out, commands)
         write_report(out, sets)
         return 0
     commands, chosen = plan(out)
