@@ -7,10 +7,11 @@ exists. Only summary.json is read: the records are not needed for the table.
 Columns: point, status, warning, model, hardware, block_size, max_model_len,
 gpu_memory_utilization, every other configuration field that varies across points,
 `sim_<metric>` (predicted), `real_<metric>` (measured), `err_<metric>_pct` (signed prediction
-error), error, error_type, mode, report. Metric columns with no value at any point are left out
-(a sim-only sweep has no real_ or err_ columns). The request counts (completed, rejected,
-unfinished) are metrics too; `warning` says, per side, when a point rejected or left unfinished
-any request ("12% rejected (120 of 1,000), 3 unfinished"), empty otherwise.
+error), `sim_<metric>_p5` / `_p95` (the predicted 5-95 % band, where the run has bands), error,
+error_type, mode, report. Metric columns with no value at any point are left out (a sim-only
+sweep has no real_ or err_ columns). The request counts (completed, rejected, unfinished) are
+metrics too; `warning` says, per side, when a point rejected or left unfinished any request
+("12% rejected (120 of 1,000), 3 unfinished"), empty otherwise.
 """
 
 from __future__ import annotations
@@ -122,9 +123,13 @@ def _scalar(value: Any) -> Any:
 def metric_fields(summary: dict[str, Any]) -> dict[str, Any]:
     """sim_<name>, real_<name> and err_<name>_pct for every point metric."""
     out: dict[str, Any] = {}
+    bands = ((summary.get("sim") or {}).get("bands") or {}).get("metrics") or {}
     for metric in POINT_METRICS:
         for side in SOURCES:
             out[f"{side}_{metric.name}"] = _side_value(summary, side, metric)
+        band = bands.get(metric.sim[1]) if metric.sim[0] == "metrics" else None
+        if band and not np.isnan(out[f"sim_{metric.name}"]):
+            out[f"sim_{metric.name}_p5"], out[f"sim_{metric.name}_p95"] = band["p5"], band["p95"]
         if metric.error:
             out[f"err_{metric.name}_pct"] = _or_nan(
                 pct_error(out[f"sim_{metric.name}"], out[f"real_{metric.name}"]))

@@ -85,13 +85,19 @@ def cdf_points(values: pd.Series, max_points: int = MAX_POINTS) -> tuple[np.ndar
     return v, y
 
 
-def latency_cdfs(latencies: dict[str, pd.DataFrame]) -> go.Figure:
-    """TTFT, TPOT and E2E CDFs, one line per side, on log time axes."""
+def latency_cdfs(latencies: dict[str, pd.DataFrame],
+                 bands: dict[str, dict[str, list[float]]] | None = None) -> go.Figure:
+    """TTFT, TPOT and E2E CDFs, one line per side, on log time axes; `bands` (per column,
+    the predicted quantiles' 5-95 % range) shade the predicted CDF."""
     fig = make_subplots(rows=1, cols=3, subplot_titles=[name for _, name in CDF_METRICS],
                         horizontal_spacing=0.07)
     for col, (column, name) in enumerate(CDF_METRICS, start=1):
         scale, unit = time_unit(pd.concat([lat[column] for lat in latencies.values()]))
         shown = []
+        band = (bands or {}).get(column) if "sim" in latencies else None
+        if band:
+            fig.add_trace(cdf_band(band, scale, unit, name, legend=col == 1), row=1, col=col)
+            shown.append(np.asarray(band["lo"] + band["hi"]) * scale)
         for side, lat in latencies.items():
             x, y = cdf_points(lat[column])
             shown.append(x * scale)
@@ -105,6 +111,16 @@ def latency_cdfs(latencies: dict[str, pd.DataFrame]) -> go.Figure:
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
     fig.update_yaxes(title_text="requests at or below", row=1, col=1)
     return base_layout(fig, 420)
+
+
+def cdf_band(band: dict[str, list[float]], scale: float, unit: str, name: str,
+             legend: bool) -> go.Scatter:
+    """The predicted CDF's 5-95 % band: a filled area between the quantiles' bounds."""
+    x = np.concatenate([band["lo"], band["hi"][::-1]]) * scale
+    y = np.concatenate([band["q"], band["q"][::-1]])
+    return go.Scatter(x=x, y=y, fill="toself", mode="lines", line={"width": 0},
+                      fillcolor="rgba(31, 119, 180, 0.18)", name="predicted 5-95 % band",
+                      legendgroup="band", showlegend=legend, hoverinfo="skip")
 
 
 def thin_timeline(timeline: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:

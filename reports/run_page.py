@@ -142,8 +142,21 @@ def _metrics_section(s: dict[str, Any]) -> str:
         return ""
     note = ("Error = (predicted - measured) / measured; a rate's error is the difference in "
             "points." if len(served) == 2 else None)
-    return section("Serving metrics", comparison_table(METRIC_ROWS, served, "summary-table"),
-                   note=note, sid="summary")
+    bands = sim_bands(s)
+    if bands:
+        note = (note + " " if note else "") + (
+            f"Predicted values carry their 5-95 % band over {bands['replicates']} seeded "
+            "replicates (step-time residuals and machine-to-machine spread): "
+            "point [p5–p95].")
+    table = comparison_table(METRIC_ROWS, served, "summary-table",
+                             (bands or {}).get("metrics"))
+    return section("Serving metrics", table, note=note, sid="summary")
+
+
+def sim_bands(s: dict[str, Any]) -> dict[str, Any] | None:
+    """summary["sim"]["bands"] when it holds bands (not None, not skipped)."""
+    bands = side(s, "sim", "bands")
+    return bands if bands and bands.get("metrics") else None
 
 
 def _record_sections(run: RunFolder) -> list[str]:
@@ -154,7 +167,8 @@ def _record_sections(run: RunFolder) -> list[str]:
             lat[name] = request_latencies(reqs)
     out = []
     if lat:
-        out.append(section("Latency", figure_div(latency_cdfs(lat), "plot-latency-cdf")))
+        cdf = (sim_bands(run.summary) or {}).get("cdf")
+        out.append(section("Latency", figure_div(latency_cdfs(lat, cdf), "plot-latency-cdf")))
     timelines = _timelines(run)
     if timelines:
         out.append(_timeline_section(run.summary, timelines))

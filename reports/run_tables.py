@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reports.band_format import contains, format_band
 from reports.formatting import error_class, fmt, fmt_error, number, pct_error
 from reports.html import Cell, table
 
@@ -83,21 +84,41 @@ CAPACITY_ROWS: tuple[Row, ...] = (
 
 
 def comparison_table(rows: tuple[Row, ...], values: dict[str, dict[str, Any]],
-                     tid: str) -> str:
-    """`values`: side ("sim"/"real") -> that side's dict; one column per side present."""
+                     tid: str, bands: dict[str, dict[str, float]] | None = None) -> str:
+    """`values`: side ("sim"/"real") -> that side's dict; one column per side present.
+    `bands`: the predicted metrics' 5-95 % bands by key, shown as "value [p5–p95]", with a
+    column saying whether the measured value falls in its band."""
     sides = [s for s in ("sim", "real") if values.get(s) is not None]
     both = len(sides) == 2
-    headers = ["", *(SIDE_LABEL[s] for s in sides)] + (["error"] if both else [])
+    banded = both and bool(bands)
+    headers = ["", *(SIDE_LABEL[s] for s in sides)] + (["error"] if both else []) + \
+        (["in band"] if banded else [])
     body = []
     for row in rows:
         got = {s: _lookup(values[s], row, s) for s in sides}
         if all(v is None for v in got.values()):
             continue
-        cells: list[Cell | str] = [row.label, *(fmt(got[s], row.unit) for s in sides)]
+        band = (bands or {}).get(row.key) if "sim" in sides else None
+        cells: list[Cell | str] = [row.label, *(
+            _with_band(got[s], band, row.unit) if s == "sim" else fmt(got[s], row.unit)
+            for s in sides)]
         if both:
             cells.append(_error_cell(got["sim"], got["real"], row.unit))
+        if banded:
+            cells.append(_in_band_cell(band, got["real"], row.unit))
         body.append(cells)
     return table(headers, body, css="compare", tid=tid)
+
+
+def _with_band(value: Any, band: dict[str, float] | None, unit: str) -> str:
+    return format_band(value, band, lambda v: fmt(v, unit))
+
+
+def _in_band_cell(band: dict[str, float] | None, measured: Any, unit: str) -> Cell:
+    if band is None or number(measured) is None:
+        return Cell(fmt_error(None))
+    inside = contains(band, number(measured), count=unit == "int")
+    return Cell("yes" if inside else "no", css="good" if inside else "poor")
 
 
 def _lookup(values: dict[str, Any], row: Row, side: str) -> Any:

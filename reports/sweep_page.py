@@ -183,16 +183,26 @@ def _metric_cell(column: str, value: object) -> Cell:
     return Cell(fmt(v, METRICS[metric_name(column)].unit), sort=sort)
 
 
+BAND_SUFFIXES = {"_p5": "5 %", "_p95": "95 %"}  # aggregate's band columns
+
+
 def metric_name(column: str) -> str:
-    """sim_ttft_p99_s / real_ttft_p99_s / err_ttft_p99_s_pct -> ttft_p99_s."""
+    """sim_ttft_p99_s / real_ttft_p99_s / err_ttft_p99_s_pct / sim_ttft_p99_s_p95 ->
+    ttft_p99_s."""
     stem = column.split("_", 1)[1]
-    return stem.removesuffix("_pct") if column.startswith("err_") else stem
+    if column.startswith("err_"):
+        return stem.removesuffix("_pct")
+    return next((stem.removesuffix(b) for b in BAND_SUFFIXES
+                 if stem.endswith(b) and stem.removesuffix(b) in METRICS), stem)
 
 
 def metric_label(column: str) -> str:
     side = column.split("_", 1)[0]
     prefix = "error" if side == "err" else SHORT_LABEL[side]
-    return f"{prefix} {METRICS[metric_name(column)].label}"
+    name = metric_name(column)
+    band = next((f" ({q} band)" for b, q in BAND_SUFFIXES.items()
+                 if column.endswith(b) and column != f"{side}_{name}"), "")
+    return f"{prefix} {METRICS[name].label}{band}"
 
 
 def _figure_sections(points: pd.DataFrame) -> list[str]:

@@ -197,12 +197,34 @@ def points_parity(points: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=x, y=y, mode="markers", text=pair["point"], showlegend=False,
             marker={"color": COLOR["real"], "size": 9, "opacity": 0.8},
+            error_x=band_errors(pair, name),
             hovertemplate="point %{text}<br>predicted %{x:.4g}<br>measured %{y:.4g}"
                           "<extra></extra>"), row=row, col=col)
-        both = pd.concat([x, y])
+        both = pd.concat([x, y, *band_columns(pair, name)])
         fig.add_trace(identity_line(both), row=row, col=col)
         axis = log_ticks(both) if (both > 0).all() and decades(both) >= 1 else {}
         unit = " (s)" if METRICS_BY_NAME[name].unit == "time" else ""
         fig.update_xaxes(title_text=f"predicted{unit}", row=row, col=col, **axis)
         fig.update_yaxes(title_text=f"measured{unit}", row=row, col=col, **axis)
     return base_layout(fig, 100 + 340 * rows, legend_top=False)
+
+
+def band_columns(points: pd.DataFrame, name: str) -> list[pd.Series]:
+    """The points' predicted 5 / 95 % values of metric `name`, where the sweep has bands."""
+    cols = [f"sim_{name}_p5", f"sim_{name}_p95"]
+    if not set(cols) <= set(points.columns):
+        return []
+    return [points[c].astype(float).dropna() for c in cols]
+
+
+def band_errors(points: pd.DataFrame, name: str) -> dict[str, object] | None:
+    """Horizontal error bars from each prediction to its band's ends (none where a point
+    has no band)."""
+    bands = band_columns(points, name)
+    if not bands:
+        return None
+    x = points[f"sim_{name}"].astype(float)
+    lo, hi = (points[f"sim_{name}_{q}"].astype(float) for q in ("p5", "p95"))
+    return {"type": "data", "symmetric": False, "array": (hi - x).clip(lower=0).fillna(0),
+            "arrayminus": (x - lo).clip(lower=0).fillna(0), "color": COLOR["sim"],
+            "thickness": 1.2, "width": 3}

@@ -33,8 +33,11 @@ decodes re-read), the terms over them, and a fit that is unbiased in seconds
 is the paged-decode kernel's split rule (`engine.core.config.DecodeSplit`): the longest decode
 then enters as its share of the splits. `meta.decode_batch_basis` ("knots", written by
 calibrations since it was added; "hinges" where absent) says how the fixed cost of a decode
-step follows its batch (`sim.step_time.decode_terms`). Version-3 files without the later
-column or those metas refit and predict as they did. Version-2 files
+step follows its batch (`sim.step_time.decode_terms`); `meta.fit_weights` ("rows" since it was
+added, "sources" where absent) how the fit weighs its rows (`FIT_WEIGHTS`). A fit since then
+also keeps its held-out residuals (`fit.residuals`, quantiles of measured / predicted per
+step kind: `sim.noise`), which older files make from their samples when asked. Version-3
+files without the later column or those metas refit and predict as they did. Version-2 files
 (no such columns; fit relative to the measured time) and version-1 files (`kvtwin-profile/1`:
 synthetic rows only, `fit.decode_coef` / `mixed_coef` over the fixed terms
 `sim.step_time.DECODE_TERMS` / `MIXED_TERMS`, no host term) still load and predict exactly as
@@ -45,8 +48,9 @@ writes version 3.
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,8 @@ import numpy as np
 
 from engine.core.features import EXTRA_FEATURES, FEATURES, StepFeatures
 from engine.core.shapes import DecodeSplit
+from sim.noise import KINDS, MIN_ENGINE_ROWS, MachineSpread, Residuals
+from sim.step_classes import class_errors, classify
 from sim.step_terms import (
     BATCH_BASES,
     DECODE_TERMS,
@@ -74,7 +80,14 @@ FORMAT_V1 = "kvtwin-profile/1"
 LOSS = "relative_to_fit"  # fit_nonnegative's reweighting (version 2: relative to measured)
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 SOURCES = ("synthetic", "engine")
-KINDS = ("decode", "mixed")
+# "sources": each source's rows carry half the weight (the engine's thousands of steps and
+# the grid's hundreds of points alike); "rows": every row alike. On the committed H200 /
+# H100 / H100-eager samples, "rows" cut the held-out median error 2.85 / 5.90 / 3.20 ->
+# 2.38 / 4.78 / 2.28 % and the over-prediction of small long-context decode batches
+# +4.1 / +6.7 / +6.4 -> +2.2 / +2.6 / +2.1 % (the grid's few such points pulled the fit
+# away from the engine's many); the grid's own held-out points moved 7.9 / 9.3 / 5.8 ->
+# 7.9 / 10.7 / 7.0 %: the twin predicts engine steps.
+FIT_WEIGHTS = ("sources", "rows")
 
 
 def slug(text: str) -> str:
@@ -102,6 +115,9 @@ class Profile:
     memory: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
+
+    _residuals: Residuals | None = field(default=None, init=False, repr=False,
+                                         compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.samples.get("seconds", []))
@@ -147,14 +163,61 @@ class Profile:
                       iterations: int = IRLS_ITERATIONS) -> CalibratedStepTime:
         """Fit on all samples; report the error of a fit on the rest on a held-out share.
         `iterations`: fit_nonnegative's reweightings (0: version 2's loss)."""
-        data = FitData(self.features(), self.seconds, self.exec_seconds, self.source)
-        test = np.random.default_rng(seed).random(len(data)) < holdout
-        rules = (self.decode_split, self.decode_batch_basis, self.cudagraph_token_limit)
-        held = fit_model(data.subset(~test), self.buckets, self.name, iterations, *rules)
-        model = fit_model(data, self.buckets, self.name, iterations, *rules)
-        self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, data.subset(test)),
+        held, test = self._held_out_fit(holdout, seed, iterations)
+        model = fit_model(self.fit_data(), self.buckets, self.name, iterations, *self.rules)
+        scales = (self.meta.get("rescaled") or {}).get("scales")
+        if scales:  # the samples are another machine's: keep the rescale
+            model = scaled_kinds(model, scales["decode"], scales["mixed"])
+        self.fit = {**model_to_fit(model), "holdout": holdout_errors(held, test),
+                    "residuals": heldout_residuals(held, test, self.name).to_dict(),
                     "loss": LOSS if iterations else "relative_to_measured"}
         return model
+
+    def fit_data(self) -> FitData:
+        return FitData(self.features(), self.seconds, self.exec_seconds, self.source)
+
+    @property
+    def rules(self) -> tuple[DecodeSplit | None, str, int, str]:
+        """The fit's rules from the meta: decode split, batch basis, graph token limit,
+        row weights."""
+        return (self.decode_split, self.decode_batch_basis, self.cudagraph_token_limit,
+                self.fit_weights)
+
+    @property
+    def fit_weights(self) -> str:
+        """How the fit weighs rows (meta "fit_weights"): "rows", each row alike (written
+        by calibrations since it was added), else "sources", each source's rows together
+        as much as the other's, so older files refit as they did."""
+        weights = self.meta.get("fit_weights", "sources")
+        if weights not in FIT_WEIGHTS:
+            raise ValueError(f"profile {self.name}: meta.fit_weights={weights!r} is invalid: "
+                             f"must be one of {FIT_WEIGHTS}")
+        return weights
+
+    def _held_out_fit(self, holdout: float = 0.2, seed: int = 0,
+                      iterations: int = IRLS_ITERATIONS) -> tuple[CalibratedStepTime, FitData]:
+        """A fit on all but a seeded `holdout` share of the samples, and that share."""
+        data = self.fit_data()
+        test = np.random.default_rng(seed).random(len(data)) < holdout
+        held = fit_model(data.subset(~test), self.buckets, self.name, iterations, *self.rules)
+        return held, data.subset(test)
+
+    def residuals(self) -> Residuals:
+        """Held-out step-time residuals (`sim.noise`): stored by fits since they were added;
+        for an older profile, made from its samples by the held-out fit it was reported
+        with (its stored fit is left as it is)."""
+        stored = self.fit.get("residuals")
+        if stored:
+            return Residuals.from_dict(stored)
+        if self._residuals is None:
+            loss = self.fit.get("loss")
+            iterations = IRLS_ITERATIONS if loss == LOSS else 0
+            held, test = self._held_out_fit(iterations=iterations)
+            self._residuals = heldout_residuals(held, test, self.name)
+        return self._residuals
+
+    def machine_spread(self) -> MachineSpread:
+        return MachineSpread.of_meta(self.meta)
 
     @property
     def decode_split(self) -> DecodeSplit | None:
@@ -185,9 +248,21 @@ class Profile:
         return limit
 
     def step_time(self) -> CalibratedStepTime:
-        if not self.fit:
-            return self.fit_step_time()
-        return model_from_fit(self.fit, self.buckets, f"profile {self.name}")
+        model = model_from_fit(self.fit, self.buckets, f"profile {self.name}") if self.fit \
+            else self.fit_step_time()
+        return with_overhead(model, self.serving_overhead)
+
+    @property
+    def serving_overhead(self) -> float:
+        """Seconds every served step takes beyond what the calibration measured (meta
+        "serving_overhead": {"seconds", "source"}, fit from a validation run's steps by
+        `reports.validation.steps.serving_overhead`; 0 where absent)."""
+        got = self.meta.get("serving_overhead") or {}
+        seconds = got.get("seconds", 0.0)
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+            raise ValueError(f"profile {self.name}: meta.serving_overhead.seconds="
+                             f"{seconds!r} is invalid: must be a number")
+        return float(seconds)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -212,6 +287,64 @@ class Profile:
                              f"{FORMAT!r}, {FORMAT_V2!r} or {FORMAT_V1!r}")
         return cls(ProfileKey(**data["key"]), data["samples"], data.get("buckets"),
                    data.get("memory", {}), data.get("meta", {}), data.get("fit", {}))
+
+
+# -- rescaling a full profile from a quick one ----------------------------------------------
+
+TRIM = 0.05  # each tail of the ratios left out of a scale (a few disturbed steps)
+
+
+def rescaled(full: Profile, quick: Profile) -> Profile:
+    """`full` (the same engine, calibrated at length elsewhere or earlier) with its fit times
+    a scale per step kind, fit to `quick`'s samples: the mean of measured / predicted
+    (the fit's loss, relative to the fit; trimmed), engine rows on the whole step and
+    synthetic rows on the forward pass, as the held-out errors judge them. The samples
+    stay the full profile's; the meta says where the scales came from, and a refit keeps
+    them (`fit_step_time`)."""
+    if full.key != quick.key:
+        raise ValueError(f"profile {quick.name} cannot rescale {full.name}: their keys differ")
+    base = model_from_fit(full.fit, full.buckets, f"profile {full.name}") if full.fit \
+        else full.fit_step_time()
+    data = quick.fit_data()
+    ratio = data.seconds / np.maximum(heldout_predictions(base, data), 1e-12)
+    decode = data.features.is_decode_only
+    scales = {k: _trimmed_mean(ratio[rows]) for k, rows in zip(KINDS, (decode, ~decode),
+                                                               strict=True)}
+    model = scaled_kinds(base, scales["decode"], scales["mixed"])
+    fit = {**model_to_fit(model), "holdout": holdout_errors(model, data),
+           "residuals": Residuals.of({k: ratio[rows] / scales[k] for k, rows in zip(
+               KINDS, (decode, ~decode), strict=True)},
+               f"profile {full.name} rescaled to the samples of quick profile "
+               f"{quick.meta.get('date', '?')}").to_dict(),
+           "loss": full.fit.get("loss", LOSS)}
+    meta = {**full.meta, "rescaled": {
+        "scales": scales, "quick_samples": len(data),
+        "before": _errors(heldout_predictions(base, data), data.seconds),
+        "quick": {k: quick.meta.get(k) for k in ("date", "device", "command",
+                                                 "calibration_wall_s", "torch_version")},
+        "full": {k: full.meta.get(k) for k in ("date", "device", "command")}}}
+    return Profile(full.key, full.samples, full.buckets, full.memory, meta, fit)
+
+
+def _trimmed_mean(r: np.ndarray) -> float:
+    if r.size == 0:
+        return 1.0
+    lo, hi = np.quantile(r, [TRIM, 1 - TRIM])
+    kept = r[(r >= lo) & (r <= hi)]
+    return float(kept.mean()) if kept.size else float(np.median(r))
+
+
+def scaled_kinds(model: CalibratedStepTime, decode: float, mixed: float) -> CalibratedStepTime:
+    """Decode-only steps `decode` times as long, the others `mixed` times (device and host
+    parts alike: still linear, so every path stays bit-identical)."""
+    def host(h: LinearTerms | None, factor: float) -> LinearTerms | None:
+        return None if h is None else LinearTerms(h.terms, h.coef * factor)
+    return replace(model, decode_coef=model.decode_coef * decode,
+                   mixed_coef=model.mixed_coef * mixed,
+                   host_decode=host(model.host_decode, decode),
+                   host_mixed=host(model.host_mixed, mixed),
+                   source=f"{model.source}, rescaled (decode x {decode:.4f}, mixed x "
+                          f"{mixed:.4f})")
 
 
 def find_profile(key: ProfileKey, directory: Path = PROFILE_DIR) -> Profile | None:
@@ -255,15 +388,16 @@ class FitData:
 def fit_model(data: FitData, buckets: list[int] | None, name: str,
               iterations: int = IRLS_ITERATIONS,
               split: DecodeSplit | None = None, basis: str = "hinges",
-              token_limit: int = 0) -> CalibratedStepTime:
+              token_limit: int = 0, weights: str = "sources") -> CalibratedStepTime:
     """Device time per kind from every row's execute_model time; host overhead per kind
     from the engine rows (their step time minus execute_model). The terms over the
-    EXTRA_FEATURES are used where the samples have them (version 3)."""
+    EXTRA_FEATURES are used where the samples have them (version 3). `weights`: how rows
+    count (FIT_WEIGHTS)."""
     decode, mixed = data.kind("decode"), data.kind("mixed")
     d_terms, m_terms = kind_terms(decode, mixed, buckets, split, basis, token_limit)
     return CalibratedStepTime(
-        fit_device(decode, d_terms, buckets, name, iterations),
-        fit_device(mixed, m_terms, None, name, iterations),
+        fit_device(decode, d_terms, buckets, name, iterations, weights),
+        fit_device(mixed, m_terms, None, name, iterations, weights),
         buckets, source=f"profile {name}", decode_terms=d_terms, mixed_terms=m_terms,
         host_decode=fit_host(decode, HOST_DECODE_TERMS, iterations),
         host_mixed=fit_host(mixed, HOST_MIXED_TERMS, iterations))
@@ -309,12 +443,14 @@ def informative(f: StepFeatures, names: tuple[str, ...] = FIRST_EXTRA) -> bool:
 
 
 def fit_device(data: FitData, terms: tuple[str, ...], buckets: list[int] | None,
-               name: str, iterations: int = IRLS_ITERATIONS) -> np.ndarray:
+               name: str, iterations: int = IRLS_ITERATIONS,
+               weights: str = "sources") -> np.ndarray:
     if len(data) < len(terms):
         raise ValueError(f"profile {name}: {len(data)} samples for {len(terms)} terms; "
                          "measure more steps")
     x = design_matrix(data.features, terms, buckets)
-    return fit_nonnegative(x, data.exec_seconds, source_weights(data.source), iterations)
+    rows = source_weights(data.source) if weights == "sources" else None
+    return fit_nonnegative(x, data.exec_seconds, rows, iterations)
 
 
 def source_weights(source: np.ndarray) -> np.ndarray:
@@ -360,22 +496,66 @@ def model_from_fit(fit: dict[str, Any], buckets: list[int] | None,
                               host_decode=hosts[0], host_mixed=hosts[1])
 
 
+def with_overhead(model: CalibratedStepTime, seconds: float) -> CalibratedStepTime:
+    """`model` with `seconds` more host time in every step (its host parts' constant)."""
+    if seconds == 0.0:
+        return model
+    def host(h: LinearTerms | None) -> LinearTerms:
+        if h is None:
+            return LinearTerms(("const",), np.array([seconds]))
+        if "const" not in h.terms:
+            return LinearTerms((*h.terms, "const"), np.append(h.coef, seconds))
+        coef = h.coef.copy()
+        coef[h.terms.index("const")] += seconds
+        return LinearTerms(h.terms, coef)
+    return replace(model, host_decode=host(model.host_decode),
+                   host_mixed=host(model.host_mixed),
+                   source=f"{model.source}, + {seconds * 1e6:.0f} us serving overhead a step")
+
+
 # -- held-out error -----------------------------------------------------------------------------
 
-def holdout_errors(model: CalibratedStepTime, test: FitData) -> dict[str, Any]:
-    """Relative error on held-out rows: all, by source and by kind. Engine rows are judged
-    on the whole step (what a replay measures), synthetic rows on the forward pass."""
+def heldout_predictions(model: CalibratedStepTime, test: FitData) -> np.ndarray:
+    """Engine rows are judged on the whole step (what a replay measures), synthetic rows
+    on the forward pass."""
     predicted = model.predict(test.features)
     device = _device_only(model).predict(test.features)
-    engine = test.source == "engine"
-    pred = np.where(engine, predicted, device)
+    return np.where(test.source == "engine", predicted, device)
+
+
+def holdout_errors(model: CalibratedStepTime, test: FitData) -> dict[str, Any]:
+    """Relative error on held-out rows: all, by source, by kind and by class of step
+    composition (`sim.step_classes`)."""
+    pred = heldout_predictions(model, test)
     out = _errors(pred, test.seconds)
     out["by_source"] = {s: _errors(pred[test.source == s], test.seconds[test.source == s])
                         for s in SOURCES}
     decode = test.features.is_decode_only
     out["by_kind"] = {"decode": _errors(pred[decode], test.seconds[decode]),
                       "mixed": _errors(pred[~decode], test.seconds[~decode])}
+    out["by_class"] = class_errors(pred, test.seconds, step_classes(model, test.features),
+                                   _errors)
     return out
+
+
+def step_classes(model: CalibratedStepTime, f: StepFeatures) -> np.ndarray:
+    """`classify` of steps by the model's graph token limit and host share."""
+    total = model.predict(f)
+    host = total - _device_only(model).predict(f)
+    return classify(f, model.token_limit, host / np.maximum(total, 1e-12))
+
+
+def heldout_residuals(model: CalibratedStepTime, test: FitData, name: str) -> Residuals:
+    """measured / predicted on the held-out rows, per kind: the engine rows alone where a
+    kind has MIN_ENGINE_ROWS of them (single whole steps, as the twin predicts them), else
+    every row."""
+    ratio = test.seconds / np.maximum(heldout_predictions(model, test), 1e-12)
+    decode, engine = test.features.is_decode_only, test.source == "engine"
+    ratios = {}
+    for kind, rows in zip(KINDS, (decode, ~decode), strict=True):
+        ratios[kind] = ratio[rows & engine] if (rows & engine).sum() >= MIN_ENGINE_ROWS \
+            else ratio[rows]
+    return Residuals.of(ratios, f"held-out steps of profile {name} (20 %, seed 0)")
 
 
 def _device_only(model: CalibratedStepTime) -> CalibratedStepTime:
@@ -409,4 +589,16 @@ def format_holdout(holdout: dict[str, Any]) -> str:
     rows = [line("all", holdout)]
     rows += [line(k, v) for k, v in (holdout.get("by_source") or {}).items()]
     rows += [line(k, v) for k, v in (holdout.get("by_kind") or {}).items()]
-    return "held-out step-time error (|predicted - measured| / measured):\n" + "\n".join(rows)
+    text = "held-out step-time error (|predicted - measured| / measured):\n" + "\n".join(rows)
+    classes = holdout.get("by_class")
+    return text + ("\n" + format_classes(classes) if classes else "")
+
+
+def format_classes(by_class: dict[str, dict[str, Any]]) -> str:
+    """One line per class of step composition: n, median signed error and the summed
+    time's error (a class's bias), median |error|."""
+    rows = [f"  {name:<23} n={e['n']:<5} bias median {e['median_signed_pct_err']:+5.1f} %  "
+            f"total time {e['total_time_pct_err']:+5.1f} %  |error| median "
+            f"{e['median_abs_pct_err']:.1f} %" for name, e in by_class.items() if e.get("n")]
+    return "signed error by step class (predicted - measured; + = over-predicted):\n" + \
+        "\n".join(rows)

@@ -21,6 +21,12 @@ in a shuffled order and cut at the deadline, so a trimmed grid keeps its spread.
 
     python -m engine.tools.calibrate --model tiny_qwen3 --hardware cpu --dtype float32 \\
         --device cpu --backend sdpa --time-budget 240
+
+`--quick` times only the grid's shapes that carry the fit (`engine.tools.quick_grid`; ~90 s
+on a GPU, held-out error as the full grid's on the committed profiles: `quick_eval`), and
+`--quick --update OLD_PROFILE` rescales a full profile of the same engine to this machine
+per step kind (`sim.profile.rescaled`). `calibrate(timer=...)` records given step times
+instead of measured ones (the seam tests fit known times through).
 """
 
 from __future__ import annotations
@@ -45,14 +51,23 @@ import torch
 
 from engine.core.catalog import catalog_key, load_model
 from engine.core.config import EngineConfig, ModelConfig
-from engine.core.features import EXTRA_FEATURES, FEATURES, features_of
+from engine.core.features import EXTRA_FEATURES, FEATURES, StepFeatures, features_of
 from engine.core.memory import estimate_activation_bytes
 from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from engine.core.shapes import DecodeSplit, graph_buckets
 from engine.runtime.llm import LLMEngine, ModelSource
 from engine.runtime.replay import device_name
-from sim.profile import PROFILE_DIR, Profile, ProfileKey, format_holdout, slug
+from engine.tools.quick_grid import (
+    QUICK_BUDGET_S,
+    QUICK_ENGINE_PASSES,
+    QUICK_ENGINE_SHARE,
+    QUICK_PASSES,
+    QUICK_REPEATS,
+    QuickRule,
+    quick_shapes,
+)
+from sim.profile import PROFILE_DIR, Profile, ProfileKey, format_holdout, rescaled, slug
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 Log = Callable[[str], None]
@@ -71,6 +86,7 @@ MIXED_CHUNKS = (16, 128, 512, 2048, 8192)
 # follows the longest sequence, which uniform batches cannot tell from the summed context.
 SKEWED_BATCHES = (2, 4, 8, 16, 32, 64, 128)
 SKEWED_CONTEXTS = ((256, 2048), (512, 4096), (1024, 8192), (1024, 32768))
+EAGER_DECODES = (0, 8, 64)
 
 
 def stamp(started: float) -> Log:
@@ -120,6 +136,12 @@ class CalibrationGrid:
     mixed_chunks: tuple[int, ...] = (16, 64, 128, 256, 512)
     skewed_batches: tuple[int, ...] = ()
     skewed_contexts: tuple[tuple[int, int], ...] = ()  # (short, long) decode contexts
+    # Steps just past the mixed-step graphs' token limit (eager: every kernel launched from
+    # Python), each of `eager_tokens` tokens with 0 / 8 / 64 of them decodes: the validation
+    # sets' eager steps are there (4,097-4,500 tokens, few decodes) and ran 11-18 % longer
+    # than fits without such points predicted.
+    eager_tokens: tuple[int, ...] = ()
+    eager_decodes: tuple[int, ...] = ()
     repeats: int = 3  # back-to-back executions per pass
     passes: int = 3
     warmup: int = 3
@@ -138,8 +160,15 @@ class CalibrationGrid:
             mixed_decodes=tuple(b for b in MIXED_DECODES if b < seqs) or (1,),
             mixed_chunks=tuple(q for q in MIXED_CHUNKS if q < tokens) or (1,),
             skewed_batches=tuple(b for b in SKEWED_BATCHES if b <= seqs),
-            skewed_contexts=tuple(c for c in SKEWED_CONTEXTS if c[1] <= length))
+            skewed_contexts=tuple(c for c in SKEWED_CONTEXTS if c[1] <= length),
+            eager_tokens=eager_ladder(config.cudagraph_token_limit, min(tokens, length)),
+            eager_decodes=tuple(b for b in EAGER_DECODES if b < seqs))
         return dataclasses.replace(grid, **overrides)
+
+    def quick_rule(self, config: EngineConfig) -> QuickRule:
+        """Which of its shapes a quick calibration times (`engine.tools.quick_grid`)."""
+        return QuickRule.of(self.decode_contexts, self.prefill_chunks, self.prefill_contexts,
+                            config.cudagraph_token_limit, config.max_num_batched_tokens)
 
     def shapes(self) -> list[StepShape]:
         prefill = [StepShape(((c, q),) * k) for q, c, k in itertools.product(
@@ -153,7 +182,11 @@ class CalibrationGrid:
         skewed = [StepShape(decodes=(long,) + (short,) * (b - 1))
                   for b, (short, long) in itertools.product(self.skewed_batches,
                                                             self.skewed_contexts)]
-        return prefill + decode + mixed + skewed
+        ctx = self.decode_contexts[len(self.decode_contexts) // 2] if self.decode_contexts \
+            else 16
+        eager = [StepShape(((0, n - b),), (ctx,) * b)
+                 for n, b in itertools.product(self.eager_tokens, self.eager_decodes) if n > b]
+        return prefill + decode + mixed + skewed + eager
 
     def runnable(self, config: EngineConfig, num_blocks: int) -> list[StepShape]:
         return [s for s in self.shapes()
@@ -161,6 +194,15 @@ class CalibrationGrid:
                 and s.num_tokens <= config.max_num_batched_tokens
                 and s.num_seqs <= config.max_num_seqs
                 and s.blocks(config.block_size) <= num_blocks]
+
+
+def eager_ladder(limit: int, tokens: int) -> tuple[int, ...]:
+    """Token counts just past the graphs' token `limit` and halfway to the budget (none
+    without graphs, or when the budget is the limit)."""
+    if not 0 < limit < tokens:
+        return ()
+    return tuple(sorted({n for n in (limit + 64, limit + 512, (limit + tokens) // 2)
+                         if limit < n < tokens}))
 
 
 def _ladder(values: tuple[int, ...], limit: int) -> tuple[int, ...]:
@@ -611,20 +653,29 @@ class Plan:
     engine_share: float = 0.3  # of the budget left after start-up, for engine steps
     memory_tokens: list[int] | None = None
     engine_passes: int = 3
+    quick: bool = False  # time the grid's shapes that carry the fit only (quick_grid)
+    timer: Timer | None = None  # replaces every measured duration (tests)
+
+
+# The sample-collection seam: given the features of every step measured, its (device, host)
+# seconds to record instead of what was timed (exec_seconds = device; seconds = device + host
+# for engine rows, device alone for synthetic ones), so a test can fit known step times.
+Timer = Callable[[StepFeatures], tuple[np.ndarray, np.ndarray]]
 
 
 def calibrate(model_source: ModelSource, engine_config: EngineConfig, *, hardware: str,
               samples: CalibrationGrid | None = None, time_budget_s: float = 300.0,
               seed: int = 0, memory_tokens: list[int] | None = None,
               command: str | None = None, workloads: list[EngineWorkload] | None = None,
-              engine_share: float = 0.3, engine_passes: int = 3,
-              verbose: bool = True) -> Profile:
+              engine_share: float = 0.3, engine_passes: int = 3, quick: bool = False,
+              timer: Timer | None = None, verbose: bool = True) -> Profile:
     """Build a fresh engine (seeded random weights unless `model_source` is a folder with
     weights), measure memory terms, engine steps and synthetic steps within `time_budget_s`
-    (start-up included), and return the fitted Profile."""
+    (start-up included), and return the fitted Profile. `quick`: the grid's shapes that
+    carry the fit only; `timer`: step times to record instead of the measured ones."""
     started = time.perf_counter()
     log = stamp(started) if verbose else None
-    plan = Plan(samples, workloads, engine_share, memory_tokens, engine_passes)
+    plan = Plan(samples, workloads, engine_share, memory_tokens, engine_passes, quick, timer)
     source, model_key = resolve_source(model_source)
     engine = LLMEngine(source, dataclasses.replace(engine_config, seed=seed))
     _say(log, f"engine ready: {device_name(engine.device)}, backend "
@@ -636,6 +687,7 @@ def calibrate(model_source: ModelSource, engine_config: EngineConfig, *, hardwar
                      engine.model_runner.attention_backend)
     profile = Profile(key, columns, buckets=buckets, memory=phases.pop("memory"))
     profile.meta = _meta(engine, phases, columns, command, buckets_source, time_budget_s)
+    profile.meta.update(quick=quick, timer=None if timer is None else _name(timer))
     profile.fit_step_time(seed=seed)
     profile.meta["holdout"] = profile.fit["holdout"]  # the fit's error on held-out steps
     profile.meta["calibration_wall_s"] = round(time.perf_counter() - started, 2)
@@ -650,6 +702,8 @@ def measure_all(engine: LLMEngine, plan: Plan, seed: int, deadline: float,
     phases: dict[str, Any] = {"memory": measure_memory(engine, tokens)}
     grid = plan.grid or CalibrationGrid.for_config(engine.config)
     shapes = grid.runnable(engine.config, engine.num_blocks)
+    if plan.quick:
+        shapes = quick_shapes(shapes, grid.quick_rule(engine.config))
     np.random.default_rng(seed).shuffle(shapes)  # a time budget cut keeps the spread
     for shape in shapes[:grid.warmup]:  # compile / autotune before anything is timed
         _Failures(log).attempt(engine, StepBuilder(engine, seed), shape, 2)
@@ -665,7 +719,21 @@ def measure_all(engine: LLMEngine, plan: Plan, seed: int, deadline: float,
     synth = measure_steps(engine, shapes, grid, seed, deadline, log)
     phases.update(grid=grid, workloads=workloads, planned=len(shapes),
                   engine_s=round(t1 - t0, 2), synthetic_s=round(time.perf_counter() - t1, 2))
-    return {k: synth[k] + real[k] for k in synth}, phases
+    columns = {k: synth[k] + real[k] for k in synth}
+    return (columns if plan.timer is None else timed(columns, plan.timer)), phases
+
+
+def timed(columns: dict[str, list], timer: Timer) -> dict[str, list]:
+    """`columns` with the timer's step times in place of the measured ones."""
+    features = StepFeatures.from_columns({f: np.asarray(columns[f]) for f in COLUMNS})
+    device, host = timer(features)
+    engine = np.asarray(columns["source"]) == "engine"
+    return {**columns, "seconds": [float(x) for x in np.where(engine, device + host, device)],
+            "exec_seconds": [float(x) for x in device]}
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", type(fn).__name__)
 
 
 def _say(log: Log | None, message: str) -> None:
@@ -694,6 +762,7 @@ def _meta(engine: LLMEngine, phases: dict[str, Any], columns: dict[str, list],
         "backend": runner.attention_backend, "attention_backend": runner.attention_backend,
         "cuda_graphs_enabled": bool(getattr(runner, "cuda_graphs_enabled", False)),
         "decode_split": _decode_split(engine), "decode_batch_basis": "knots",
+        "fit_weights": "rows",
         "cudagraph_token_limit": cudagraph_tokens(engine),
         "buckets_source": buckets_source, "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -746,11 +815,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=CalibrationGrid.repeats,
                    help="back-to-back executions per pass")
     p.add_argument("--passes", type=int, default=CalibrationGrid.passes)
-    p.add_argument("--time-budget", type=float, default=300.0,
+    p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole calibration, start-up included; the grid is "
-                        "trimmed to fit")
-    p.add_argument("--engine-share", type=float, default=0.3,
-                   help="share of the budget (after start-up) for real engine steps")
+                        f"trimmed to fit (default 300, {QUICK_BUDGET_S:g} with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"time only the grid's shapes that carry the fit, {QUICK_PASSES} "
+                        f"passes x {QUICK_REPEATS} repeats, {QUICK_ENGINE_PASSES} pass over "
+                        "the engine workloads (engine.tools.quick_grid): ~90 s on a GPU")
+    p.add_argument("--update", type=Path, metavar="OLD_PROFILE",
+                   help="with --quick: write OLD_PROFILE (a full calibration of this engine, "
+                        "elsewhere or earlier) rescaled per step kind to this machine's quick "
+                        "samples (sim.profile.rescaled) instead of the quick profile, which "
+                        "goes to OUT/quick/")
+    p.add_argument("--engine-share", type=float, default=None,
+                   help="share of the budget (after start-up) for real engine steps "
+                        f"(default 0.3, {QUICK_ENGINE_SHARE:g} with --quick)")
     p.add_argument("--engine-passes", type=int, default=3,
                    help="passes over the engine workloads at most (new prompts each pass)")
     p.add_argument("--seed", type=int, default=0)
@@ -769,23 +848,38 @@ def config_from_args(args: argparse.Namespace, model: ModelConfig) -> EngineConf
         max_cudagraph_tokens=args.max_cudagraph_tokens)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, timer: Timer | None = None) -> Path:
+    """The command line; `timer`: the sample-collection seam (tests)."""
     args = parse_args(argv)
+    if args.update and not args.quick:
+        raise SystemExit("--update needs --quick (a quick calibration rescales OLD_PROFILE)")
     source, _ = resolve_source(args.model)
     model = source if isinstance(source, ModelConfig) else ModelConfig.from_hf(source)
     given = sys.argv[1:] if argv is None else argv
     command = "python -m engine.tools.calibrate " + shlex.join(given)
-    grid = CalibrationGrid.for_config(config_from_args(args, model), repeats=args.repeats,
-                                      passes=args.passes)
+    quick = {"repeats": QUICK_REPEATS, "passes": QUICK_PASSES} if args.quick else {
+        "repeats": args.repeats, "passes": args.passes}
+    budget = args.time_budget or (QUICK_BUDGET_S if args.quick else 300.0)
+    old = Profile.load(args.update) if args.update else None  # fails before measuring
+    grid = CalibrationGrid.for_config(config_from_args(args, model), **quick)
     profile = calibrate(args.model, config_from_args(args, model), hardware=args.hardware,
-                        samples=grid, time_budget_s=args.time_budget, seed=args.seed,
-                        command=command, engine_share=args.engine_share,
-                        engine_passes=args.engine_passes)
-    path = profile.save(args.out)
+                        samples=grid, time_budget_s=budget, seed=args.seed, command=command,
+                        engine_share=args.engine_share or (
+                            QUICK_ENGINE_SHARE if args.quick else 0.3),
+                        engine_passes=QUICK_ENGINE_PASSES if args.quick else args.engine_passes,
+                        quick=args.quick, timer=timer)
+    path = profile.save(args.out / "quick" if old else args.out)
     meta = profile.meta
     print(f"wrote {path}: {meta['points_measured']}/{meta['points_planned']} synthetic shapes "
           f"+ {meta['engine_steps']} engine steps in {meta['calibration_wall_s']} s "
-          f"(budget {args.time_budget:g} s)", flush=True)
+          f"(budget {budget:g} s)", flush=True)
+    if old is None:
+        return path
+    new = rescaled(old, profile)
+    path = new.save(args.out)
+    scales = new.meta["rescaled"]["scales"]
+    print(f"wrote {path}: {args.update} rescaled (decode x {scales['decode']:.4f}, mixed x "
+          f"{scales['mixed']:.4f}); {format_holdout(new.fit['holdout'])}", flush=True)
     return path
 
 

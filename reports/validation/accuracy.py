@@ -38,12 +38,24 @@ PERCENTILES = ("p50", "p90", "p99")
 
 @dataclass(frozen=True)
 class Gate:
-    """|error| <= limit (percent; 0 means exact). `target` is issue 7's; `note` says why a
-    limit differs from it."""
+    """|error| <= limit (percent; 0 means exact), or with `floor`, value >= limit. `target`
+    is issue 7's (the set scores': issue "Fidelity v2"'s); `note` says why a limit differs
+    from it."""
 
     limit: float
     target: float
     note: str = ""
+    floor: bool = False
+
+    def holds(self, value: float) -> bool:
+        return value >= self.limit - 1e-9 if self.floor else abs(value) <= self.limit + 1e-9
+
+
+# Scores of a whole set (`set_scores`), gated beside the per-point quantities: the share of
+# (point, metric) pairs whose measurement falls in the predicted 90 % band, the median
+# |error| over the points' latency percentiles, and per latency metric the median signed
+# error (its bias).
+SET_SCORES = ("coverage", "median_abs_error", *(f"bias_{m}" for m in LATENCIES))
 
 
 def _targets() -> dict[str, Gate]:
@@ -52,10 +64,13 @@ def _targets() -> dict[str, Gate]:
     for name in LATENCIES:
         gates.update({f"{name}_{p}": Gate(3 if p == "p50" else 5, 3 if p == "p50" else 5)
                       for p in PERCENTILES})
+    gates.update({"coverage": Gate(90, 90, floor=True), "median_abs_error": Gate(3, 3),
+                  **{f"bias_{m}": Gate(2, 2) for m in LATENCIES}})
     return gates
 
 
 TARGETS: dict[str, Gate] = _targets()
+TARGETS_SCORES = {name: TARGETS[name].limit for name in SET_SCORES}
 
 CPU_NOTE = ("CPU engine on the shared 2-core dev machine, where other jobs' load moves "
             "step times: the same point replayed twice two minutes apart differed by up to "
@@ -94,10 +109,43 @@ H100_EAGER_NOTE = (
     "decode batch knots) + a margin")
 
 
-def _measured(limits: dict[str, float], note: str) -> dict[str, Gate]:
-    """TARGETS with some limits set to a measured level (each carries `note`)."""
-    return {q: Gate(limits[q], g.target, note) if q in limits else g
-            for q, g in TARGETS.items()}
+SCORES_NOTE = (
+    "set scores with BAND_REPLICATES = 4 seeded replicates per point (machine log-sd "
+    "sim.noise.MACHINE_SPREAD, the profile's held-out step residuals), measured {date}: "
+    "coverage {coverage:.1f} %, median |error| {median:.2f} %, median signed error TTFT "
+    "{ttft:+.2f} / TPOT {tpot:+.2f} / E2E {e2e:+.2f} %; gate = that level with a margin "
+    "(5 points of coverage, 1 of median |error|, 1.5 of bias){why}")
+
+
+def _scores(coverage: float, median: float, ttft: float, tpot: float, e2e: float,
+            why: str = "") -> tuple[dict[str, float], str]:
+    """Score gates at a measured level (targets kept where met) and their note."""
+    measured = {"coverage": coverage, "median_abs_error": median, "bias_ttft": ttft,
+                "bias_tpot": tpot, "bias_e2e": e2e}
+    gates = {}
+    for name, value in measured.items():
+        target = TARGETS_SCORES[name]
+        if name == "coverage":
+            gates[name] = target if value >= target else round(value - 5, 1)
+        else:
+            margin = 1.0 if name == "median_abs_error" else 1.5
+            gates[name] = target if abs(value) <= target else round(abs(value) + margin, 1)
+    note = SCORES_NOTE.format(date="2026-12-05", coverage=coverage, median=median, ttft=ttft,
+                              tpot=tpot, e2e=e2e, why=f"; {why}" if why else "")
+    return gates, note
+
+
+def _measured(limits: dict[str, float], note: str,
+              scores: dict[str, float] | None = None, score_note: str = "") -> dict[str, Gate]:
+    """TARGETS with some limits set to a measured level (each carries `note`; the set
+    scores' `score_note`)."""
+    def gate(q: str, g: Gate) -> Gate:
+        if q in limits:
+            return Gate(limits[q], g.target, note)
+        if scores and q in scores:
+            return Gate(scores[q], g.target, score_note, g.floor)
+        return g
+    return {q: gate(q, g) for q, g in TARGETS.items()}
 
 
 # The thresholds, per validation set (the folder name under tests/data/validation). Where a
@@ -112,7 +160,8 @@ GATES: dict[str, dict[str, Gate]] = {
     "h100_qwen3_0_6b_eager": _measured(
         {"ttft_p50": 32, "ttft_p90": 44, "ttft_p99": 45, "tpot_p50": 12, "tpot_p90": 12,
          "tpot_p99": 14, "e2e_p50": 13, "e2e_p90": 11, "e2e_p99": 12,
-         "kv_blocks_used_peak": 8, "total_preemptions": 120}, H100_EAGER_NOTE),
+         "kv_blocks_used_peak": 8, "total_preemptions": 120}, H100_EAGER_NOTE,
+        *_scores(94.4, 2.53, -1.05, 1.03, 1.35)),
     # The piecewise-graph engine (commit 06ad2a8; CUDA graphs between eager attention calls,
     # up to 4096 tokens) and its profile (in the set's profiles/), measured on another H100
     # (2026-11-21 13:42-14:01 UTC, 44 points: block 128 / 32768 at 0.5 and 0.9 were cut by
@@ -122,7 +171,9 @@ GATES: dict[str, dict[str, Gate]] = {
     "h100_qwen3_0_6b": _measured(
         {"ttft_p50": 50, "ttft_p90": 40, "ttft_p99": 520, "tpot_p50": 45, "tpot_p90": 22,
          "tpot_p99": 22, "e2e_p50": 30, "e2e_p90": 25, "e2e_p99": 24,
-         "kv_blocks_used_peak": 18, "total_preemptions": 2500}, H100_NOTE),
+         "kv_blocks_used_peak": 18, "total_preemptions": 2500}, H100_NOTE,
+        *_scores(87.8, 7.37, -7.37, -3.13, -2.74, "the host ran slower during the sweeps "
+                 "than during the calibration (median point 1.02x its profile's busy time)")),
     # The shipped engine (one CUDA graph per mixed step up to 4096 tokens) and profile, on an
     # H200 (2026-12-04, 46 points: the whole grid at 0.03 / 0.06 / 0.5 / 0.9 and the load
     # levels): start / no-start and num_blocks exact everywhere; largest |error| TTFT 62 /
@@ -131,14 +182,22 @@ GATES: dict[str, dict[str, Gate]] = {
     "h200_qwen3_0_6b": _measured(
         {"ttft_p50": 70, "ttft_p90": 50, "ttft_p99": 48, "tpot_p50": 22, "tpot_p90": 20,
          "tpot_p99": 30, "e2e_p50": 35, "e2e_p90": 25, "e2e_p99": 25,
-         "kv_blocks_used_peak": 12, "total_preemptions": 50}, H200_NOTE),
+         "kv_blocks_used_peak": 12, "total_preemptions": 50}, H200_NOTE,
+        *_scores(78.6, 7.03, -7.13, -5.11, -6.65, "the replays' steps took a median 115 us "
+                 "more than the profile predicts for them (reports.validation.steps: median "
+                 "point 1.05x its busy time): that serving overhead, fit on this run and "
+                 "added to the profile (meta serving_overhead), gives run 2 a bias of -1.3 / "
+                 "+0.6 / -0.7 % and a coverage of 94 %; the committed profile keeps the "
+                 "golden records, so it is not added here")),
     # Committed run's largest |error| (README, "How accurate is kvtwin"): TTFT 22 / 68 / 76,
     # TPOT 47 / 49 / 57, E2E 37 / 48 / 47 % at p50 / p90 / p99; peak KV blocks 33 %,
     # preemptions 12.5 % (8 vs 9 and 7 vs 8).
     "cpu_tiny_qwen3": _measured(
         {"ttft_p50": 30, "ttft_p90": 85, "ttft_p99": 95, "tpot_p50": 60, "tpot_p90": 60,
          "tpot_p99": 70, "e2e_p50": 50, "e2e_p90": 60, "e2e_p99": 60,
-         "kv_blocks_used_peak": 40, "total_preemptions": 20}, CPU_NOTE),
+         "kv_blocks_used_peak": 40, "total_preemptions": 20}, CPU_NOTE,
+        *_scores(70.0, 9.36, 5.58, 0.31, 3.00, "the shared CPU box's load moves step times "
+                 "more than any profile's spread")),
 }
 
 
@@ -207,13 +266,11 @@ def repredict(vset: ValidationSet, point: dict[str, Any], profiles: Path | None 
 PRE_PIECEWISE = {"max_cudagraph_tokens": 0}
 
 
-@cache
-def _repredict(path: str, point_id: str, profiles: str | None,
-               scale: float = 1.0) -> dict[str, Any]:
+def _setup(path: str, point_id: str, profiles: str | None) -> tuple[Any, Any]:
+    """The twin's setup of a committed point and its requests."""
     from engine.core.config import EngineConfig
-    from reports.metrics import twin_metrics
     from sim.profile import PROFILE_DIR
-    from sim.twin import setup_twin, simulate
+    from sim.twin import setup_twin
     from workloads.trace_requests import model_requests
 
     vset = load_set(Path(path))
@@ -221,12 +278,23 @@ def _repredict(path: str, point_id: str, profiles: str | None,
     config = EngineConfig.from_kwargs(**(PRE_PIECEWISE | point["engine"]))
     setup = setup_twin(point["model"], point["hardware"], config, point["predictor"],
                        profile_dir=Path(profiles) if profiles else PROFILE_DIR)
+    return setup, model_requests(vset.trace(point), setup.model.vocab_size)
+
+
+@cache
+def _repredict(path: str, point_id: str, profiles: str | None,
+               scale: float = 1.0) -> dict[str, Any]:
+    from reports.metrics import twin_metrics
+    from sim.twin import simulate
+
+    vset = load_set(Path(path))
+    setup, requests = _setup(path, point_id, profiles)
     if scale != 1.0:
         if not hasattr(setup.step_time, "scaled"):
             raise ValueError(f"{vset.name} {point_id}: scaling step times needs a calibrated "
                              f"predictor, not {setup.step_time.kind!r}")
         setup = replace(setup, step_time=setup.step_time.scaled(scale))
-    run = simulate(setup, model_requests(vset.trace(point), setup.model.vocab_size))
+    run = simulate(setup, requests)
     return {"starts": setup.memory.starts, "num_blocks": setup.memory.num_blocks,
             "error_type": setup.memory.error_type, "predictor": setup.predictor,
             "profile": setup.profile.name if setup.profile else None,
@@ -261,7 +329,7 @@ def point_errors(point: dict[str, Any], predicted: dict[str, Any]) -> dict[str, 
     if not (measured and sim and real["starts"] and predicted["starts"]):
         return errors
     for quantity in TARGETS:
-        if quantity in errors:
+        if quantity in errors or quantity in SET_SCORES:
             continue
         key = metric_key(quantity)
         counted = quantity in ("kv_blocks_used_peak", "total_preemptions")
@@ -282,7 +350,11 @@ def violations(errors: dict[str, float], gates: dict[str, Gate]) -> list[str]:
         gate = gates.get(quantity)
         if gate is None or math.isnan(err):
             continue
-        if abs(err) > gate.limit + 1e-9:
+        if not gate.holds(err):
+            if gate.floor:
+                out.append(f"{quantity}: {err:.1f} % is below the gate {gate.limit:g} %"
+                           + (f" ({gate.note})" if gate.note else ""))
+                continue
             unit = "" if quantity in ("starts", "num_blocks") else " %"
             out.append(f"{quantity}: error {err:+.2f}{unit} exceeds the gate {gate.limit:g}"
                        f"{unit}" + (f" ({gate.note})" if gate.note else ""))
@@ -321,6 +393,83 @@ def sensitivity_frame(vset: ValidationSet, pct: float,
         moves = [point_errors(base, repredict(vset, point, profiles, 1 + sign * pct / 100))
                  for sign in (1, -1)]
         rows.append(_error_row(point, {q: max(abs(m[q]) for m in moves) for q in moves[0]}))
+    return pd.DataFrame(rows)
+
+
+# -- bands: coverage and bias ---------------------------------------------------------------
+
+BAND_REPLICATES = 4  # per point in the gates: seeded, the machine scale drawn stratified
+BAND_QUANTITIES = (*(f"{m}_{p}" for m in LATENCIES for p in PERCENTILES), "total_preemptions")
+
+
+def repredict_bands(vset: ValidationSet, point: dict[str, Any],
+                    replicates: int = BAND_REPLICATES, seed: int = 0,
+                    profiles: Path | None = None) -> dict[str, Any] | None:
+    """The twin's 5-95 % bands for a committed point (`reports.bands`); None where the
+    point does not start."""
+    profiles = profiles or vset.profile_dir
+    return _repredict_bands(str(vset.path), point["id"], str(profiles) if profiles else None,
+                            replicates, seed)
+
+
+@cache
+def _repredict_bands(path: str, point_id: str, profiles: str | None, replicates: int,
+                     seed: int) -> dict[str, Any] | None:
+    from reports.bands import predict_bands
+
+    setup, requests = _setup(path, point_id, profiles)
+    if not setup.memory.starts:
+        return None
+    return predict_bands(setup, requests, replicates, seed)
+
+
+def coverage_frame(vset: ValidationSet, replicates: int = BAND_REPLICATES, seed: int = 0,
+                   profiles: Path | None = None) -> pd.DataFrame:
+    """One row per (started point, banded quantity) with a measurement: measured,
+    predicted, the band and whether the measurement falls in it."""
+    from reports.band_format import contains
+
+    rows = []
+    for point in vset.points:
+        measured = point["real"].get("metrics")
+        bands = repredict_bands(vset, point, replicates, seed, profiles)
+        if not (measured and bands and point["real"]["starts"]):
+            continue
+        predicted = repredict(vset, point, profiles)["metrics"]
+        for quantity in BAND_QUANTITIES:
+            key, value = metric_key(quantity), measured.get(metric_key(quantity))
+            band = bands["metrics"].get(key)
+            if value is None or band is None:
+                continue
+            count = quantity == "total_preemptions"
+            rows.append({"point": point["id"], "workload": point["workload_label"],
+                         "quantity": quantity, "measured": value,
+                         "predicted": predicted.get(key), "p5": band["p5"],
+                         "p95": band["p95"], "inside": contains(band, value, count)})
+    return pd.DataFrame(rows)
+
+
+def set_scores(errors: pd.DataFrame, coverage: pd.DataFrame | None = None) -> dict[str, float]:
+    """The set's coverage (percent of its (point, quantity) pairs in their band), median
+    |error| over its started points' latency percentiles, and per latency metric the
+    median signed error."""
+    started = errors[errors["starts"]]
+    columns = {m: [f"err_{m}_{p}" for p in PERCENTILES] for m in LATENCIES}
+    every = pd.concat([started[c] for cs in columns.values() for c in cs]).dropna()
+    scores = {"median_abs_error": float(every.abs().median())}
+    for m, cs in columns.items():
+        scores[f"bias_{m}"] = float(pd.concat([started[c] for c in cs]).dropna().median())
+    if coverage is not None and len(coverage):
+        scores["coverage"] = float(100 * coverage["inside"].mean())
+    return scores
+
+
+def coverage_table(coverage: pd.DataFrame) -> pd.DataFrame:
+    """Coverage per quantity and over all, percent."""
+    rows = [{"quantity": q, "pairs": len(g), "coverage": 100 * g["inside"].mean()}
+            for q, g in coverage.groupby("quantity", sort=False)]
+    rows.append({"quantity": "all", "pairs": len(coverage),
+                 "coverage": 100 * coverage["inside"].mean()})
     return pd.DataFrame(rows)
 
 
@@ -401,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", type=Path, metavar="DIR",
                    help="re-predict with the profiles in DIR (the calibration of the machine "
                         "that measured the set) instead of sim/profiles")
+    p.add_argument("--bands", type=int, metavar="N", nargs="?", const=BAND_REPLICATES,
+                   help="also predict each point's 5-95 %% band with N replicates (default "
+                        f"{BAND_REPLICATES}, as the gates) and print the coverage and the set "
+                        "scores against the gates")
     p.add_argument("--sensitivity", type=float, metavar="PCT",
                    help="print how far the twin's own metrics move when every step time is "
                         "PCT percent longer or shorter, instead")
@@ -418,7 +571,20 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(table) if args.markdown else table.to_string(
             index=False, float_format="{:.2f}".format))
     print(exact_summary(frame))
+    if args.bands and not args.repeat and args.sensitivity is None:
+        print_scores(vset, frame, coverage_frame(vset, args.bands, 0, args.profiles))
     return 0
+
+
+def print_scores(vset: ValidationSet, frame: pd.DataFrame, coverage: pd.DataFrame) -> None:
+    print(coverage_table(coverage).to_string(index=False, float_format="{:.1f}".format))
+    scores = set_scores(frame, coverage)
+    gates = gates_for(vset.name)
+    for name, value in scores.items():
+        gate = gates[name]
+        verdict = "ok" if gate.holds(value) else "FAILS"
+        sign = ">=" if gate.floor else "|x| <="
+        print(f"{name}: {value:+.2f} %  (gate {sign} {gate.limit:g}: {verdict})")
 
 
 if __name__ == "__main__":
