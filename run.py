@@ -1,5 +1,5 @@
 """kvtwin's front door: predict (mode=sim), measure (mode=real), compare (mode=both), serve,
-calibrate, bench, validate.
+calibrate, bench.
 
     python run.py                                   # simulate the default workload, write a report
     python run.py engine.block_size=32 workload=shared_prefix
@@ -48,6 +48,7 @@ from conf.schema import MODES, TARGETS, register
 from engine.core.catalog import model_from_dict
 from engine.core.config import EngineConfig
 from engine.core.memory import StartupError
+from reports.bands import sim_bands
 from reports.console import console_summary, format_metrics
 from reports.html import EMBED, ensure_plotly_js
 from reports.http.side import http_side
@@ -207,6 +208,22 @@ def _run_sim(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any]
         summary.update(_interrupted(signals.received or "stop"))
         summary["error"] += (f" at simulated {where['sim_time_s']:.1f} s, {where['arrived']} "
                              f"of {where['requests']} requests arrived")
+        return
+    summary["sim"]["bands"] = _bands(cfg, setup, requests, signals)
+    if signals.stop_requested():
+        summary.update(_interrupted(signals.received or "stop"))
+        summary["error"] += " while drawing the prediction bands (the prediction is complete)"
+
+
+def _bands(cfg: DictConfig, setup: Any, requests: Any, signals: Signals) -> Any:
+    options = container(cfg.bands)
+    if options["workers"] is None and _joblib_sweep():
+        options["workers"] = 1  # the sweep's points already fill the cores
+    if options["replicates"] > 0 and setup.memory.starts:
+        print(f"bands: {options['replicates']} replicates of the twin ...", flush=True)
+    with signals.poll():
+        return sim_bands(setup, requests, **options, should_stop=signals.stop_requested,
+                         log=lambda line: print(line, flush=True))
 
 
 def _run_real(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
@@ -333,17 +350,19 @@ def _serve(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
 
 
 def _calibrate(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
-    from engine.tools.calibrate import calibrate
+    from engine.tools.calibrate import CalibrationOptions, run_calibration
 
-    choices = _choices(cfg)
+    choices, c = _choices(cfg), cfg.calibrate
     command = "python run.py mode=calibrate " + " ".join(_overrides(cfg))
     source = cfg.model.path or choices.get("model") or container(cfg.model)["name"]
-    profile = calibrate(source, engine_config(cfg), hardware=choices.get("hardware"),
-                        command=command)
-    path = profile.save()
-    print(f"calibration profile: {path}; held-out error {profile.fit['holdout']}")
+    update = c["update"]  # c.update is DictConfig's own method
+    options = CalibrationOptions(quick=c.quick, update=update and Path(update),
+                                 time_budget_s=c.time_budget_s, seed=cfg.engine.seed,
+                                 **({"out": Path(c.out)} if c.out else {}))
+    path, profile = run_calibration(source, engine_config(cfg), choices.get("hardware"),
+                                    options, command)
     return {"status": "ok", "calibration": {
-        "profile": str(path), "steps": len(profile.seconds),
+        "profile": str(path), "steps": len(profile.seconds), "quick": c.quick,
         "holdout": profile.fit["holdout"],
         "wall_s": profile.meta.get("calibration_wall_s")}}, {}
 
@@ -399,6 +418,10 @@ def _overrides(cfg: DictConfig) -> list[str]:
     if HydraConfig.initialized():
         return list(HydraConfig.get().overrides.task)
     return list(cfg.hydra.overrides.task) if "hydra" in cfg else []
+
+
+def _joblib_sweep() -> bool:
+    return _in_sweep() and "joblib" in str(HydraConfig.get().launcher.get("_target_", ""))
 
 
 def _in_sweep() -> bool:

@@ -60,6 +60,28 @@ class ServeConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """mode=calibrate: engine.tools.calibrate.CalibrationOptions."""
+
+    quick: bool = False  # the grid's shapes that carry the fit: ~90 s on a GPU
+    update: Optional[str] = None  # noqa: UP045  (with quick: rescale this full profile)
+    time_budget_s: Optional[float] = None  # noqa: UP045  (None: 300 s, 75 s when quick)
+    out: Optional[str] = None  # noqa: UP045  (None: sim/profiles)
+
+
+@dataclass
+class BandsConfig:
+    """Prediction bands (reports.bands): seeded replicates of the twin with step-time noise
+    and the machine spread; each replicate costs one simulation, spread over `workers`."""
+
+    replicates: int = 8  # 0: no bands
+    seed: int = 0
+    workers: Optional[int] = None  # noqa: UP045  (None: this machine's cores; 1 under joblib)
+    machine_log_sd: Optional[float] = None  # noqa: UP045  (None: the profile's spread)
+    max_requests: int = 200_000  # larger traces get no bands (recorded as skipped)
+
+
+@dataclass
 class RunConfig:
     mode: str = "sim"
     predictor: str = "auto"  # auto | calibrated | roofline
@@ -71,6 +93,8 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    bands: BandsConfig = field(default_factory=BandsConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     target: str = "engine"  # mode=real|both: engine | http (replay against `endpoint`)
     endpoint: Optional[str] = None  # noqa: UP045  (target=http: e.g. http://127.0.0.1:8000)
     served_model: Optional[str] = None  # noqa: UP045  (target=http; None: the server's first)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,6 +37,9 @@ BAND_METRICS = (*(f"{m}_p{q}_s" for m in LATENCIES for q in (50, 90, 99)),
 COUNTS = ("total_preemptions",)
 CDF_COLUMNS = ("ttft_s", "tpot_s", "e2e_s")
 CDF_LEVELS = tuple(round(q, 2) for q in np.linspace(0.01, 0.99, 50))
+POLL_S = 0.2
+MAX_REQUESTS = 200_000  # bands.max_requests: replicates multiply a run's time
+StopFn = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,13 @@ def replicate_setup(setup: TwinSetup, plan: Plan, i: int) -> TwinSetup:
     return replace(setup, step_time=NoisyStepTime(base, plan.residuals, plan.seeds[i]))
 
 
-def replicate_values(setup: TwinSetup, requests: RequestTable) -> dict[str, Any]:
+def replicate_values(setup: TwinSetup, requests: RequestTable,
+                     should_stop: StopFn | None = None) -> dict[str, Any]:
     """One run's band metrics and latency quantiles (its steps never held: streamed)."""
     stats = StepStats()
-    run = simulate(setup, requests, on_steps=stats.add)
+    run = simulate(setup, requests, on_steps=stats.add, should_stop=should_stop)
+    if should_stop is not None and should_stop():
+        raise BandsStopped
     metrics = twin_metrics(run, stats)
     latencies = request_latencies(run.requests)
     cdf = {}
@@ -77,6 +83,10 @@ def replicate_values(setup: TwinSetup, requests: RequestTable) -> dict[str, Any]
         v = latencies[column].dropna().to_numpy(dtype=float)
         cdf[column] = np.quantile(v, CDF_LEVELS).tolist() if v.size else None
     return {"metrics": {k: metrics.get(k) for k in BAND_METRICS}, "cdf": cdf}
+
+
+class BandsStopped(Exception):
+    """The replicates were stopped (a signal): no band."""
 
 
 # -- workers --------------------------------------------------------------------------------
@@ -89,27 +99,41 @@ def _init(setup: TwinSetup, requests: RequestTable, plan: Plan) -> None:
     _SHARED.update(setup=setup, requests=requests, plan=plan)
 
 
-def _run(i: int) -> dict[str, Any]:
+def _init_worker(setup: TwinSetup, requests: RequestTable, plan: Plan) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked parent's handler would outlive
+    _init(setup, requests, plan)
+
+
+def _run(i: int, should_stop: StopFn | None = None) -> dict[str, Any]:
     setup, requests, plan = _SHARED["setup"], _SHARED["requests"], _SHARED["plan"]
     t0 = time.perf_counter()
-    out = replicate_values(replicate_setup(setup, plan, i), requests)
+    out = replicate_values(replicate_setup(setup, plan, i), requests, should_stop)
     return {**out, "wall_s": time.perf_counter() - t0}
 
 
-def run_replicates(setup: TwinSetup, requests: RequestTable, plan: Plan,
-                   workers: int) -> list[dict[str, Any]]:
-    """Every replicate, in order; in this process when one worker suffices."""
+def run_replicates(setup: TwinSetup, requests: RequestTable, plan: Plan, workers: int,
+                   should_stop: StopFn | None = None) -> list[dict[str, Any]]:
+    """Every replicate, in order; in this process when one worker suffices. `should_stop`
+    is asked between steps here and every POLL_S in the parent of workers, which are then
+    terminated (BandsStopped)."""
     n = len(plan.scales)
     if workers <= 1 or n <= 1:
         _init(setup, requests, plan)
         try:
-            return [_run(i) for i in range(n)]
+            return [_run(i, should_stop) for i in range(n)]
         finally:
             _SHARED.clear()
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(min(workers, n), multiprocessing.get_context(method),
-                             initializer=_init, initargs=(setup, requests, plan)) as pool:
-        return list(pool.map(_run, range(n)))
+    with multiprocessing.get_context(method).Pool(min(workers, n), _init_worker,
+                                                  (setup, requests, plan)) as pool:
+        result = pool.map_async(_run, range(n))
+        while not result.ready():
+            if should_stop is not None and should_stop():
+                pool.terminate()
+                raise BandsStopped
+            result.wait(POLL_S)
+        return result.get()
 
 
 def default_workers() -> int:
@@ -155,7 +179,8 @@ def _sig(x: float) -> float:
 
 def predict_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
                   replicates: int = 8, seed: int = 0, workers: int | None = None,
-                  spread: MachineSpread | None = None) -> dict[str, Any]:
+                  spread: MachineSpread | None = None,
+                  should_stop: StopFn | None = None) -> dict[str, Any]:
     """Per band metric {p5, p50, p95} over `replicates` seeded runs (in `workers`
     processes, default: this machine's cores), with the CDF bands and how they were made."""
     if replicates < 2:
@@ -164,7 +189,7 @@ def predict_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
     table = as_table(requests)
     plan = Plan.of(setup, replicates, seed, spread)
     workers = default_workers() if workers is None else workers
-    runs = run_replicates(setup, table, plan, workers)
+    runs = run_replicates(setup, table, plan, workers, should_stop)
     metrics = {k: band((r["metrics"][k] for r in runs), k in COUNTS) for k in BAND_METRICS}
     return {
         "level": [5, 95], "replicates": replicates, "seed": seed,
@@ -184,19 +209,27 @@ def predict_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
 
 def sim_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
               replicates: int, seed: int = 0, workers: int | None = None,
-              machine_log_sd: float | None = None,
+              machine_log_sd: float | None = None, max_requests: int = MAX_REQUESTS,
+              should_stop: StopFn | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """What run.py records as summary["sim"]["bands"]: None when off (replicates 0) or the
-    configuration cannot start; {"skipped": why} where the predictor has no profile.
+    configuration cannot start; {"skipped": why} where the predictor has no profile, the
+    trace has more than `max_requests` requests, or a signal stopped the replicates.
     `machine_log_sd`: the machine spread to draw from instead of the profile's."""
     if replicates <= 0 or not setup.memory.starts:
         return None
+    table = as_table(requests)
+    if len(table) > max_requests:
+        return {"skipped": f"{len(table):,} requests is more than bands.max_requests "
+                           f"({max_requests:,}): each replicate is a whole simulation"}
     spread = None if machine_log_sd is None else MachineSpread(
         machine_log_sd, "bands.machine_log_sd (the run's configuration)")
     try:
-        bands = predict_bands(setup, requests, replicates, seed, workers, spread)
+        bands = predict_bands(setup, table, replicates, seed, workers, spread, should_stop)
     except ValueError as err:
         return {"skipped": str(err)}
+    except BandsStopped:
+        return {"skipped": "stopped by a signal"}
     if log is not None:
         log(f"bands: {replicates} replicates in {bands['wall_s']:.1f} s "
             f"({bands['workers']} workers)")

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from reports.aggregate import count, read_points, share, side_metrics
+from reports.band_format import format_band
 from reports.formatting import fmt, number
 
 NAMED_STATUSES = ("ok", "cannot_start", "failed", "interrupted")
@@ -31,12 +32,22 @@ def console_summary(summary: dict[str, Any]) -> str:
     error = first_line(summary.get("error"))
     if error and (status != "ok" or not head):
         head = f"{head} | {error}" if head else error
-    lines = [f"[{status}] {head or 'no request ran'}"]
-    latency = " | ".join(f"{side}: {latency_text(m)}" for side, m in sides.items()
-                         if count(m, "completed"))
+    lines = [f"[{status}] {head or _no_requests(summary)}"]
+    latency = " | ".join(f"{side}: {latency_text(m, side_bands(summary, side))}"
+                         for side, m in sides.items() if count(m, "completed"))
     if latency:
         lines.append(latency)
     return "\n".join(lines)
+
+
+def _no_requests(summary: dict[str, Any]) -> str:
+    """What a run that served no requests did (a calibration, a bench)."""
+    calibration, bench = summary.get("calibration") or {}, summary.get("bench") or {}
+    if calibration:
+        return f"calibration profile: {calibration['profile']}"
+    if bench:
+        return f"bench: {bench['path']}"
+    return "no request ran"
 
 
 def counts_text(metrics: dict[str, Any]) -> str:
@@ -48,11 +59,20 @@ def counts_text(metrics: dict[str, Any]) -> str:
             f"{unfinished:,} unfinished")
 
 
-def latency_text(metrics: dict[str, Any]) -> str:
-    parts = []
+def side_bands(summary: dict[str, Any], side: str) -> dict[str, Any]:
+    """The side's prediction bands by metric ({} where it has none)."""
+    bands = (summary.get(side) or {}).get("bands") or {}
+    return bands.get("metrics") or {}
+
+
+def latency_text(metrics: dict[str, Any], bands: dict[str, Any] | None = None) -> str:
+    """`TTFT p50 29.8 ms [6.17 ms–345 ms] / p99 ...`: the band, where there is one."""
+    parts, bands = [], bands or {}
     for label, key, quantiles in LATENCIES:
-        values = " / ".join(f"p{q} {fmt(metrics.get(f'{key}_p{q}_s'), 'time')}"
-                            for q in quantiles)
+        values = " / ".join(
+            f"p{q} " + format_band(metrics.get(f"{key}_p{q}_s"), bands.get(f"{key}_p{q}_s"),
+                                   lambda v: fmt(v, "time"))
+            for q in quantiles)
         parts.append(f"{label} {values}")
     rate = number(metrics.get("output_throughput_tok_s"))
     if rate is not None:

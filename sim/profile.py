@@ -4,7 +4,8 @@ A profile is one JSON file in `sim/profiles/`, keyed by hardware, model, dtype a
 backend (`<hardware>__<model>__<dtype>__<backend>.json`):
 
     {"format": "kvtwin-profile/3",
-     "key": {"hardware": ..., "model": ..., "dtype": ..., "backend": ...},
+     "key": {"hardware": ..., "model": ..., "dtype": ..., "backend": ...,
+             "quantization": "none" | "int8", "kv_cache_dtype": "auto" | "fp8"},
      "meta": {device name, torch version, date, command, attention_backend,
               cuda_graphs_enabled, ...},
      "buckets": [CUDA-graph batch sizes] or null when steps ran eagerly,
@@ -96,15 +97,22 @@ def slug(text: str) -> str:
 
 @dataclass
 class ProfileKey:
+    """What a profile was measured on; int8 weights and an fp8 cache are other engines (their
+    steps read other bytes), so they get profiles of their own."""
+
     hardware: str
     model: str
     dtype: str
     backend: str
+    quantization: str = "none"
+    kv_cache_dtype: str = "auto"
 
     @property
     def filename(self) -> str:
-        return "__".join(slug(v) for v in (self.hardware, self.model, self.dtype,
-                                            self.backend)) + ".json"
+        parts = [self.hardware, self.model, self.dtype, self.backend]
+        parts += [self.quantization] if self.quantization != "none" else []
+        parts += [f"{self.kv_cache_dtype}_kv"] if self.kv_cache_dtype != "auto" else []
+        return "__".join(slug(v) for v in parts) + ".json"
 
 
 @dataclass

@@ -5,7 +5,7 @@ and every front end that simulates."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,8 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
     config.validate(model_cfg)
     if config.tensor_parallel_size > 1:
         return setup_tensor_parallel(model_cfg, hw, config, predictor, keys)
-    key = ProfileKey(keys[1], keys[0], config.dtype, attention_backend(hw, config))
+    key = ProfileKey(keys[1], keys[0], config.dtype, attention_backend(hw, config),
+                     config.quantization, config.kv_cache_dtype)
     profile = find_profile(key, profile_dir) if predictor != "roofline" else None
     if predictor == "calibrated" and profile is None:
         raise FileNotFoundError(f"no calibration profile {key.filename} in {profile_dir}: "
@@ -122,8 +123,17 @@ def setup_twin(model: Entry, hardware: Entry, config: EngineConfig, predictor: s
         model_cfg, config.dtype, hw.peak_bf16_flops, hw.hbm_bandwidth_bytes_per_s,
         source=f"roofline of {hw.name} (catalog peaks, documented efficiencies)",
         quantization=config.quantization, kv_dtype=config.kv_dtype)
-    memory = predict_memory(model_cfg, hw, config, profile)
+    memory = predict_memory(model_cfg, hw, config, profile or memory_profile(key, predictor,
+                                                                              profile_dir))
     return TwinSetup(model_cfg, keys[0], hw, keys[1], config, profile, step_time, memory)
+
+
+def memory_profile(key: ProfileKey, predictor: str, profile_dir: Path) -> Profile | None:
+    """An int8 / fp8 engine without a profile of its own starts up as the plain engine does
+    (the same activation peak, non-torch memory and graph pool): the plain profile's memory."""
+    if predictor == "roofline" or (key.quantization, key.kv_cache_dtype) == ("none", "auto"):
+        return None
+    return find_profile(replace(key, quantization="none", kv_cache_dtype="auto"), profile_dir)
 
 
 def check_gpus(hardware: Hardware, config: EngineConfig) -> None:

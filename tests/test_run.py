@@ -59,8 +59,11 @@ def test_bad_override_fails_at_composition_naming_the_key(override: str, key: st
 
 
 def run_py(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """run.py without prediction bands unless asked (they multiply the twin's time)."""
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
+    if not any(a.startswith("bands.") for a in overrides):
+        overrides.append("bands.replicates=0")
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *flags, "progress=false",
                            *overrides], cwd=cwd, capture_output=True, text=True, timeout=600)
 
@@ -211,3 +214,64 @@ def test_a_signal_keeps_what_was_simulated_and_says_where(tmp_path: Path, signum
     assert len(requests) == stopped["arrived"] and requests["finish_s"].notna().any()
     assert len(pd.read_parquet(tmp_path / "steps.parquet")) > 0
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_run_records_its_prediction_bands(tmp_path: Path) -> None:
+    result = run_py("workload=poisson_chat", "workload.params.n=80", "bands.replicates=4",
+                    "bands.workers=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    sim = json.loads((tmp_path / "summary.json").read_text())["sim"]
+    bands = sim["bands"]
+    assert bands["replicates"] == 4 and len(bands["replicate_wall_s"]) == 4
+    for key in ("ttft_p50_s", "tpot_p90_s", "e2e_p99_s"):
+        b = bands["metrics"][key]
+        assert 0 < b["p5"] < b["p95"] and b["p5"] < sim["metrics"][key] * 1.5
+    assert "[" in result.stdout.splitlines()[-2]  # the console shows "point [p5–p95]"
+
+
+def test_bands_are_skipped_past_max_requests_and_for_the_roofline(tmp_path: Path) -> None:
+    big = run_py("workload=poisson_chat", "workload.params.n=80", "bands.max_requests=50",
+                 f"hydra.run.dir={tmp_path / 'big'}")
+    roof = run_py("workload=poisson_chat", "workload.params.n=80", "predictor=roofline",
+                  "bands.replicates=2", f"hydra.run.dir={tmp_path / 'roof'}")
+    assert big.returncode == 0 and roof.returncode == 0, big.stderr + roof.stderr
+    big_bands, roof_bands = (json.loads((tmp_path / d / "summary.json").read_text())["sim"][
+        "bands"] for d in ("big", "roof"))
+    assert "80 requests is more than bands.max_requests (50)" in big_bands["skipped"]
+    assert "need a calibration profile" in roof_bands["skipped"]
+
+
+def test_a_signal_while_drawing_bands_keeps_the_prediction(tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "progress=false", "workload=poisson_chat",
+         "workload.params.n=3000", "bands.replicates=8", "bands.workers=2",
+         f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the point prediction is done when the bands start
+        if line.startswith("bands:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "prediction bands" in summary["error"]
+    assert summary["sim"]["bands"] == {"skipped": "stopped by a signal"}
+    assert summary["sim"]["metrics"]["num_requests"] == 3000
+    assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 3000
+
+
+def test_calibrate_mode_quick_writes_a_profile(tmp_path: Path) -> None:
+    result = run_py("mode=calibrate", "model=tiny_qwen3", "hardware=cpu", "engine=cpu_tiny",
+                    "calibrate.quick=true", "calibrate.time_budget_s=4",
+                    f"calibrate.out={tmp_path / 'profiles'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    [profile] = (tmp_path / "profiles").glob("cpu__tiny_qwen3__*.json")
+    assert json.loads(profile.read_text())["meta"]["quick"] is True
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["calibration"]["profile"] == str(profile)
+    assert f"[ok] calibration profile: {profile}" in result.stdout
+    update = run_py("mode=calibrate", "model=tiny_qwen3", "hardware=cpu", "engine=cpu_tiny",
+                    f"calibrate.update={profile}", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert update.returncode == 2 and "needs calibrate.quick" in update.stderr

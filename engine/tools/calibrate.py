@@ -58,6 +58,7 @@ from engine.core.sequence import SamplingParams, Sequence
 from engine.core.shapes import DecodeSplit, graph_buckets
 from engine.runtime.llm import LLMEngine, ModelSource
 from engine.runtime.replay import device_name
+from engine.tools.config import compose_engine
 from engine.tools.quick_grid import (
     QUICK_BUDGET_S,
     QUICK_ENGINE_PASSES,
@@ -684,7 +685,8 @@ def calibrate(model_source: ModelSource, engine_config: EngineConfig, *, hardwar
     columns, phases = measure_all(engine, plan, seed, started + time_budget_s, log)
     enabled, buckets, buckets_source = graph_info(engine)
     key = ProfileKey(hardware, model_key, engine.config.dtype,
-                     engine.model_runner.attention_backend)
+                     engine.model_runner.attention_backend, engine.config.quantization,
+                     engine.config.kv_cache_dtype)
     profile = Profile(key, columns, buckets=buckets, memory=phases.pop("memory"))
     profile.meta = _meta(engine, phases, columns, command, buckets_source, time_budget_s)
     profile.meta.update(quick=quick, timer=None if timer is None else _name(timer))
@@ -789,6 +791,69 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
+# -- one calibration, as the command line and run.py mode=calibrate ask for it -----------------
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What to measure and where to write it (`--quick`, ... here; `calibrate.*` in run.py)."""
+
+    quick: bool = False
+    update: Path | None = None  # with quick: rescale this full profile instead
+    time_budget_s: float | None = None  # None: 300 s, QUICK_BUDGET_S when quick
+    repeats: int | None = None
+    passes: int | None = None
+    engine_share: float | None = None
+    engine_passes: int | None = None
+    seed: int = 0
+    out: Path = PROFILE_DIR
+
+    def checked(self) -> CalibrationOptions:
+        if self.update and not self.quick:
+            raise ValueError("calibrate.update (--update) needs calibrate.quick (--quick): a "
+                             "quick calibration rescales the full profile")
+        return self
+
+    @property
+    def budget_s(self) -> float:
+        return self.time_budget_s or (QUICK_BUDGET_S if self.quick else 300.0)
+
+
+def run_calibration(model: ModelSource, config: EngineConfig, hardware: str,
+                    options: CalibrationOptions, command: str,
+                    timer: Timer | None = None) -> tuple[Path, Profile]:
+    """Calibrate and save; with `update`, save the old profile rescaled (the quick one goes
+    to OUT/quick/). Returns the path written last and its profile."""
+    o = options.checked()
+    old = Profile.load(o.update) if o.update else None  # fails before measuring
+    grid = CalibrationGrid.for_config(config, **_grid_passes(o))
+    profile = calibrate(model, config, hardware=hardware, samples=grid,
+                        time_budget_s=o.budget_s, seed=o.seed, command=command,
+                        engine_share=o.engine_share or (QUICK_ENGINE_SHARE if o.quick else 0.3),
+                        engine_passes=o.engine_passes or (
+                            QUICK_ENGINE_PASSES if o.quick else 3),
+                        quick=o.quick, timer=timer)
+    path = profile.save(o.out / "quick" if old else o.out)
+    meta = profile.meta
+    print(f"wrote {path}: {meta['points_measured']}/{meta['points_planned']} synthetic shapes "
+          f"+ {meta['engine_steps']} engine steps in {meta['calibration_wall_s']} s "
+          f"(budget {o.budget_s:g} s)", flush=True)
+    if old is None:
+        return path, profile
+    new = rescaled(old, profile)
+    path = new.save(o.out)
+    scales = new.meta["rescaled"]["scales"]
+    print(f"wrote {path}: {o.update} rescaled (decode x {scales['decode']:.4f}, mixed x "
+          f"{scales['mixed']:.4f}); {format_holdout(new.fit['holdout'])}", flush=True)
+    return path, new
+
+
+def _grid_passes(o: CalibrationOptions) -> dict[str, int]:
+    if o.quick:
+        return {"repeats": QUICK_REPEATS, "passes": QUICK_PASSES}
+    return {"repeats": o.repeats or CalibrationGrid.repeats,
+            "passes": o.passes or CalibrationGrid.passes}
+
+
 # -- command line ----------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -830,8 +895,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-share", type=float, default=None,
                    help="share of the budget (after start-up) for real engine steps "
                         f"(default 0.3, {QUICK_ENGINE_SHARE:g} with --quick)")
-    p.add_argument("--engine-passes", type=int, default=3,
-                   help="passes over the engine workloads at most (new prompts each pass)")
+    p.add_argument("--engine-passes", type=int, default=None,
+                   help="passes over the engine workloads at most (new prompts each pass; "
+                        f"default 3, {QUICK_ENGINE_PASSES} with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=PROFILE_DIR, help="profile directory")
     return p.parse_args(argv)
@@ -839,7 +905,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace, model: ModelConfig) -> EngineConfig:
     max_len = args.max_model_len or min(32768, model.max_position_embeddings)
-    return EngineConfig(
+    return compose_engine(
         block_size=args.block_size, max_model_len=max_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype,
@@ -848,38 +914,26 @@ def config_from_args(args: argparse.Namespace, model: ModelConfig) -> EngineConf
         max_cudagraph_tokens=args.max_cudagraph_tokens)
 
 
+def options_from_args(args: argparse.Namespace) -> CalibrationOptions:
+    return CalibrationOptions(quick=args.quick, update=args.update,
+                              time_budget_s=args.time_budget, repeats=args.repeats,
+                              passes=args.passes, engine_share=args.engine_share,
+                              engine_passes=args.engine_passes, seed=args.seed, out=args.out)
+
+
 def main(argv: list[str] | None = None, timer: Timer | None = None) -> Path:
     """The command line; `timer`: the sample-collection seam (tests)."""
     args = parse_args(argv)
-    if args.update and not args.quick:
-        raise SystemExit("--update needs --quick (a quick calibration rescales OLD_PROFILE)")
     source, _ = resolve_source(args.model)
     model = source if isinstance(source, ModelConfig) else ModelConfig.from_hf(source)
     given = sys.argv[1:] if argv is None else argv
     command = "python -m engine.tools.calibrate " + shlex.join(given)
-    quick = {"repeats": QUICK_REPEATS, "passes": QUICK_PASSES} if args.quick else {
-        "repeats": args.repeats, "passes": args.passes}
-    budget = args.time_budget or (QUICK_BUDGET_S if args.quick else 300.0)
-    old = Profile.load(args.update) if args.update else None  # fails before measuring
-    grid = CalibrationGrid.for_config(config_from_args(args, model), **quick)
-    profile = calibrate(args.model, config_from_args(args, model), hardware=args.hardware,
-                        samples=grid, time_budget_s=budget, seed=args.seed, command=command,
-                        engine_share=args.engine_share or (
-                            QUICK_ENGINE_SHARE if args.quick else 0.3),
-                        engine_passes=QUICK_ENGINE_PASSES if args.quick else args.engine_passes,
-                        quick=args.quick, timer=timer)
-    path = profile.save(args.out / "quick" if old else args.out)
-    meta = profile.meta
-    print(f"wrote {path}: {meta['points_measured']}/{meta['points_planned']} synthetic shapes "
-          f"+ {meta['engine_steps']} engine steps in {meta['calibration_wall_s']} s "
-          f"(budget {budget:g} s)", flush=True)
-    if old is None:
-        return path
-    new = rescaled(old, profile)
-    path = new.save(args.out)
-    scales = new.meta["rescaled"]["scales"]
-    print(f"wrote {path}: {args.update} rescaled (decode x {scales['decode']:.4f}, mixed x "
-          f"{scales['mixed']:.4f}); {format_holdout(new.fit['holdout'])}", flush=True)
+    try:
+        options = options_from_args(args).checked()
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    path, _ = run_calibration(args.model, config_from_args(args, model), args.hardware,
+                              options, command, timer)
     return path
 
 

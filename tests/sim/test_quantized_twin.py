@@ -11,6 +11,7 @@ from engine.core.catalog import load_hardware, load_model
 from engine.core.config import EngineConfig
 from engine.core.features import StepRow
 from sim.memory_model import predict_memory
+from sim.profile import ProfileKey
 from sim.step_time import ModelWork, RooflineStepTime
 from sim.twin import setup_twin
 
@@ -67,3 +68,28 @@ def test_beside_a_7_gib_neighbour_only_int8_below_066_starts(quantization: str,
     config = EngineConfig(max_model_len=4096, gpu_memory_utilization=utilization,
                           quantization=quantization)
     assert predict_memory(load_model(MODEL), hw, config).starts == starts
+
+
+def test_a_bf16_profile_does_not_time_an_int8_or_fp8_engine() -> None:
+    """Profiles are keyed by quantization and cache dtype: auto falls back to the roofline,
+    calibrated names the profile it would need."""
+    plain = setup_twin("qwen3_0_6b", "h100_80gb", EngineConfig())
+    assert plain.profile is not None
+    for fields, suffix in (({"quantization": "int8"}, "__int8.json"),
+                           ({"kv_cache_dtype": "fp8"}, "__fp8_kv.json")):
+        config = EngineConfig(**fields)
+        twin = setup_twin("qwen3_0_6b", "h100_80gb", config)
+        assert twin.profile is None and twin.step_time.kind == "roofline"
+        # start-up memory is the plain engine's, measured: only weights or cache differ
+        assert twin.memory.sources["activation"] == plain.memory.sources["activation"]
+        assert twin.memory.terms.activation_peak_bytes == plain.memory.terms.activation_peak_bytes
+        assert twin.memory.num_blocks > plain.memory.num_blocks
+        with pytest.raises(FileNotFoundError, match=suffix):
+            setup_twin("qwen3_0_6b", "h100_80gb", config, predictor="calibrated")
+
+
+def test_profile_keys_of_the_plain_engine_keep_their_filenames() -> None:
+    assert ProfileKey("h100_80gb", "qwen3_0_6b", "bfloat16", "torch").filename == \
+        "h100_80gb__qwen3_0_6b__bfloat16__torch.json"
+    assert ProfileKey("h", "m", "bfloat16", "torch", "int8", "fp8").filename == \
+        "h__m__bfloat16__torch__int8__fp8_kv.json"
