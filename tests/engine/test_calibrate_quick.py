@@ -76,5 +76,5 @@ def test_update_rescales_a_full_profile_to_a_quick_one(tmp_path: Path, capsys) -
     refit.fit_step_time()
     assert np.allclose(refit.step_time().predict(f), new.step_time().predict(f), rtol=1e-6)
     assert "rescaled (decode x" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="needs --quick"):
+    with pytest.raises(SystemExit, match=r"needs calibrate.quick \(--quick\)"):
         main([*CLI, "--update", str(full_path)])
