@@ -1,5 +1,6 @@
-"""What a user waits for: the whole `python run.py` process on the default calibrated path,
-at native rate and saturated, and the peak memory of a million-request trace.
+"""What a user waits for: the whole `python run.py` process on the default calibrated path
+(prediction bands included, as by default), at native rate and saturated, the same without the
+bands, and the peak memory of a million-request trace.
 
     python -m pytest tests/benchmarks/test_bench_run.py --benchmark-enable
 
@@ -55,6 +56,23 @@ def test_run_azure_hour(benchmark: Any, tmp_path: Path, hardware: str, rate_scal
                                                f"workload.params.rate_scale={rate_scale}"),
                                  rounds=3, iterations=1)
     assert summary["sim"]["predictor"]["kind"] == "calibrated"
+    record(benchmark, summary)
+
+
+@pytest.mark.parametrize("rate_scale", [1, 10], ids=["native", "saturated"])
+def test_run_azure_hour_point_only(benchmark: Any, tmp_path: Path, rate_scale: int) -> None:
+    """The point prediction alone (bands.replicates=0), H100 profile."""
+    summary = benchmark.pedantic(run_py, args=(tmp_path, *AZURE_HOUR, "bands.replicates=0",
+                                               f"workload.params.rate_scale={rate_scale}"),
+                                 rounds=3, iterations=1)
+    assert summary["sim"]["bands"] is None
+    record(benchmark, summary)
+
+
+def test_run_default(benchmark: Any, tmp_path: Path) -> None:
+    """`python run.py` with no overrides: the README's first command."""
+    summary = benchmark.pedantic(run_py, args=(tmp_path,), rounds=3, iterations=1)
+    assert "p5" in json.dumps(summary["sim"]["bands"])
     record(benchmark, summary)
 
 
