@@ -228,6 +228,7 @@ def _bands(cfg: DictConfig, setup: Any, requests: Any, signals: Signals) -> Any:
 
 def _run_real(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
               records: Records) -> None:
+    # torch is an extra: a sim-only install never imports the engine runtime
     from engine.runtime.replay import replay_run
 
     config = engine_config(cfg)
@@ -285,6 +286,7 @@ def check_real_engine(setup: Any, config: EngineConfig) -> None:
 def _on_cuda(config: EngineConfig) -> bool:
     if config.device == "cpu":
         return False
+    # torch is an extra: a sim-only install never imports the engine runtime
     import torch
 
     return config.device == "cuda" or torch.cuda.is_available()
@@ -338,6 +340,7 @@ def _cuda_fork_error(err: BaseException) -> bool:
 
 def _serve(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
     """Serve the composed model and engine over HTTP until Ctrl-C; records what it served."""
+    # torch is an extra: a sim-only install never imports the engine runtime
     from engine.runtime.serve import ServeOptions, serve
 
     model = cfg.model.path or model_from_dict(container(cfg.model))
@@ -350,6 +353,7 @@ def _serve(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
 
 
 def _calibrate(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
+    # torch is an extra: a sim-only install never imports the engine runtime
     from engine.tools.calibrate import CalibrationOptions, run_calibration
 
     choices, c = _choices(cfg), cfg.calibrate
@@ -370,6 +374,7 @@ def _calibrate(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
 def _bench(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
     """engine.tools.bench on this run's model, engine and workload; bench.json in the run
     folder."""
+    # torch is an extra: a sim-only install never imports the engine runtime
     from engine.tools import bench
 
     model = _bench_model(cfg)
@@ -388,6 +393,7 @@ def _bench(cfg: DictConfig) -> tuple[dict[str, Any], Records]:
 
 
 def _bench_model(cfg: DictConfig) -> Any:
+    # torch is an extra: a sim-only install never imports the engine runtime
     from engine.tools.bench import BenchModel, resolve_model
 
     if cfg.model.path:

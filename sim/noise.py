@@ -102,6 +102,7 @@ class MachineSpread:
     def scales(self, n: int, seed: int) -> np.ndarray:
         """`n` seeded factors, stratified (one per 1/n of the distribution, in shuffled
         order), so a few replicates already span it."""
+        # scipy.stats takes ~0.3 s to import: only the bands' machine spread needs it
         from scipy.stats import norm
 
         rng = np.random.default_rng([seed, 0x5CA1E])

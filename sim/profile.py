@@ -327,7 +327,7 @@ def rescaled(full: Profile, quick: Profile) -> Profile:
            "loss": full.fit.get("loss", LOSS)}
     meta = {**full.meta, "rescaled": {
         "scales": scales, "quick_samples": len(data),
-        "before": _errors(heldout_predictions(base, data), data.seconds),
+        "before": error_stats(heldout_predictions(base, data), data.seconds),
         "quick": {k: quick.meta.get(k) for k in ("date", "device", "command",
                                                  "calibration_wall_s", "torch_version")},
         "full": {k: full.meta.get(k) for k in ("date", "device", "command")}}}
@@ -535,14 +535,14 @@ def holdout_errors(model: CalibratedStepTime, test: FitData) -> dict[str, Any]:
     """Relative error on held-out rows: all, by source, by kind and by class of step
     composition (`sim.step_classes`)."""
     pred = heldout_predictions(model, test)
-    out = _errors(pred, test.seconds)
-    out["by_source"] = {s: _errors(pred[test.source == s], test.seconds[test.source == s])
+    out = error_stats(pred, test.seconds)
+    out["by_source"] = {s: error_stats(pred[test.source == s], test.seconds[test.source == s])
                         for s in SOURCES}
     decode = test.features.is_decode_only
-    out["by_kind"] = {"decode": _errors(pred[decode], test.seconds[decode]),
-                      "mixed": _errors(pred[~decode], test.seconds[~decode])}
+    out["by_kind"] = {"decode": error_stats(pred[decode], test.seconds[decode]),
+                      "mixed": error_stats(pred[~decode], test.seconds[~decode])}
     out["by_class"] = class_errors(pred, test.seconds, step_classes(model, test.features),
-                                   _errors)
+                                   error_stats)
     return out
 
 
@@ -571,7 +571,7 @@ def _device_only(model: CalibratedStepTime) -> CalibratedStepTime:
                               decode_terms=model.decode_terms, mixed_terms=model.mixed_terms)
 
 
-def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+def error_stats(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     """|error| percentiles; bias as the mean and median signed error, and as the error of
     the summed time (what queueing integrates: version 3 on)."""
     if len(measured) == 0:

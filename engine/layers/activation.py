@@ -14,6 +14,7 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.use_triton(x):
+            # Triton compiles at import: only the GPU path loads its kernels
             from engine.layers.kernels.elementwise import silu_and_mul
 
             return silu_and_mul(x)

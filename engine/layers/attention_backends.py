@@ -36,6 +36,7 @@ def flash_attn_available() -> bool:
 @cache
 def torch_varlen() -> Callable[..., torch.Tensor]:
     """varlen_attn with causal masking, across the torch versions that spell it differently."""
+    # not in every torch version; imported where the backend is picked
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
@@ -52,6 +53,7 @@ def paged_forward(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                   kv_scales: KVScales | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] of one step -> [T, H, D] (into `out` if given); K/V go
     to the cache first unless `kv_stored`. `kv_scales`: an fp8 cache's K and V scales."""
+    # Triton compiles at import: only the GPU path loads its kernels
     from engine.layers.kernels.mixed_attention import mixed_attention
     from engine.layers.kernels.paged_cache import store_kv_triton
 
@@ -117,6 +119,7 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.T
 def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: PagedMetadata, scale: float, out: torch.Tensor,
                   kv_scales: KVScales | None = None) -> None:
+    # Triton compiles at import: only the GPU path loads its kernels
     from engine.layers.kernels.paged_cache import paged_decode
 
     paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
@@ -125,6 +128,7 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def flash_attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        meta: PagedMetadata, scale: float) -> torch.Tensor:
+    # flash-attn is an optional package
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(q, k, v, meta.prefill_cu_q, meta.prefill_cu_k,
@@ -136,6 +140,7 @@ def flash_attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: PagedMetadata, scale: float, out: torch.Tensor,
                       kv_scales: KVScales | None = None) -> None:
     """The model-dtype cache only (resolve_backend refuses flash_attn with an fp8 cache)."""
+    # flash-attn is an optional package
     from flash_attn import flash_attn_with_kvcache
 
     out.copy_(flash_attn_with_kvcache(

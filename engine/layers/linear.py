@@ -41,6 +41,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     """x [T, in] times the dequantized weight, in x's dtype: the Triton W8A16 kernel on CUDA
     (dequantizing tile by tile), else torch in float32 (the codes converted whole)."""
     if dispatch.use_triton(x):
+        # Triton compiles at import: only the GPU path loads its kernels
         from engine.layers.kernels.int8_matmul import w8a16_matmul
 
         out = w8a16_matmul(x, codes, scale)

@@ -16,6 +16,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.use_triton(x):
+            # Triton compiles at import: only the GPU path loads its kernels
             from engine.layers.kernels.elementwise import rms_norm
 
             return rms_norm(x, self.weight, self.eps)[0]
@@ -28,6 +29,7 @@ class RMSNorm(nn.Module):
                               residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual): the pre-norm decoder's residual stream."""
         if dispatch.use_triton(x):
+            # Triton compiles at import: only the GPU path loads its kernels
             from engine.layers.kernels.elementwise import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -63,8 +64,6 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     tp = get_tp()
     if tp.size == 1:
         return x
-    import torch.distributed as dist
-
     dist.all_reduce(x, group=tp.device_group)
     return x
 
@@ -74,8 +73,6 @@ def gather_to_first(x: torch.Tensor) -> torch.Tensor | None:
     tp = get_tp()
     if tp.size == 1:
         return x
-    import torch.distributed as dist
-
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None
     dist.gather(x, parts, dst=0, group=tp.device_group)

@@ -40,11 +40,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor,
 
 @torch.no_grad()
 def quantize_linears(model: nn.Module) -> int:
-    """Quantize every Linear of `model` but its LM head, in place; returns how many."""
-    from engine.layers.linear import Linear
-
+    """Quantize every layer of `model` that can quantize itself (the Linears) but its LM
+    head, in place; returns how many."""
     head = getattr(model, "lm_head", None)
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m is not head]
+    layers = [m for m in model.modules() if hasattr(m, "quantize_") and m is not head]
     for layer in layers:
         layer.quantize_()
     device = next(model.parameters()).device

@@ -65,6 +65,7 @@ class RotaryEmbedding(nn.Module):
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [T, heads, head_dim]; positions: [T]."""
         if dispatch.use_triton(q):
+            # Triton compiles at import: only the GPU path loads its kernels
             from engine.layers.kernels.elementwise import rotary
 
             return (rotary(q, self.cos_cache, self.sin_cache, positions),

@@ -45,6 +45,7 @@ class Sampler:
     def _gumbel(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
         """Greedy rows take the same pass with no noise and temperature 1."""
+        # Triton compiles at import: only the GPU path loads its kernels
         from engine.layers.kernels.elementwise import gumbel_argmax
 
         device = logits.device

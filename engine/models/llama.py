@@ -74,6 +74,7 @@ class LlamaAttention(nn.Module):
     def _fused_qk(self, positions: torch.Tensor, qkv: torch.Tensor,
                   store: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         """One kernel for q/k norm and RoPE, which also writes K/V to `store`, if given."""
+        # Triton compiles at import: only the GPU path loads its kernels
         from engine.layers.kernels.elementwise import qk_norm_rope
 
         norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.layers.parallel import TPGroup, get_tp, set_tp
 from engine.runtime.step_input import HostBatch
@@ -37,8 +38,6 @@ TIMEOUT_S = int(os.environ.get("KVTWIN_TP_TIMEOUT_S", "600"))
 
 def available(device_type: str = "cpu") -> bool:
     """Whether torch.distributed has the backend this device needs."""
-    import torch.distributed as dist
-
     if not dist.is_available():
         return False
     return dist.is_nccl_available() if device_type == "cuda" else dist.is_gloo_available()
@@ -60,8 +59,6 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 def init_tp(rank: int, size: int, port: int, device: torch.device) -> TPGroup:
     """Join the group of `size` processes (rendezvous on 127.0.0.1:`port`)."""
-    import torch.distributed as dist
-
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size, timeout=timedelta(seconds=TIMEOUT_S))
@@ -73,8 +70,6 @@ def init_tp(rank: int, size: int, port: int, device: torch.device) -> TPGroup:
 
 
 def close_tp() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     set_tp(TPGroup())
@@ -85,8 +80,6 @@ def min_over_ranks(value: int) -> int:
     tp = get_tp()
     if tp.size == 1:
         return value
-    import torch.distributed as dist
-
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.cpu_group)
     return int(t.item())
@@ -97,8 +90,6 @@ def gather_objects(obj: Any) -> list[Any]:
     tp = get_tp()
     if tp.size == 1:
         return [obj]
-    import torch.distributed as dist
-
     out: list[Any] = [None] * tp.size
     dist.all_gather_object(out, obj, group=tp.cpu_group)
     return out
@@ -140,8 +131,6 @@ class PlanChannel:
 
     @staticmethod
     def _broadcast(t: torch.Tensor) -> None:
-        import torch.distributed as dist
-
         dist.broadcast(t, src=0, group=get_tp().cpu_group)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from engine.core.config import ConfigError, EngineConfig, ModelConfig
 from engine.core.memory import max_concurrency
@@ -267,8 +268,6 @@ class LLM(LLMEngine):
         return [_to_output(s) for s in seqs]
 
     def _run_to_completion(self, total: int, use_tqdm: bool) -> None:
-        from tqdm.auto import tqdm
-
         with tqdm(total=total, desc="generate", disable=not use_tqdm) as bar:
             bar.update(total - sum(1 for _ in self._pending()))
             if self.config.async_scheduling and self.tp_size == 1:  # TP > 1 steps in turn

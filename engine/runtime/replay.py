@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from engine.core.config import EngineConfig
 from engine.core.records import RequestRecord, StepRecord
@@ -202,8 +203,6 @@ def replay_run(model: Any, config: EngineConfig, requests: list[Request], path: 
     summary's `real` side records). On the CPU, torch's intra-op threads are set to one
     per replay: a tiny model's steps are too small for threads to pay, and their start-up
     jitter would be measured as step time (a 40x slower TPOT on 2 cores)."""
-    from tqdm.auto import tqdm
-
     threads = _cpu_threads(config)
     with LLMEngine(path or model, config) as engine, \
             tqdm(total=len(requests), desc="replay", unit="req", disable=not progress) as bar:

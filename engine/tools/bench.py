@@ -304,6 +304,7 @@ def phase_times(records: list[Any], durations: list[float]) -> dict[str, Any]:
 
 def hf_config(model: BenchModel) -> Any:
     """The transformers config of the benched model (its folder's, or built from the shape)."""
+    # transformers takes seconds to import: only the HF side of the bench needs it
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -322,6 +323,7 @@ def hf_config(model: BenchModel) -> Any:
 def build_hf_model(model: BenchModel, state: dict[str, torch.Tensor], dtype: str,
                    device: torch.device) -> Any:
     """An HF model holding exactly `state` (the engine's weights under HF names); EOS off."""
+    # transformers takes seconds to import: only the HF side of the bench needs it
     from transformers import AutoModelForCausalLM
 
     with torch.device(device):
@@ -340,6 +342,7 @@ def build_hf_model(model: BenchModel, state: dict[str, torch.Tensor], dtype: str
 
 def generation_config(temperature: float, **extra: Any) -> Any:
     """nano-vllm's sampling: temperature only (no top-k / top-p); greedy at temperature 0."""
+    # transformers takes seconds to import: only the HF side of the bench needs it
     from transformers import GenerationConfig
 
     sampling = {"do_sample": False} if temperature == 0 else \
@@ -357,6 +360,7 @@ def peer_result(requests: list[Request], outputs: list[list[int]], startup: floa
 
 def paged_sdpa() -> str:
     """'paged|sdpa' where transformers registers it (5.17); later versions page plain 'sdpa'."""
+    # transformers takes seconds to import: only the HF side of the bench needs it
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return "paged|sdpa" if "paged|sdpa" in ALL_ATTENTION_FUNCTIONS else "sdpa"
@@ -367,6 +371,7 @@ def cb_config(options: BenchOptions, requests: list[Request], device: torch.devi
     """HF's ContinuousBatchingConfig: HF's own sizing on CUDA unless given; no flash switch.
     On the CPU (where HF's memory probe is slow and meaningless) the cache holds every request
     at once and a step takes up to 2,048 tokens, unless given."""
+    # transformers takes seconds to import: only the HF side of the bench needs it
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     names = {f.name for f in fields(ContinuousBatchingConfig)}

@@ -90,6 +90,7 @@ def measure(llm: LLM, batch: int, context: int, bandwidth: float,
 
 
 def profile_table(llm: LLM, batch: int, context: int, temperature: float) -> str:
+    # only with a profile asked for
     from torch.profiler import ProfilerActivity, profile
 
     plan = decode_plan(batch, context, llm.config.block_size, temperature)

@@ -14,6 +14,7 @@ in a child process, each on a fresh engine, so the server has the GPU to itself 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -28,9 +29,16 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.core.config import EngineConfig
 from engine.core.request import Request
+from engine.runtime.llm import LLMEngine, pick_device, resolve_model
+from engine.runtime.replay import device_name, records_frames, replay
 from engine.tools.config import compose_engine, model_source
+from reports.http import replay_http
+from reports.metrics import summarize, twin_metrics
+from sim.twin import setup_twin, simulate
 
 KEYS = ("completed", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p50_s", "e2e_p50_s",
         "output_throughput_tok_s", "duration_s")
@@ -54,13 +62,7 @@ def traces(args: argparse.Namespace, vocab: int) -> dict[str, list[Request]]:
 def in_process(model: Any, config: EngineConfig, runs: dict[str, list[Request]],
                threads: int | None) -> dict[str, dict[str, Any]]:
     """Each trace replayed on a fresh engine in this process (run it in a child)."""
-    import gc
 
-    import torch
-
-    from engine.runtime.llm import LLMEngine
-    from engine.runtime.replay import records_frames, replay
-    from reports.metrics import summarize
 
     if threads:
         torch.set_num_threads(threads)
@@ -78,8 +80,6 @@ def in_process(model: Any, config: EngineConfig, runs: dict[str, list[Request]],
 
 
 def over_http(args: argparse.Namespace, runs: dict[str, list[Request]]) -> dict[str, Any]:
-    from reports.http import replay_http
-
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     folder = Path(tempfile.mkdtemp(prefix="kvtwin-serve-"))
@@ -99,9 +99,6 @@ def over_http(args: argparse.Namespace, runs: dict[str, list[Request]]) -> dict[
 
 def twin(args: argparse.Namespace, config: EngineConfig,
          runs: dict[str, list[Request]]) -> dict[str, Any]:
-    from reports.metrics import twin_metrics
-    from sim.twin import setup_twin, simulate
-
     setup = setup_twin(_twin_model(args.model), args.hardware, config)
     return {name: twin_metrics(simulate(setup, requests)) | {"predictor": setup.predictor}
             for name, requests in runs.items()}
@@ -248,15 +245,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _vocab(model: Any) -> int:
-    from engine.runtime.llm import resolve_model
-
     return resolve_model(model)[0].vocab_size
 
 
 def _device(config: EngineConfig) -> str:
-    from engine.runtime.llm import pick_device
-    from engine.runtime.replay import device_name
-
     return device_name(pick_device(config.device))
 
 

@@ -41,6 +41,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from engine.core.config import EngineConfig
+from engine.tools.fidelity_report import report
+from reports.aggregate import collect_points
+from reports.metrics import twin_metrics
+from reports.run_folder import find_runs
+from reports.validation.collect import collect
+from sim.profile import PROFILE_DIR, ProfileKey
+from sim.twin import setup_twin, simulate
+from workloads import LogNormal, Offline, Poisson, Uniform, build_trace, write_trace
+from workloads.presets import CHAT_OUTPUT, CHAT_PROMPT
+from workloads.schema import Trace
+from workloads.trace_requests import model_requests
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL, HARDWARE = "qwen3_0_6b", "h200_141gb"
 ENGINE = ["engine.max_model_len=8192", "engine.max_cudagraph_tokens=4096"]  # as the loads
@@ -69,42 +84,28 @@ class Command:
 # -- planning (CPU) ---------------------------------------------------------------------------
 
 def _setup(overrides: dict[str, Any] | None = None):
-    from engine.core.config import EngineConfig
-    from sim.twin import setup_twin
-
     config = EngineConfig(max_model_len=8192, max_cudagraph_tokens=4096, **(overrides or {}))
     return setup_twin(MODEL, HARDWARE, config, "calibrated")
 
 
 def _simulate(trace: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from reports.metrics import twin_metrics
-    from sim.twin import simulate
-    from workloads.trace_requests import model_requests
-
     setup = _setup(overrides)
     return twin_metrics(simulate(setup, model_requests(trace, setup.model.vocab_size)))
 
 
 def prefill_trace(rate: float, n: int, seed: int = 0) -> Any:
-    from workloads import LogNormal, Poisson, Uniform, build_trace
-
     return build_trace(n=n, arrivals=Poisson(rate), seed=seed, name="prefill_heavy",
                        prompt_lens=LogNormal(3000, 7000, max_len=8000),
                        output_lens=Uniform(4, 32))
 
 
 def burst_trace(n: int = BURST_REQUESTS, seed: int = 0) -> Any:
-    from workloads import Offline, build_trace
-    from workloads.presets import CHAT_OUTPUT, CHAT_PROMPT
-
     return build_trace(n=n, arrivals=Offline(), prompt_lens=CHAT_PROMPT, seed=seed,
                        output_lens=CHAT_OUTPUT, name="chat_burst")
 
 
 def saturation(trace: Any) -> float:
     """The twin's request throughput with every request arriving at once."""
-    from workloads.schema import Trace
-
     offline = Trace(trace.df.assign(arrival_s=0.0), trace.meta)
     return float(_simulate(offline)["request_throughput_req_s"])
 
@@ -126,8 +127,6 @@ def onset_blocks(trace: Any, lo: int = 600, hi: int = 100_000) -> tuple[int, int
 def write_workload(out: Path, stem: str, trace: Any, note: str) -> str:
     """The trace as DIR/traces/<stem>.parquet and a workload config naming it, for
     `--config-dir DIR/conf workload=fidelity/<stem>`."""
-    from workloads import write_trace
-
     (out / "traces").mkdir(parents=True, exist_ok=True)
     path = write_trace(trace, out / "traces" / f"{stem}.parquet")
     conf = out / "conf" / "workload" / "fidelity" / f"{stem}.yaml"
@@ -175,8 +174,6 @@ def plan(out: Path, python: str = sys.executable) -> tuple[list[Command], dict[s
 
 
 def calibrate_command(out: Path, python: str) -> Command:
-    from sim.profile import PROFILE_DIR, ProfileKey
-
     full = PROFILE_DIR / ProfileKey(HARDWARE, MODEL, "bfloat16", "torch").filename
     return Command("calibrate --quick --update", [
         python, "-m", "engine.tools.calibrate", "--model", MODEL, "--hardware", HARDWARE,
@@ -237,10 +234,6 @@ def _run(c: Command, env: dict[str, str], limit_s: float, log_dir: Path) -> dict
 
 def collect_runs(out: Path, commands: list[Command]) -> dict[int, Path]:
     """Each run's sweeps (those with a finished point) as one validation set."""
-    from reports.aggregate import collect_points
-    from reports.run_folder import find_runs
-    from reports.validation.collect import collect
-
     sets = {}
     for run in (1, 2):
         sweeps = [out / c.sweep for c in commands if c.run == run and c.sweep
@@ -249,7 +242,6 @@ def collect_runs(out: Path, commands: list[Command]) -> dict[int, Path]:
             continue
         dest = out / "sets" / (SET if run == 1 else f"{SET}_run2")
         collect(dest, sweeps)
-        import pandas as pd
 
         pd.concat([collect_points(s) for s in sweeps], ignore_index=True).to_csv(
             dest / "sweep_points.csv", index=False)
@@ -319,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(out: Path, sets: dict[int, Path], replicates: int | None = None) -> Path:
-    from engine.tools.fidelity_report import report
-
     path = out / "report.md"
     path.write_text(report(out, sets) if replicates is None else report(out, sets, replicates))
     _say(f"wrote {path}")

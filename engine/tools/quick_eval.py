@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.config import EngineConfig
+from engine.tools.calibrate import CalibrationGrid
 from engine.tools.quick_grid import (
     QUICK_ENGINE_PASSES,
     QUICK_PASSES,
@@ -45,8 +46,6 @@ class QuickEval:
 
 def grid_of(profile: Profile) -> Any:
     """The full calibration's grid, from its meta."""
-    from engine.tools.calibrate import CalibrationGrid
-
     known = {f.name for f in fields(CalibrationGrid)}
     data = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
             if isinstance(v, list) else v for k, v in profile.meta["grid"].items() if k in known}

@@ -29,6 +29,15 @@ from typing import Any
 
 import pandas as pd
 
+from engine.core.config import EngineConfig
+from reports.band_format import contains
+from reports.bands import predict_bands
+from reports.metrics import twin_metrics
+from sim.profile import PROFILE_DIR
+from sim.twin import setup_twin, simulate
+from workloads import read_trace
+from workloads.trace_requests import model_requests
+
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATION_DIR = ROOT / "tests" / "data" / "validation"
 INDEX = "index.json"
@@ -234,8 +243,6 @@ class ValidationSet:
         raise KeyError(f"{self.name}: no point {point_id!r}")
 
     def trace(self, point: dict[str, Any]):
-        from workloads import read_trace
-
         return read_trace(self.path / point["trace"])
 
 
@@ -268,11 +275,6 @@ PRE_PIECEWISE = {"max_cudagraph_tokens": 0}
 
 def _setup(path: str, point_id: str, profiles: str | None) -> tuple[Any, Any]:
     """The twin's setup of a committed point and its requests."""
-    from engine.core.config import EngineConfig
-    from sim.profile import PROFILE_DIR
-    from sim.twin import setup_twin
-    from workloads.trace_requests import model_requests
-
     vset = load_set(Path(path))
     point = vset.point(point_id)
     config = EngineConfig.from_kwargs(**(PRE_PIECEWISE | point["engine"]))
@@ -284,9 +286,6 @@ def _setup(path: str, point_id: str, profiles: str | None) -> tuple[Any, Any]:
 @cache
 def _repredict(path: str, point_id: str, profiles: str | None,
                scale: float = 1.0) -> dict[str, Any]:
-    from reports.metrics import twin_metrics
-    from sim.twin import simulate
-
     vset = load_set(Path(path))
     setup, requests = _setup(path, point_id, profiles)
     if scale != 1.0:
@@ -415,8 +414,6 @@ def repredict_bands(vset: ValidationSet, point: dict[str, Any],
 @cache
 def _repredict_bands(path: str, point_id: str, profiles: str | None, replicates: int,
                      seed: int) -> dict[str, Any] | None:
-    from reports.bands import predict_bands
-
     setup, requests = _setup(path, point_id, profiles)
     if not setup.memory.starts:
         return None
@@ -427,8 +424,6 @@ def coverage_frame(vset: ValidationSet, replicates: int = BAND_REPLICATES, seed:
                    profiles: Path | None = None) -> pd.DataFrame:
     """One row per (started point, banded quantity) with a measurement: measured,
     predicted, the band and whether the measurement falls in it."""
-    from reports.band_format import contains
-
     rows = []
     for point in vset.points:
         measured = point["real"].get("metrics")

@@ -28,10 +28,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from engine.core.config import EngineConfig
 from engine.core.features import EXTRA_FEATURES, FEATURES, StepFeatures, StepRow
 from reports.validation.accuracy import PRE_PIECEWISE, ValidationSet, load_set
+from sim.profile import PROFILE_DIR, error_stats, fit_model
+from sim.simulator import Simulator
 from sim.step_classes import class_errors, classify
 from sim.step_time import DecodeRun, ReplayedStepTime, StepTimeModel
+from sim.twin import setup_twin
+from workloads.trace_requests import model_requests
 
 WARMUP = 10  # a fresh engine's first steps run slow (lazy initialisation, first launches)
 MIN_MATCH = 0.99
@@ -82,12 +87,6 @@ def replayed_steps(vset: ValidationSet, point: dict[str, Any],
                    profiles: Path | None = None) -> PointSteps | None:
     """The point's steps with their features (None: it did not start, or its replay
     parted from the engine's)."""
-    from engine.core.config import EngineConfig
-    from sim.profile import PROFILE_DIR
-    from sim.simulator import Simulator
-    from sim.twin import setup_twin
-    from workloads.trace_requests import model_requests
-
     if not point["real"]["starts"]:
         return None
     config = EngineConfig.from_kwargs(**(PRE_PIECEWISE | point["engine"]))
@@ -131,12 +130,6 @@ def set_steps(path: str, profiles: str | None = None) -> tuple[PointSteps, ...]:
 
 # -- errors ---------------------------------------------------------------------------------
 
-def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, Any]:
-    from sim.profile import _errors as errors
-
-    return errors(predicted, measured)
-
-
 def class_bias(points: tuple[PointSteps, ...], refit: dict[str, StepTimeModel] | None = None
                ) -> dict[str, dict[str, Any]]:
     """Signed error per class of composition over the points' steps after warm-up, and
@@ -151,12 +144,12 @@ def class_bias(points: tuple[PointSteps, ...], refit: dict[str, StepTimeModel] |
     pred_a, meas_a = np.concatenate(pred), np.concatenate(meas)
     cls, state = np.concatenate(classes), np.concatenate(states)
     steady = state != f"first {WARMUP} steps"
-    out = {"all": _errors(pred_a, meas_a)}
-    out.update(class_errors(pred_a[steady], meas_a[steady], cls[steady], _errors))
+    out = {"all": error_stats(pred_a, meas_a)}
+    out.update(class_errors(pred_a[steady], meas_a[steady], cls[steady], error_stats))
     for name in (f"first {WARMUP} steps", "requests waiting", "steady"):
         rows = state == name
         if rows.any():
-            out[name] = _errors(pred_a[rows], meas_a[rows])
+            out[name] = error_stats(pred_a[rows], meas_a[rows])
     return out
 
 
@@ -176,10 +169,6 @@ def speed_spread(points: tuple[PointSteps, ...]) -> dict[str, float]:
 def refit_models(points: tuple[PointSteps, ...], weights: str, vset: ValidationSet,
                  profiles: Path | None = None) -> dict[str, StepTimeModel]:
     """Each point's model refit from its profile's samples with row `weights`."""
-    from engine.core.config import EngineConfig
-    from sim.profile import PROFILE_DIR, fit_model
-    from sim.twin import setup_twin
-
     fits: dict[str, Any] = {}
     out = {}
     for p in points:
@@ -219,10 +208,6 @@ def write_overhead_profiles(vset: ValidationSet, points: tuple[PointSteps, ...],
                             profiles: Path | None = None) -> list[Path]:
     """The set's profiles with their serving overhead fit on its steps (added to any they
     had), saved into `out`."""
-    from engine.core.config import EngineConfig
-    from sim.profile import PROFILE_DIR
-    from sim.twin import setup_twin
-
     by_profile: dict[str, list[PointSteps]] = {}
     found = {}
     for p in points:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
 
 from engine.core.config import EngineConfig
@@ -50,8 +51,6 @@ def build_state(engine: LLMEngine, options: ServeOptions, model: ModelSource,
 
 def make_engine(model: ModelSource, config: EngineConfig, options: ServeOptions) -> LLMEngine:
     if options.torch_threads:
-        import torch
-
         torch.set_num_threads(options.torch_threads)
     return LLMEngine(model, config)
 

@@ -11,6 +11,7 @@ from engine.core.sequence import SamplingParams
 from engine.runtime.serve.engine_loop import EngineLoop, Output, Submission
 from engine.runtime.serve.metrics import ServerMetrics
 from engine.runtime.serve.protocol import CompletionRequest
+from engine.runtime.serve.tokenizer import encode
 
 
 class ApiError(Exception):
@@ -126,7 +127,6 @@ class ServerState:
             if self.tokenizer is None:
                 raise ApiError(400, "this model folder has no tokenizer: send the prompt as "
                                "token ids (a list of integers)", param="prompt")
-            from engine.runtime.serve.tokenizer import encode
 
             return encode(self.tokenizer, prompt)
         raise ApiError(400, "only one prompt per request is supported", param="prompt")

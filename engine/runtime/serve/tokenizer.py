@@ -19,6 +19,7 @@ def load_tokenizer(model_path: str | Path | None) -> Any | None:
     path = Path(model_path)
     if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
+    # transformers takes seconds to import: only a text prompt needs it
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
