@@ -31,7 +31,7 @@ import pandas as pd
 from engine.core.config import EngineConfig
 from engine.core.features import EXTRA_FEATURES, FEATURES, StepFeatures, StepRow
 from reports.validation.accuracy import PRE_PIECEWISE, ValidationSet, load_set
-from sim.profile import PROFILE_DIR, error_stats, fit_model
+from sim.profile import PROFILE_DIR, Profile, error_stats, fit_model
 from sim.simulator import Simulator
 from sim.step_classes import class_errors, classify
 from sim.step_time import DecodeRun, ReplayedStepTime, StepTimeModel
@@ -166,16 +166,24 @@ def speed_spread(points: tuple[PointSteps, ...]) -> dict[str, float]:
             "log_sd": float(logs.std(ddof=1)) if ratios.size > 1 else 0.0}
 
 
+def point_profile(vset: ValidationSet, point_id: str,
+                  profiles: Path | None = None) -> tuple[EngineConfig, Profile | None]:
+    """A committed point's engine configuration and the profile its twin uses (None: the
+    roofline)."""
+    point = vset.point(point_id)
+    config = EngineConfig.from_kwargs(**(PRE_PIECEWISE | point["engine"]))
+    profile = setup_twin(point["model"], point["hardware"], config, point["predictor"],
+                         profile_dir=profiles or vset.profile_dir or PROFILE_DIR).profile
+    return config, profile
+
+
 def refit_models(points: tuple[PointSteps, ...], weights: str, vset: ValidationSet,
                  profiles: Path | None = None) -> dict[str, StepTimeModel]:
     """Each point's model refit from its profile's samples with row `weights`."""
     fits: dict[str, Any] = {}
     out = {}
     for p in points:
-        point = vset.point(p.point)
-        config = EngineConfig.from_kwargs(**(PRE_PIECEWISE | point["engine"]))
-        profile = setup_twin(point["model"], point["hardware"], config, point["predictor"],
-                             profile_dir=profiles or vset.profile_dir or PROFILE_DIR).profile
+        config, profile = point_profile(vset, p.point, profiles)
         assert profile is not None, f"{vset.name} {p.point}: no profile"
         if profile.name not in fits:
             rules = (*profile.rules[:3], weights)
@@ -211,10 +219,7 @@ def write_overhead_profiles(vset: ValidationSet, points: tuple[PointSteps, ...],
     by_profile: dict[str, list[PointSteps]] = {}
     found = {}
     for p in points:
-        point = vset.point(p.point)
-        config = EngineConfig.from_kwargs(**(PRE_PIECEWISE | point["engine"]))
-        profile = setup_twin(point["model"], point["hardware"], config, point["predictor"],
-                             profile_dir=profiles or vset.profile_dir or PROFILE_DIR).profile
+        _, profile = point_profile(vset, p.point, profiles)
         if profile is not None:
             found[profile.name] = profile
             by_profile.setdefault(profile.name, []).append(p)
