@@ -23,7 +23,6 @@ from engine.core.catalog import load_hardware, load_model  # noqa: E402
 from engine.core.config import EngineConfig, GiB  # noqa: E402
 from engine.core.memory import MemoryTerms, decide_num_blocks  # noqa: E402
 from engine.core.sequence import SamplingParams  # noqa: E402
-from engine.layers import attention_backends  # noqa: E402
 from engine.layers.attention import store_kv  # noqa: E402
 from engine.layers.kernels.elementwise import qk_norm_rope  # noqa: E402
 from engine.layers.kernels.mixed_attention import mixed_attention  # noqa: E402
@@ -208,15 +207,6 @@ def hf_saved(request: pytest.FixtureRequest,
              tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     model = hf_model(request.param)
     return model, save_hf(model, tmp_path_factory.mktemp(request.param))
-
-
-@pytest.fixture
-def torch_backend(monkeypatch: pytest.MonkeyPatch) -> str:
-    if not CUDA:
-        monkeypatch.setattr(attention_backends, "torch_varlen",
-                            lambda: attention_backends.sdpa_varlen)
-        monkeypatch.setattr("engine.runtime.model_runner.resolve_backend", lambda *a: "torch")
-    return "torch"
 
 
 def record_logits(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:

@@ -34,16 +34,6 @@ from tests.engine.hf_tiny import hf_model  # noqa: E402
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-@pytest.fixture
-def torch_backend(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The `torch` backend; on the CPU with the SDPA stand-in for varlen flash attention."""
-    if not CUDA:
-        monkeypatch.setattr(attention_backends, "torch_varlen",
-                            lambda: attention_backends.sdpa_varlen)
-        monkeypatch.setattr("engine.runtime.model_runner.resolve_backend", lambda *a: "torch")
-    return "torch"
-
-
 # -- kernels -----------------------------------------------------------------------------------
 
 def random_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
