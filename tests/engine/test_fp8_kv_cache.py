@@ -19,7 +19,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.core.catalog import load_hardware, load_model  # noqa: E402
+from engine.core.catalog import load_model  # noqa: E402
 from engine.core.config import EngineConfig, GiB  # noqa: E402
 from engine.core.memory import MemoryTerms, decide_num_blocks  # noqa: E402
 from engine.core.sequence import SamplingParams  # noqa: E402
@@ -29,11 +29,10 @@ from engine.layers.kernels.mixed_attention import mixed_attention  # noqa: E402
 from engine.layers.kernels.paged_cache import paged_decode, store_kv_triton  # noqa: E402
 from engine.layers.kv_quant import FP8, dequantize_kv, quantize_kv  # noqa: E402
 from engine.layers.rotary import RotaryEmbedding  # noqa: E402
-from engine.runtime.llm import LLM  # noqa: E402
-from sim.memory_model import predict_memory  # noqa: E402
 from tests.engine import test_mixed_attention as mixed_tests  # noqa: E402
 from tests.engine import test_model_runner as runner_tests  # noqa: E402
 from tests.engine.hf_tiny import hf_model, save_hf  # noqa: E402
+from tests.engine.tiny_engine import engine_beside_twin  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 SCALES = (torch.tensor([0.5], device=DEVICE), torch.tensor([2.0], device=DEVICE))
@@ -186,11 +185,7 @@ def test_an_fp8_cache_gets_twice_the_blocks_of_bf16() -> None:
 
 
 def test_engine_allocates_the_fp8_cache_the_twin_predicts() -> None:
-    config = EngineConfig(dtype="float32", device="cpu", kv_cache_dtype="fp8",
-                          max_model_len=256, max_num_batched_tokens=256, max_num_seqs=8)
-    llm = LLM(load_model("tiny_qwen3"), config)
-    predicted = predict_memory(load_model("tiny_qwen3"), load_hardware("cpu"), config)
-    report = llm.memory_report()
+    llm, report, predicted = engine_beside_twin(kv_cache_dtype="fp8")
     assert llm.model_runner.kv_cache.dtype == FP8
     assert report["kv_dtype"] == "float8_e4m3fn"
     assert report["bytes_per_block"] == predicted.block_bytes == 2 * 2 * 2 * 16 * 16 * 1

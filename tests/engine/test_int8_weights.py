@@ -18,7 +18,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.core.catalog import load_hardware, load_model  # noqa: E402
+from engine.core.catalog import load_model  # noqa: E402
 from engine.core.config import ConfigError, EngineConfig  # noqa: E402
 from engine.core.sequence import SamplingParams  # noqa: E402
 from engine.layers.kernels.int8_matmul import (  # noqa: E402
@@ -31,8 +31,8 @@ from engine.layers.linear import Linear  # noqa: E402
 from engine.layers.quantization import INT8_MAX, absmax_quantize, dequantize  # noqa: E402
 from engine.runtime import loader  # noqa: E402
 from engine.runtime.llm import LLM  # noqa: E402
-from sim.memory_model import predict_memory  # noqa: E402
 from tests.engine.hf_tiny import hf_logits, hf_model, save_hf, tiny_model_config  # noqa: E402
+from tests.engine.tiny_engine import engine_beside_twin  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
@@ -206,11 +206,7 @@ def test_measured_weight_bytes_equal_the_formula(kind: str, dtype: str) -> None:
 
 
 def test_engine_and_twin_weight_terms_agree_for_int8() -> None:
-    config = EngineConfig(dtype="float32", device="cpu", quantization="int8",
-                          max_model_len=256, max_num_batched_tokens=256, max_num_seqs=8)
-    llm = LLM(load_model("tiny_qwen3"), config)
-    predicted = predict_memory(load_model("tiny_qwen3"), load_hardware("cpu"), config)
-    report = llm.memory_report()
+    _, report, predicted = engine_beside_twin(quantization="int8")
     assert report["weights_bytes"] == predicted.terms.weights_bytes
     assert report["num_blocks"] == predicted.num_blocks and report["quantization"] == "int8"
 
