@@ -51,11 +51,11 @@ from engine.core.memory import StartupError
 from reports.bands import sim_bands
 from reports.console import console_summary, format_metrics
 from reports.html import EMBED, ensure_plotly_js
-from reports.http.side import http_side
 from reports.hydra_callback import sweep_exit_code
 from reports.metrics import requests_frame, steps_frame, summarize, twin_metrics
 from reports.run_folder import SUMMARY, StepsWriter, write_run, write_summary
 from reports.run_page import write_run_page
+from reports.timeline import KvTimelines
 from reports.twin_run import run_twin
 from sim.capacity import format_plan, plan_capacity
 from sim.twin import setup_twin, simulate
@@ -133,7 +133,8 @@ def run_point(cfg: DictConfig) -> int:
     base = {"mode": cfg.mode, "config": _config_summary(cfg), "sim": None, "real": None,
             "error": None, "error_type": None}
     write_summary(out, {**base, "status": "running"})
-    steps, signals = StepsWriter(out), Signals()
+    timelines = KvTimelines()  # the page's, drawn as the steps are written
+    steps, signals = StepsWriter(out, observe=timelines.add), Signals()
     with signals.installed():
         try:
             summary, records = run_mode(cfg, steps, signals)
@@ -141,7 +142,7 @@ def run_point(cfg: DictConfig) -> int:
             summary, records = _interrupted(signals.received or "SIGINT"), {}
         except Exception as err:
             return _failure(cfg, out, base, err, steps)
-    _record(out, {**base, **summary}, records, steps)
+    _record(out, {**base, **summary}, records, steps, timelines)
     return 130 if summary["status"] == "interrupted" else 0
 
 
@@ -257,6 +258,9 @@ def _target(cfg: DictConfig) -> str:
 def _run_http(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
               records: Records) -> None:
     """The trace replayed over HTTP against cfg.endpoint (any OpenAI-compatible server)."""
+    # aiohttp takes ~0.13 s to import: only target=http replays over HTTP
+    from reports.http.side import http_side
+
     info, result = http_side(cfg.endpoint, list(requests), model=cfg.served_model,
                              progress=cfg.progress, slo=container(cfg.slo))
     summary["real"] = info
@@ -551,12 +555,12 @@ def _setup(cfg: DictConfig) -> Any:
 # -- writing the folder -----------------------------------------------------------------------
 
 def _record(out: Path, summary: dict[str, Any], records: Records,
-            steps: StepsWriter | None = None) -> None:
+            steps: StepsWriter | None = None, timelines: KvTimelines | None = None) -> None:
     write_run(out, summary, records or None, steps)
     try:
 
         js = ensure_plotly_js(Path(HydraConfig.get().sweep.dir)) if _in_sweep() else EMBED
-        page = write_run_page(out, js)
+        page = write_run_page(out, js, timelines)
     except Exception as err:  # the records matter more than the page
         print(f"report page not written: {err}", file=sys.stderr)
         page = out

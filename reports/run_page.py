@@ -17,9 +17,9 @@ import pandas as pd
 
 from reports.aggregate import counts_warning, side_metrics
 from reports.html import EMBED, badge, esc, figure_div, key_values, page, plotly_script, section
-from reports.metrics import STEP_COLUMNS, kv_usage_timeline, request_latencies
-from reports.plots import kv_timeline, latency_cdfs, memory_bars, request_parity, thin_timeline
-from reports.run_folder import REPORT, SOURCES, RunFolder, iter_steps, num_steps, read_run
+from reports.metrics import STEP_COLUMNS, request_latencies
+from reports.plots import kv_timeline, latency_cdfs, memory_bars, request_parity
+from reports.run_folder import REPORT, SOURCES, RunFolder, iter_steps, read_run
 from reports.run_tables import (
     CAPACITY_ROWS,
     MEMORY_ROWS,
@@ -27,8 +27,8 @@ from reports.run_tables import (
     comparison_table,
     memory_sources_table,
 )
+from reports.timeline import STEP_BATCH, KvTimelines
 
-STEP_BATCH = 1 << 18  # step records read at a time for the timeline
 ALERT_TITLE = {"cannot_start": "Cannot start", "failed": "Run failed",
                "interrupted": "Interrupted: what was finished is kept"}
 TOP_REASONS = 3
@@ -36,20 +36,23 @@ TOP_REASONS = 3
 _PER_REQUEST = re.compile(r"(prompt of|needs) \d+")
 
 
-def write_run_page(run_dir: Path, plotly_js: str | Path = EMBED) -> Path:
+def write_run_page(run_dir: Path, plotly_js: str | Path = EMBED,
+                   timelines: KvTimelines | None = None) -> Path:
     """(Re)write `run_dir`/report.html. `plotly_js`: "embed" (a standalone page), a Path to a
     shared plotly.min.js on disk (see `reports.html.ensure_plotly_js`), or a str path relative
-    to the page."""
+    to the page. `timelines`: built while the steps were written (else read back)."""
     run = read_run(Path(run_dir), steps=False)  # the timeline reads them batch by batch
     out = run.path / REPORT
-    out.write_text(render_run_page(run, plotly_script(plotly_js, run.path)), encoding="utf-8")
+    html = render_run_page(run, plotly_script(plotly_js, run.path), timelines)
+    out.write_text(html, encoding="utf-8")
     return out
 
 
-def render_run_page(run: RunFolder, plotly_tag: str) -> str:
+def render_run_page(run: RunFolder, plotly_tag: str,
+                    timelines: KvTimelines | None = None) -> str:
     s = run.summary
     body = [_header(run), _alert(s), requests_alert(run), _metrics_section(s),
-            *_record_sections(run),
+            *_record_sections(run, timelines),
             _memory_section(s), _capacity_section(s), _config_section(s)]
     return page(f"kvtwin run {run.path.name}: {_title(s)}", [b for b in body if b], plotly_tag)
 
@@ -159,7 +162,7 @@ def sim_bands(s: dict[str, Any]) -> dict[str, Any] | None:
     return bands if bands and bands.get("metrics") else None
 
 
-def _record_sections(run: RunFolder) -> list[str]:
+def _record_sections(run: RunFolder, built: KvTimelines | None) -> list[str]:
     lat = {}
     for name in SOURCES:
         reqs, _ = run.side(name)
@@ -169,7 +172,7 @@ def _record_sections(run: RunFolder) -> list[str]:
     if lat:
         cdf = (sim_bands(run.summary) or {}).get("cdf")
         out.append(section("Latency", figure_div(latency_cdfs(lat, cdf), "plot-latency-cdf")))
-    timelines = _timelines(run)
+    timelines = (built or _read_timelines(run)).frames()
     if timelines:
         out.append(_timeline_section(run.summary, timelines))
     if "sim" in lat and "real" in lat:
@@ -178,20 +181,11 @@ def _record_sections(run: RunFolder) -> list[str]:
     return out
 
 
-def _timelines(run: RunFolder) -> dict[str, pd.DataFrame]:
-    """Per source, the KV timeline of its steps, read a batch at a time: a long run's
-    batches are thinned as they come (peaks kept), so its steps are never all in memory."""
-    parts: dict[str, list[pd.DataFrame]] = {}
-    batches = iter_steps(run.path, list(STEP_COLUMNS), STEP_BATCH)
-    many = num_steps(run.path) > STEP_BATCH
-    for batch in batches:
-        for name, df in batch.groupby("source", sort=False):
-            blocks = max(int(_num_blocks(run.summary, str(name)) or 0), 0)
-            timeline = kv_usage_timeline(df.drop(columns="source"), blocks)
-            parts.setdefault(str(name), []).append(thin_timeline(timeline) if many
-                                                   else timeline)
-    return {name: pd.concat(tl, ignore_index=True) if len(tl) > 1 else tl[0]
-            for name, tl in parts.items()}
+def _read_timelines(run: RunFolder) -> KvTimelines:
+    timelines = KvTimelines(STEP_BATCH)
+    for batch in iter_steps(run.path, list(STEP_COLUMNS), STEP_BATCH):
+        timelines.add(batch)
+    return timelines
 
 
 def _timeline_section(s: dict[str, Any], timelines: dict[str, pd.DataFrame]) -> str:
