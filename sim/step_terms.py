@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cache
 
 import numpy as np
@@ -223,6 +223,11 @@ def estimate_one(s: StepRow, name: str) -> float:
     return float(s.prefill_tokens + round(prefix)) if prefix >= 0.5 else 0.0
 
 
+# The feature terms other terms read (made once: a frozen dataclass costs a microsecond).
+DECODE_CTX, DECODE_SHARED = Feature("decode_ctx"), Feature("decode_shared")
+DECODE_MAX_CTX, PREFILL_GATHER = Feature("decode_max_ctx"), Feature("prefill_gather")
+
+
 class NumTokens(Term):
     def column(self, f: StepFeatures) -> np.ndarray:
         return f.num_tokens.astype(np.float64)
@@ -251,10 +256,10 @@ class DecodeUniqueCtx(Term):
     """Keys the decodes read from HBM: all of them but the prefix keys another re-reads."""
 
     def column(self, f: StepFeatures) -> np.ndarray:
-        return Feature("decode_ctx").column(f) - Feature("decode_shared").column(f)
+        return DECODE_CTX.column(f) - DECODE_SHARED.column(f)
 
     def value(self, s: StepRow) -> float:
-        return float(s.decode_ctx - Feature("decode_shared").value(s))
+        return float(s.decode_ctx - DECODE_SHARED.value(s))
 
 
 class GatherMean(Term):
@@ -262,10 +267,10 @@ class GatherMean(Term):
 
     def column(self, f: StepFeatures) -> np.ndarray:
         seqs = np.maximum(f.num_seqs - f.decode_seqs, 1)
-        return Feature("prefill_gather").column(f) / seqs
+        return PREFILL_GATHER.column(f) / seqs
 
     def value(self, s: StepRow) -> float:
-        return Feature("prefill_gather").value(s) / max(s.num_seqs - s.decode_seqs, 1)
+        return PREFILL_GATHER.value(s) / max(s.num_seqs - s.decode_seqs, 1)
 
 
 @dataclass(frozen=True)
@@ -318,33 +323,37 @@ class DecodeShare(Term):
 
     split: DecodeSplit
     batch: PaddedBatch
+    _splits: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     def column(self, f: StepFeatures) -> np.ndarray:
         longest = f.decode_max_ctx
         if longest is None:
-            longest = Feature("decode_max_ctx").column(f).astype(np.int64)
+            longest = DECODE_MAX_CTX.column(f).astype(np.int64)
         if f.uniform_batch is not None:
-            batch = decode_batch(f.uniform_batch, self.batch._buckets)
-            return share_staircase(self.split, longest, batch).astype(np.float64)
+            splits = self._splits.get(f.uniform_batch)
+            if splits is None:  # the same few batch sizes, run after run
+                batch = decode_batch(f.uniform_batch, self.batch._buckets)
+                splits = self._splits[f.uniform_batch] = self.split.splits(batch)
+            return share_staircase(self.split, longest, splits).astype(np.float64)
         batch = self.batch.column(f).astype(np.int64)
         out = np.empty(len(f), dtype=np.int64)
         for b in np.unique(batch).tolist():  # one staircase per batch size
             rows = batch == b
-            out[rows] = share_staircase(self.split, longest[rows], int(b))
+            out[rows] = share_staircase(self.split, longest[rows], self.split.splits(int(b)))
         return out.astype(np.float64)
 
     def value(self, s: StepRow) -> float:
-        longest = int(Feature("decode_max_ctx").value(s))
+        longest = int(DECODE_MAX_CTX.value(s))
         return float(self.split.longest_share(longest, int(self.batch.value(s))))
 
 
-def share_staircase(split: DecodeSplit, longest: np.ndarray, batch: int) -> np.ndarray:
-    """`split.longest_share(m, batch)` for every m of `longest` (int64), vectorised."""
-    splits = split.splits(batch)
+def share_staircase(split: DecodeSplit, longest: np.ndarray, splits: int) -> np.ndarray:
+    """`split.longest_share(m, batch)` for every m of `longest` (int64), vectorised, given
+    `splits = split.splits(batch)`. ceil(ceil(m / s) / b) = ceil(m / (s b)) for integers."""
     if splits == 1:
         return longest
-    per_split = -(-longest // splits)
-    return np.maximum(-(-per_split // split.block_n) * split.block_n, split.min_share)
+    quantum = splits * split.block_n
+    return np.maximum((longest + (quantum - 1)) // quantum * split.block_n, split.min_share)
 
 
 @dataclass(frozen=True)

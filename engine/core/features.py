@@ -126,6 +126,10 @@ def shared_prefix_keys(decodes: Iterable[tuple[Sequence, int]]) -> int:
     return total - sum(longest.values())
 
 
+_STEPS = np.arange(1 << 14, dtype=np.int64)  # read-only: runs take views of it
+_STEPS.flags.writeable = False
+
+
 def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int,
                         max_ctx_start: int | None = None, shared: int = 0) -> StepFeatures:
     """`num_steps` decode steps of the same `num_seqs` sequences; context grows by one each.
@@ -141,29 +145,22 @@ def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int,
 
 
 class DecodeRunFeatures(StepFeatures):
-    """The features of `decode_run_features`, each column made when a term reads it: a run
-    of decode steps is predicted in one pass, and most terms read two or three columns."""
+    """The features of `decode_run_features`, the constant columns made only when a term
+    reads them: a run of decode steps is predicted in one pass."""
 
     def __init__(self, num_seqs: int, ctx_start: int, num_steps: int,
                  max_ctx_start: int | None = None, shared: int = 0):
-        self._n, self._ctx, self._k = num_seqs, ctx_start, num_steps
-        self._longest, self._shared = max_ctx_start, shared
+        # The columns every decode-run term reads are made here (a run is predicted once,
+        # and a lazy attribute costs more than these few small arrays).
+        steps = _STEPS[:num_steps] if num_steps <= len(_STEPS) else np.arange(num_steps)
+        self._n, self._k = num_seqs, num_steps
+        self.decode_ctx = ctx_start + steps * num_seqs  # type: ignore[misc]
+        self.decode_max_ctx = None if max_ctx_start is None else max_ctx_start + steps
+        self.decode_shared = np.full(num_steps, shared, dtype=np.int64)
         self.uniform_batch = num_seqs  # type: ignore[misc]
 
     def __len__(self) -> int:
         return self._k
-
-    @cached_property
-    def _steps(self) -> np.ndarray:
-        return np.arange(self._k, dtype=np.int64)
-
-    @cached_property
-    def decode_ctx(self) -> np.ndarray:  # type: ignore[override]
-        return self._ctx + self._steps * self._n
-
-    @cached_property
-    def decode_max_ctx(self) -> np.ndarray | None:  # type: ignore[override]
-        return None if self._longest is None else self._longest + self._steps
 
     @cached_property
     def decode_seqs(self) -> np.ndarray:  # type: ignore[override]
@@ -172,10 +169,6 @@ class DecodeRunFeatures(StepFeatures):
     @property
     def num_seqs(self) -> np.ndarray:  # type: ignore[override]
         return self.decode_seqs
-
-    @cached_property
-    def decode_shared(self) -> np.ndarray:  # type: ignore[override]
-        return np.full(self._k, self._shared, dtype=np.int64)
 
     @cached_property
     def prefill_tokens(self) -> np.ndarray:  # type: ignore[override]

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from engine.core.config import EngineConfig
 from engine.core.features import StepFeatures, StepRow
+from engine.core.shapes import DecodeSplit
 from sim.profile import PROFILE_DIR, ProfileKey, find_profile
-from sim.step_terms import compile_term
+from sim.step_terms import compile_term, share_staircase
 from sim.step_time import DecodeRun, RooflineStepTime, StepTimeModel
 from sim.twin import profile_step_time, setup_twin
 
@@ -87,3 +88,16 @@ def test_the_roofline_reads_neither_the_longest_nor_the_shared_keys() -> None:
     roofline = [m for m in MODELS if isinstance(m, RooflineStepTime)][0]
     assert not roofline.reads_longest and not roofline.reads_shared
     assert MODELS[0].reads_longest and MODELS[0].reads_shared  # the H100 profile's terms
+
+
+@settings(max_examples=300, deadline=None)
+@given(heads=st.integers(1, 16), target=st.sampled_from([64, 512, 1024]),
+       max_splits=st.sampled_from([1, 4, 16]), min_share=st.integers(1, 512),
+       block_n=st.sampled_from([8, 16, 64]), batch=st.integers(1, 300),
+       longest=st.lists(st.integers(1, 200_000), min_size=1, max_size=20))
+def test_the_share_staircase_is_the_kernel_rule(heads: int, target: int, max_splits: int,
+                                                min_share: int, block_n: int, batch: int,
+                                                longest: list[int]) -> None:
+    split = DecodeSplit(heads, target, max_splits, min_share, block_n)
+    got = share_staircase(split, np.array(longest, dtype=np.int64), split.splits(batch))
+    assert got.tolist() == [split.longest_share(m, batch) for m in longest]
