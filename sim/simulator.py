@@ -8,9 +8,9 @@ outcome with `Scheduler.update_from_output`, exactly as `LLMEngine.step` does.
 
 Event skipping: while every running sequence decodes and nothing can change the batch (no
 admission possible, no failed allocation, no admissible arrival), steps keep their composition
-up to the first step in which a sequence finishes. `sim.skipping` advances such runs in bulk
-with the same block bookkeeping in the same order, and runs their finishing step through the
-Scheduler, so the records are identical to single-stepping (a tested property).
+through the first step in which a sequence finishes. `sim.skipping` has the Scheduler apply
+such runs in bulk, with the same block bookkeeping in the same order and the same finishing
+rule, so the records are identical to single-stepping (a tested property).
 """
 
 from __future__ import annotations

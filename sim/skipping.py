@@ -4,9 +4,8 @@ The Scheduler says how long its batch stays the same decodes if nothing arrives
 (`Scheduler.decode_horizon`: every running sequence decodes, nothing can be admitted before
 an arrival, up to the first finish and before the first failed allocation). The twin adds
 time: it predicts the steps' durations and cuts the run before the first step that would
-admit an arriving request. Within the run the Scheduler applies the steps in bulk
-(`Scheduler.run_decode_steps`); a run that ends on a finishing step runs that step through
-`Scheduler.schedule()`, as single-stepping does. The records are single-stepping's (a tested
+admit an arriving request. The Scheduler applies the steps in bulk, the finishing one
+included (`Scheduler.run_decode_steps`). The records are single-stepping's (a tested
 property).
 
 When nothing waits and the blocks of every running sequence up to its finish are free, the
@@ -25,7 +24,7 @@ import numpy as np
 import simpy
 
 from engine.core.features import StepRow, shared_prefix_keys
-from engine.core.scheduler_output import DecodeHorizon, SchedulerOutput
+from engine.core.scheduler_output import DecodeHorizon
 from engine.core.sequence import Sequence
 from sim.step_log import DecodeRunSteps
 from sim.step_time import DecodeRun
@@ -43,11 +42,7 @@ class Segment:
 
     seqs: list[Sequence]
     ends: np.ndarray
-    finishes: bool  # its last step finishes a sequence: it runs through the Scheduler
-
-    @property
-    def num_bulk_steps(self) -> int:
-        return len(self.ends) - 1 if self.finishes else len(self.ends)
+    finishes: bool  # its last step finishes a sequence
 
 
 def plan_decode_run(sim: Simulator) -> PlannedRun | None:
@@ -137,30 +132,31 @@ class PlannedRun:
     segments: list[Segment]
 
     def apply(self) -> Iterator[simpy.Event]:
+        """Every segment in bulk, then the clock to the last step's end (nothing happens in
+        between that the arrival process would need to wake)."""
         self.sim.stats["decode_runs"] += 1
         for segment in self.segments:
             self._bulk(segment)
-            if segment.finishes:
-                yield from self._finishing_step(segment)
-            else:
-                yield from self.sim.advance_to(float(segment.ends[-1]))
-                self.sim._progress()
+            self.sim._progress()
+        yield from self.sim.advance_to(self.sim.clock)
 
     def _bulk(self, segment: Segment) -> None:
-        sim, bulk = self.sim, segment.num_bulk_steps
-        if bulk == 0:
-            return
+        sim, k = self.sim, len(segment.ends)
         sched = sim.scheduler
         waiting = len(sched.waiting)
         added = self._admit_arrivals_in_run(segment)
         bm = sched.block_manager
         used = bm.num_used_blocks
-        taken = sched.run_decode_steps(segment.seqs, bulk, sim.next_tokens)
+        end = float(segment.ends[-1])
+        done = sched.run_decode_steps(segment.seqs, k, sim.next_tokens,
+                                      end if segment.finishes else None)
         sim.steps.add_decode_run(DecodeRunSteps(
-            sim.clock, segment.ends[:bulk], len(segment.seqs), waiting,
-            [j for j in added if j < bulk], used, taken, bm.num_blocks))
-        sim.clock = float(segment.ends[bulk - 1])
-        sim.stats["skipped_steps"] += bulk
+            sim.clock, segment.ends, len(segment.seqs), waiting, added, used,
+            done.blocks_taken, bm.num_blocks))
+        for seq in done.finished:
+            sim._record(seq)
+        sim.clock = end
+        sim.stats["skipped_steps"] += k
         sim.stats["skip_runs"] += 1
 
     def _admit_arrivals_in_run(self, segment: Segment) -> list[int]:
@@ -174,18 +170,6 @@ class PlannedRun:
             j = int(np.searchsorted(starts, sim.next_arrival, side="left"))
             added += [j] * sim.admit_arrivals(sim.next_arrival)
         return added
-
-    def _finishing_step(self, segment: Segment) -> Iterator[simpy.Event]:
-        sim = self.sim
-        start = sim.clock
-        out = sim.scheduler.schedule(start)
-        assert _all_decode(out, segment.seqs), "a decode run's last step changed the batch"
-        yield from sim.run_step(out, start, float(segment.ends[-1]))
-
-
-def _all_decode(out: SchedulerOutput, seqs: list[Sequence]) -> bool:
-    return not out.preempted and len(out.scheduled) == len(seqs) and \
-        all(i.is_decode and i.seq is s for i, s in zip(out.scheduled, seqs, strict=True))
 
 
 def durations_to_ends(start: float, durations: np.ndarray) -> np.ndarray:

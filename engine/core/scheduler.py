@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 from engine.core.config import EngineConfig
 from engine.core.kv.block_manager import BlockManager
-from engine.core.scheduler_output import DecodeHorizon, SchedulerOutput
+from engine.core.scheduler_output import DecodeHorizon, DecodeSteps, SchedulerOutput
 from engine.core.sequence import Sequence, SequenceStatus
 
 
@@ -197,11 +197,11 @@ class Scheduler:
             to_finish.append(k)
         return to_finish
 
-    def run_decode_steps(self, seqs: list[Sequence], num_steps: int,
-                         next_tokens: NextTokens) -> list[int]:
-        """Apply `num_steps` steps of a decode horizon at once, none of them finishing a
-        sequence: what as many schedule() + update_from_output() rounds do to `seqs`. Returns
-        the step of each block taken (`BlockManager.allocate_decode_steps`)."""
+    def run_decode_steps(self, seqs: list[Sequence], num_steps: int, next_tokens: NextTokens,
+                         finish_at: float | None = None) -> DecodeSteps:
+        """Apply `num_steps` steps of a decode horizon at once: what as many schedule() +
+        update_from_output() rounds do to `seqs`. Only the last step may finish sequences,
+        and only when the horizon's last step is run (`finish_at`: when that step ends)."""
         for seq in seqs:
             seq.token_ids.extend(next_tokens(seq, num_steps))
         taken = self.block_manager.allocate_decode_steps(seqs, num_steps)
@@ -209,7 +209,12 @@ class Scheduler:
             raise RuntimeError("a decode horizon ran out of blocks")
         for seq in seqs:
             seq.num_computed_tokens += num_steps
-        return taken
+        if finish_at is None:
+            return DecodeSteps(taken, [])
+        finished = [s for s in seqs if self._sampled(s, s.token_ids[-1], finish_at)]
+        if finished:
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        return DecodeSteps(taken, finished)
 
     # -- applying a step's result --------------------------------------------------------------
 
@@ -232,6 +237,11 @@ class Scheduler:
     def _append_token(self, seq: Sequence, token: int, now: float) -> bool:
         """Append the sampled token; True if it finished the sequence."""
         seq.token_ids.append(token)
+        return self._sampled(seq, token, now)
+
+    def _sampled(self, seq: Sequence, token: int, now: float) -> bool:
+        """After `seq` sampled `token` (its last): its first-token time, and whether it
+        stops there (then it finishes and frees its blocks)."""
         if seq.times.first_token is None:
             seq.times.first_token = now
         reason = self._stop_reason(seq, token)

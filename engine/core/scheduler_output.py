@@ -62,3 +62,12 @@ class DecodeHorizon:
     finishes: bool
     admits: bool
     all_blocks_free: bool
+
+
+@dataclass(slots=True)
+class DecodeSteps:
+    """What `Scheduler.run_decode_steps` did: the step (from 0) of each block taken, in
+    order, and the sequences its last step finished, in running order."""
+
+    blocks_taken: list[int]
+    finished: list[Sequence]
