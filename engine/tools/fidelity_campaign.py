@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             sets = collect_runs(out, commands)
         write_report(out, sets)
         return 0
+    if not args.dry_run:
+        _require_h200()
     commands, chosen = plan(out)
     for c in commands:
         _say(f"planned {c.label}: ~{c.estimate_s:.0f} s")
@@ -308,6 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"done in {time.monotonic() - started:.0f} s; sets: "
          f"{', '.join(str(p) for p in sets.values())}")
     return 0
+
+
+def _require_h200() -> None:
+    """The twin, the profile it updates and the set names are the H200's: stop on other GPUs."""
+    # torch is an extra: planning a campaign (--dry-run) needs no GPU stack
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+    if "H200" not in gpu.upper():
+        raise SystemExit(f"the fidelity campaign measures {HARDWARE} but this machine has "
+                         f"{gpu}: run it on an H200 (device kind nvidia-h200, needs_h200)")
 
 
 def write_report(out: Path, sets: dict[int, Path], replicates: int | None = None) -> Path:

@@ -77,3 +77,15 @@ def test_the_report_compares_profiles_runs_and_steps(tmp_path: Path) -> None:
         assert heading in text, heading
     assert any((tmp_path / "profiles_serving").glob("*.json"))
     assert any((sets[1] / "profiles").glob("*.json"))  # the run-1 set keeps its profile
+
+
+def test_the_campaign_runs_only_on_an_h200(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its twin, the profile it updates and its set names are the H200's: on another GPU (an
+    H100 once recalibrated the H200 profile from its own timings) it stops before running."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    with pytest.raises(SystemExit, match="NVIDIA H100 80GB HBM3: run it on an H200"):
+        main(["--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
