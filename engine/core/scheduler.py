@@ -228,16 +228,12 @@ class Scheduler:
             if seq.num_computed_tokens < len(seq.token_ids):
                 continue  # mid-prefill: nothing sampled yet
             assert token is not None, f"sequence {seq.request_id} completed a step unsampled"
-            if self._append_token(seq, token, now):
+            seq.token_ids.append(token)
+            if self._sampled(seq, token, now):
                 finished.append(seq)
         if finished:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         return finished
-
-    def _append_token(self, seq: Sequence, token: int, now: float) -> bool:
-        """Append the sampled token; True if it finished the sequence."""
-        seq.token_ids.append(token)
-        return self._sampled(seq, token, now)
 
     def _sampled(self, seq: Sequence, token: int, now: float) -> bool:
         """After `seq` sampled `token` (its last): its first-token time, and whether it
