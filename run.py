@@ -48,7 +48,7 @@ from conf.schema import MODES, TARGETS, register
 from engine.core.catalog import model_from_dict
 from engine.core.config import EngineConfig
 from engine.core.memory import StartupError
-from reports.bands import sim_bands
+from reports.bands import SimBands, start_bands
 from reports.console import console_summary, format_metrics
 from reports.html import EMBED, ensure_plotly_js
 from reports.hydra_callback import sweep_exit_code
@@ -194,37 +194,45 @@ def prepare(cfg: DictConfig) -> tuple[Any, Any, dict[str, Any]]:
 
 def _run_sim(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],
              records: Records, steps: StepsWriter, signals: Signals) -> None:
-    with _progress(cfg, len(requests), "simulate") as bar, signals.poll():
-        side = run_twin(setup, requests, steps, skip=cfg.skip, slo=container(cfg.slo),
-                        on_progress=lambda n: bar.update(n - bar.n),
-                        should_stop=signals.stop_requested)
-    summary["sim"] = side.summary
-    if side.requests is None:
-        summary.update(status="cannot_start", error=setup.memory.error,
-                       error_type=setup.memory.error_type)
-        return
-    records["sim"] = (side.requests, None)
-    if side.stopped is not None:
-        where = side.stopped
-        summary.update(_interrupted(signals.received or "stop"))
-        summary["error"] += (f" at simulated {where['sim_time_s']:.1f} s, {where['arrived']} "
-                             f"of {where['requests']} requests arrived")
-        return
-    summary["sim"]["bands"] = _bands(cfg, setup, requests, signals)
+    bands = _start_bands(cfg, setup, requests)  # their workers run beside the prediction
+    try:
+        with _progress(cfg, len(requests), "simulate") as bar, signals.poll():
+            side = run_twin(setup, requests, steps, skip=cfg.skip, slo=container(cfg.slo),
+                            on_progress=lambda n: bar.update(n - bar.n),
+                            should_stop=signals.stop_requested)
+        summary["sim"] = side.summary
+        if side.requests is None:
+            summary.update(status="cannot_start", error=setup.memory.error,
+                           error_type=setup.memory.error_type)
+            return
+        records["sim"] = (side.requests, None)
+        if side.stopped is not None:
+            where = side.stopped
+            summary.update(_interrupted(signals.received or "stop"))
+            summary["error"] += (f" at simulated {where['sim_time_s']:.1f} s, "
+                                 f"{where['arrived']} of {where['requests']} requests arrived")
+            return
+        summary["sim"]["bands"] = _finish_bands(cfg, bands, signals)
+    finally:
+        bands.cancel()
     if signals.stop_requested():
         summary.update(_interrupted(signals.received or "stop"))
         summary["error"] += " while drawing the prediction bands (the prediction is complete)"
 
 
-def _bands(cfg: DictConfig, setup: Any, requests: Any, signals: Signals) -> Any:
+def _start_bands(cfg: DictConfig, setup: Any, requests: Any) -> SimBands:
     options = container(cfg.bands)
     if options["workers"] is None and _joblib_sweep():
         options["workers"] = 1  # the sweep's points already fill the cores
-    if options["replicates"] > 0 and setup.memory.starts:
-        print(f"bands: {options['replicates']} replicates of the twin ...", flush=True)
+    return start_bands(setup, requests, **options)
+
+
+def _finish_bands(cfg: DictConfig, bands: SimBands, signals: Signals) -> Any:
+    if bands.run is not None:
+        print(f"bands: {cfg.bands.replicates} replicates of the twin ...", flush=True)
     with signals.poll():
-        return sim_bands(setup, requests, **options, should_stop=signals.stop_requested,
-                         log=lambda line: print(line, flush=True))
+        return bands.finish(should_stop=signals.stop_requested,
+                            log=lambda line: print(line, flush=True))
 
 
 def _run_real(cfg: DictConfig, setup: Any, requests: Any, summary: dict[str, Any],

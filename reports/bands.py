@@ -112,11 +112,38 @@ def _run(i: int, should_stop: StopFn | None = None) -> dict[str, Any]:
     return {**out, "wall_s": time.perf_counter() - t0}
 
 
+class PendingReplicates:
+    """Replicates running in `workers` processes (forked, so they share the inputs); they
+    can start before the point prediction and run beside it."""
+
+    def __init__(self, setup: TwinSetup, requests: RequestTable, plan: Plan, workers: int):
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        n = len(plan.scales)
+        self.pool = multiprocessing.get_context(method).Pool(
+            min(workers, n), _init_worker, (setup, requests, plan))
+        self.result = self.pool.map_async(_run, range(n))
+
+    def wait(self, should_stop: StopFn | None = None) -> list[dict[str, Any]]:
+        """Every replicate, in order; `should_stop` is asked every POLL_S (then the workers
+        are terminated: BandsStopped)."""
+        while not self.result.ready():
+            if should_stop is not None and should_stop():
+                self.close()
+                raise BandsStopped
+            self.result.wait(POLL_S)
+        out = self.result.get()
+        self.close()
+        return out
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
 def run_replicates(setup: TwinSetup, requests: RequestTable, plan: Plan, workers: int,
                    should_stop: StopFn | None = None) -> list[dict[str, Any]]:
     """Every replicate, in order; in this process when one worker suffices. `should_stop`
-    is asked between steps here and every POLL_S in the parent of workers, which are then
-    terminated (BandsStopped)."""
+    is asked between steps here and every POLL_S in the parent of workers."""
     n = len(plan.scales)
     if workers <= 1 or n <= 1:
         _init(setup, requests, plan)
@@ -124,16 +151,7 @@ def run_replicates(setup: TwinSetup, requests: RequestTable, plan: Plan, workers
             return [_run(i, should_stop) for i in range(n)]
         finally:
             _SHARED.clear()
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(min(workers, n), _init_worker,
-                                                  (setup, requests, plan)) as pool:
-        result = pool.map_async(_run, range(n))
-        while not result.ready():
-            if should_stop is not None and should_stop():
-                pool.terminate()
-                raise BandsStopped
-            result.wait(POLL_S)
-        return result.get()
+    return PendingReplicates(setup, requests, plan, workers).wait(should_stop)
 
 
 def default_workers() -> int:
@@ -183,28 +201,107 @@ def predict_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
                   should_stop: StopFn | None = None) -> dict[str, Any]:
     """Per band metric {p5, p50, p95} over `replicates` seeded runs (in `workers`
     processes, default: this machine's cores), with the CDF bands and how they were made."""
-    if replicates < 2:
-        raise ValueError(f"replicates={replicates!r} is invalid: a band needs 2 or more")
-    t0 = time.perf_counter()
+    return BandsRun(setup, as_table(requests), replicates, seed, workers, spread).finish(
+        should_stop)
+
+
+class BandsRun:
+    """Prediction bands in the making. With more than one worker the replicates start at
+    once, in worker processes, and run beside whatever this process does next (the point
+    prediction); `finish` collects them (or runs them here, with one worker)."""
+
+    def __init__(self, setup: TwinSetup, table: RequestTable, replicates: int, seed: int,
+                 workers: int | None, spread: MachineSpread | None = None):
+        if replicates < 2:
+            raise ValueError(f"replicates={replicates!r} is invalid: a band needs 2 or more")
+        self.t0 = time.perf_counter()
+        self.setup, self.table, self.seed = setup, table, seed
+        self.plan = Plan.of(setup, replicates, seed, spread)
+        self.workers = default_workers() if workers is None else workers
+        self.pending = PendingReplicates(setup, table, self.plan, self.workers) \
+            if self.workers > 1 and replicates > 1 else None
+
+    def finish(self, should_stop: StopFn | None = None) -> dict[str, Any]:
+        plan = self.plan
+        if self.pending is not None:
+            runs = self.pending.wait(should_stop)
+        else:
+            runs = run_replicates(self.setup, self.table, plan, 1, should_stop)
+        metrics = {k: band((r["metrics"][k] for r in runs), k in COUNTS)
+                   for k in BAND_METRICS}
+        return {
+            "level": [5, 95], "replicates": len(plan.scales), "seed": self.seed,
+            "workers": min(self.workers, len(plan.scales)),
+            "metrics": {k: v for k, v in metrics.items() if v is not None},
+            "cdf": cdf_bands(runs),
+            "sources": {"step_noise": plan.residuals.source,
+                        "step_noise_spread": plan.residuals.spread(),
+                        "machine_log_sd": plan.spread.log_sd,
+                        "machine_spread": plan.spread.source,
+                        "method": "normal fit to log values (counts: values), stratified "
+                                  "machine scales"},
+            "scales": [round(s, 5) for s in plan.scales],
+            "replicate_wall_s": [round(r["wall_s"], 3) for r in runs],
+            "wall_s": round(time.perf_counter() - self.t0, 3),
+        }
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.close()
+
+
+@dataclass
+class SimBands:
+    """What run.py records as summary["sim"]["bands"], started before the point prediction:
+    `outcome` when known at once (None: off or the configuration cannot start; {"skipped":
+    why}), else `run`, finished after the prediction."""
+
+    outcome: dict[str, Any] | None = None
+    run: BandsRun | None = None
+    replicates: int = 0
+
+    def finish(self, should_stop: StopFn | None = None,
+               log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+        if self.run is None:
+            return self.outcome
+        try:
+            bands = self.run.finish(should_stop)
+        except BandsStopped:
+            return {"skipped": "stopped by a signal"}
+        finally:
+            self.run.cancel()
+        if log is not None:
+            log(f"bands: {self.replicates} replicates in {bands['wall_s']:.1f} s "
+                f"({bands['workers']} workers)")
+        return bands
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            self.run.cancel()
+
+
+def start_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
+                replicates: int, seed: int = 0, workers: int | None = None,
+                machine_log_sd: float | None = None,
+                max_requests: int = MAX_REQUESTS) -> SimBands:
+    """None when off (replicates 0) or the configuration cannot start; {"skipped": why}
+    where the predictor has no profile or the trace has more than `max_requests` requests;
+    otherwise the replicates, started (see BandsRun). `machine_log_sd`: the machine spread to
+    draw from instead of the profile's."""
+    if replicates <= 0 or not setup.memory.starts:
+        return SimBands()
     table = as_table(requests)
-    plan = Plan.of(setup, replicates, seed, spread)
-    workers = default_workers() if workers is None else workers
-    runs = run_replicates(setup, table, plan, workers, should_stop)
-    metrics = {k: band((r["metrics"][k] for r in runs), k in COUNTS) for k in BAND_METRICS}
-    return {
-        "level": [5, 95], "replicates": replicates, "seed": seed,
-        "workers": min(workers, replicates),
-        "metrics": {k: v for k, v in metrics.items() if v is not None},
-        "cdf": cdf_bands(runs),
-        "sources": {"step_noise": plan.residuals.source,
-                    "step_noise_spread": plan.residuals.spread(),
-                    "machine_log_sd": plan.spread.log_sd, "machine_spread": plan.spread.source,
-                    "method": "normal fit to log values (counts: values), stratified "
-                              "machine scales"},
-        "scales": [round(s, 5) for s in plan.scales],
-        "replicate_wall_s": [round(r["wall_s"], 3) for r in runs],
-        "wall_s": round(time.perf_counter() - t0, 3),
-    }
+    if len(table) > max_requests:
+        return SimBands({"skipped": f"{len(table):,} requests is more than bands.max_requests "
+                                    f"({max_requests:,}): each replicate is a whole "
+                                    f"simulation"})
+    spread = None if machine_log_sd is None else MachineSpread(
+        machine_log_sd, "bands.machine_log_sd (the run's configuration)")
+    try:
+        return SimBands(run=BandsRun(setup, table, replicates, seed, workers, spread),
+                        replicates=replicates)
+    except ValueError as err:
+        return SimBands({"skipped": str(err)})
 
 
 def sim_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
@@ -212,25 +309,6 @@ def sim_bands(setup: TwinSetup, requests: RequestTable | Iterable[Request],
               machine_log_sd: float | None = None, max_requests: int = MAX_REQUESTS,
               should_stop: StopFn | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
-    """What run.py records as summary["sim"]["bands"]: None when off (replicates 0) or the
-    configuration cannot start; {"skipped": why} where the predictor has no profile, the
-    trace has more than `max_requests` requests, or a signal stopped the replicates.
-    `machine_log_sd`: the machine spread to draw from instead of the profile's."""
-    if replicates <= 0 or not setup.memory.starts:
-        return None
-    table = as_table(requests)
-    if len(table) > max_requests:
-        return {"skipped": f"{len(table):,} requests is more than bands.max_requests "
-                           f"({max_requests:,}): each replicate is a whole simulation"}
-    spread = None if machine_log_sd is None else MachineSpread(
-        machine_log_sd, "bands.machine_log_sd (the run's configuration)")
-    try:
-        bands = predict_bands(setup, table, replicates, seed, workers, spread, should_stop)
-    except ValueError as err:
-        return {"skipped": str(err)}
-    except BandsStopped:
-        return {"skipped": "stopped by a signal"}
-    if log is not None:
-        log(f"bands: {replicates} replicates in {bands['wall_s']:.1f} s "
-            f"({bands['workers']} workers)")
-    return bands
+    """`start_bands` and its finish, one after the other."""
+    return start_bands(setup, requests, replicates, seed, workers, machine_log_sd,
+                       max_requests).finish(should_stop, log)
