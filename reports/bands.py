@@ -3,7 +3,8 @@
 Each replicate is a whole `sim.twin.simulate` of the same requests with the setup's
 calibrated step times (1) scaled by one draw of the machine-to-machine spread and (2) each
 step multiplied by its own draw of the profile's held-out residuals (`sim.noise`).
-Replicates run in parallel worker processes. Per metric the band is the 5-95 % range of the
+Replicates run in parallel worker processes, started before the point prediction so that
+they run beside it (`start_bands`). Per metric the band is the 5-95 % range of the
 replicates' values, from a normal fit to their logarithms (latencies) or to the values
 themselves (counts): a few replicates pin a mean and a spread far better than their
 extremes (the machine factor is drawn stratified, so they span its distribution). The
