@@ -145,8 +145,8 @@ def decode_run_features(num_seqs: int, ctx_start: int, num_steps: int,
 
 
 class DecodeRunFeatures(StepFeatures):
-    """The features of `decode_run_features`, the constant columns made only when a term
-    reads them: a run of decode steps is predicted in one pass."""
+    """The features of `decode_run_features`, predicted in one pass; the batch and prefill
+    columns (read by few terms) are made only when a term reads them."""
 
     def __init__(self, num_seqs: int, ctx_start: int, num_steps: int,
                  max_ctx_start: int | None = None, shared: int = 0):
