@@ -141,18 +141,14 @@ class PendingReplicates:
         self.pool.join()
 
 
-def run_replicates(setup: TwinSetup, requests: RequestTable, plan: Plan, workers: int,
-                   should_stop: StopFn | None = None) -> list[dict[str, Any]]:
-    """Every replicate, in order; in this process when one worker suffices. `should_stop`
-    is asked between steps here and every POLL_S in the parent of workers."""
-    n = len(plan.scales)
-    if workers <= 1 or n <= 1:
-        _init(setup, requests, plan)
-        try:
-            return [_run(i, should_stop) for i in range(n)]
-        finally:
-            _SHARED.clear()
-    return PendingReplicates(setup, requests, plan, workers).wait(should_stop)
+def run_here(setup: TwinSetup, requests: RequestTable, plan: Plan,
+             should_stop: StopFn | None = None) -> list[dict[str, Any]]:
+    """Every replicate, in order, in this process (`should_stop` asked between steps)."""
+    _init(setup, requests, plan)
+    try:
+        return [_run(i, should_stop) for i in range(len(plan.scales))]
+    finally:
+        _SHARED.clear()
 
 
 def default_workers() -> int:
@@ -220,14 +216,14 @@ class BandsRun:
         self.plan = Plan.of(setup, replicates, seed, spread)
         self.workers = default_workers() if workers is None else workers
         self.pending = PendingReplicates(setup, table, self.plan, self.workers) \
-            if self.workers > 1 and replicates > 1 else None
+            if self.workers > 1 else None
 
     def finish(self, should_stop: StopFn | None = None) -> dict[str, Any]:
         plan = self.plan
         if self.pending is not None:
             runs = self.pending.wait(should_stop)
         else:
-            runs = run_replicates(self.setup, self.table, plan, 1, should_stop)
+            runs = run_here(self.setup, self.table, plan, should_stop)
         metrics = {k: band((r["metrics"][k] for r in runs), k in COUNTS)
                    for k in BAND_METRICS}
         return {

@@ -88,7 +88,8 @@ class StepsWriter:
         table = pa.Table.from_pandas(steps, preserve_index=False)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # dictionary-encoding every column doubles the write time for ~10 % of size
+            # dictionary-encoding the numeric columns doubled the write time and saved no
+            # size on the Azure hour's 1.47 M step records
             self._writer = pq.ParquetWriter(self.partial, table.schema,
                                             use_dictionary=["source"])
         self._writer.write_table(table.cast(self._writer.schema))
