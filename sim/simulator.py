@@ -80,9 +80,11 @@ class Simulator:
                  token_fn: TokenFn = fake_tokens,
                  on_progress: Callable[[int], None] | None = None,
                  on_steps: ChunkFn | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, group_min: int = 32):
         self.config = config
         self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
+        if skip:
+            self.scheduler.group_decodes(self.next_tokens, group_min)
         self.step_time = step_time
         self.skip = skip
         self.token_fn = token_fn
@@ -91,7 +93,8 @@ class Simulator:
         self.clock = 0.0  # authoritative time; SimPy's clock follows it
         self.steps = StepLog(on_steps)  # streams its steps to on_steps when given
         self.should_stop = should_stop or (lambda: False)  # checked between steps
-        self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0, "decode_runs": 0}
+        self.stats = {"single_steps": 0, "skipped_steps": 0, "skip_runs": 0, "decode_runs": 0,
+                      "group_steps": 0}
 
     def run(self, requests: RequestTable | Iterable[Request]) -> SimResult:
         """Sequences are made when their request arrives and dropped, as records, when they
@@ -195,7 +198,7 @@ class Simulator:
         if out.is_empty:
             raise RuntimeError("the scheduler planned an empty step with work pending")
         # Re-read prefix keys enter the decode-step terms only.
-        decode_only = out.num_decode_seqs == len(out.scheduled)
+        decode_only = out.num_decode_seqs == out.num_scheduled
         row = features_of(out, shared=self.step_time.reads_shared and decode_only)
         duration = self.step_time.step(row, len(self.steps))
         yield from self.run_step(out, start, start + duration)
@@ -204,16 +207,30 @@ class Simulator:
         """Run a step the Scheduler planned at `start`: it ends at `end`, then is applied."""
         record = StepRecord.from_output(len(self.steps), start, out, self.scheduler)
         yield from self.advance_to(end)
-        sampled = [self.next_token(i.seq) if i.samples else None for i in out.scheduled]
+        sampled = self.sampled_tokens(out)
         for seq in self.scheduler.update_from_output(out, sampled, end):
             self._record(seq)
         record.end_s = end
         self.steps.append(record)
         self.stats["single_steps"] += 1
+        self.stats["group_steps"] += out.grouped is not None
         self._progress()
+
+    def sampled_tokens(self, out: SchedulerOutput) -> list[int | None]:
+        """The stand-in token of each scheduled sequence that samples (None: mid-prefill)."""
+        if self.token_fn is not fake_tokens:
+            return [self.next_token(i.seq) if i.samples else None for i in out.scheduled]
+        shift, fake, period = self.shift, _FAKE, FAKE_PERIOD  # next_token's, inlined
+        return [fake[(len(s.token_ids) + shift[s.seq_id]) % period] if i.samples else None
+                for i in out.scheduled for s in (i.seq,)]
 
     def next_tokens(self, seq: Sequence, count: int) -> SeqOf[int]:
         """The stand-in tokens `seq` samples next."""
+        if self.token_fn is fake_tokens:  # fake_tokens' table slice, its shift kept
+            start = (len(seq.token_ids) + self.shift[seq.seq_id]) % FAKE_PERIOD
+            tokens = _FAKE[start:start + count]
+            if len(tokens) == count:
+                return tokens
         return self.token_fn(self.index[seq.seq_id], len(seq.token_ids), count)
 
     def next_token(self, seq: Sequence) -> int:

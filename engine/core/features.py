@@ -105,8 +105,14 @@ def features_of(out: SchedulerOutput, shared: bool = True) -> StepRow:
             prefill_attn += q * start + q * (q + 1) // 2
             keys += start + q
             cached = cached or start > 0
+    group = out.grouped
+    if group is not None:
+        decode_ctx += group.ctx
+        max_ctx = max(max_ctx, group.max_ctx)
+        if shared:  # a decode re-reads at most its prefix hit
+            decodes.extend((s, s.num_cached_tokens) for s in group.cached)
     return StepRow(prefill_tokens, prefill_attn, out.num_decode_seqs, decode_ctx,
-                   len(out.scheduled), max_ctx, keys if cached else 0,
+                   out.num_scheduled, max_ctx, keys if cached else 0,
                    shared_prefix_keys(decodes) if shared else None)
 
 

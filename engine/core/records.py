@@ -63,7 +63,7 @@ class StepRecord:
         bm = scheduler.block_manager
         decode = out.num_decode_seqs
         return cls(step, start_s, start_s, out.num_batched_tokens, out.num_prefill_tokens,
-                   len(out.scheduled) - decode, decode, len(scheduler.running),
+                   out.num_scheduled - decode, decode, len(scheduler.running),
                    len(scheduler.waiting), bm.num_used_blocks, bm.num_free_blocks,
                    len(out.preempted))
 

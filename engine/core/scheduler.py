@@ -10,9 +10,10 @@ Preemption is by recompute of the most recently admitted running sequence.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from engine.core.config import EngineConfig
+from engine.core.decode_group import DecodeGroup, NextTokens
 from engine.core.kv.block_manager import BlockManager
 from engine.core.scheduler_output import DecodeHorizon, DecodeSteps, SchedulerOutput
 from engine.core.sequence import Sequence, SequenceStatus
@@ -22,7 +23,7 @@ def is_prefilling(seq: Sequence) -> bool:
     return seq.num_output_tokens == 0 or seq.num_uncomputed_tokens > 1
 
 
-NextTokens = Callable[[Sequence, int], Iterable[int]]  # (sequence, count) -> its next tokens
+GROUP_PAUSE = 64  # steps without a group after one could not run a step
 
 
 class Scheduler:
@@ -35,6 +36,16 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.rejected: list[Sequence] = []
+        self.group: DecodeGroup | None = None
+        self._group_tokens: NextTokens | None = None  # set: decode groups are formed
+        self._group_min = 0
+        self._group_pause = 0
+
+    def group_decodes(self, next_tokens: NextTokens, min_size: int = 32) -> None:
+        """Under saturation (requests wait), advance at least `min_size` running decodes as a
+        `DecodeGroup`, their samples drawn from `next_tokens`: the simulator's choice, with
+        single-stepping's records (a tested property)."""
+        self._group_tokens, self._group_min = next_tokens, max(1, min_size)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -67,6 +78,7 @@ class Scheduler:
     def abort(self, seq: Sequence) -> bool:
         """Drop an unfinished `seq` (its client went away): out of the queues, its blocks
         freed. False when it is not queued here. Call between steps, never mid-step."""
+        self._end_group()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -85,7 +97,10 @@ class Scheduler:
         if self.config.policy == "prefill_first":
             self._schedule_prefill_first(out, budget, now)
         else:
-            budget = self._schedule_running(out, budget, self.running)
+            candidates = self.running
+            if self._group_tokens is not None:
+                candidates, budget = self._schedule_group(out, budget)
+            budget = self._schedule_running(out, budget, candidates)
             if not out.preempted:
                 self._admit_waiting(out, budget, now)
         return out
@@ -100,28 +115,115 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int,
                           candidates: list[Sequence]) -> int:
-        running = SequenceStatus.RUNNING
-        for seq in list(candidates):
+        running, allocate, add = SequenceStatus.RUNNING, self.block_manager.allocate_slots, out.add
+        # Iterated live: preemption pops victims off the back of `running` only, so the loop
+        # either stops before them or meets them with their new status.
+        for seq in candidates:
             if budget <= 0:
                 break
             if seq.status is not running:
                 continue  # preempted earlier in this loop
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(seq, n, out):
+            n = len(seq.token_ids) - seq.num_computed_tokens
+            if n > budget:
+                n = budget
+            if not allocate(seq, n) and not self._preempt_until_allocated(seq, n, out):
                 break
-            out.add(seq, n)
+            add(seq, n)
             budget -= n
         return budget
 
-    def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+    def _preempt_until_allocated(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Preempt from the back of `running` until `seq` gets its blocks; False if `seq` went."""
-        while not self.block_manager.allocate_slots(seq, n):
+        while True:
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is seq:
                 return False
+            if self.block_manager.allocate_slots(seq, n):
+                return True
+
+    # -- decode groups (the simulator's) ---------------------------------------------------------
+
+    def _schedule_group(self, out: SchedulerOutput, budget: int) -> tuple[list[Sequence], int]:
+        """The group members' part of the step, as single-stepping would plan it: members
+        with a block to start or fill get their blocks first, in running order. Returns the
+        sequences left to plan and the budget left."""
+        group = self._current_group(budget)
+        if group is None:
+            return self.running, budget
+        group.next_due()
+        bm = self.block_manager
+        if group.blocks_to_take() > bm.num_free_blocks:  # a member would preempt: no group
+            self._end_group(pause=True)
+            return self.running, budget
+        group.allocate(bm.allocate_slots)
+        group.requeue()
+        out.grouped = planned = group.planned()
+        out.num_batched_tokens += planned.num_seqs
+        out.num_decode_seqs += planned.num_seqs
+        return self.running[planned.num_seqs:], budget - planned.num_seqs
+
+    def _current_group(self, budget: int) -> DecodeGroup | None:
+        """The group to run the next step with, the decodes right behind it joined: kept
+        while requests wait and it is large, else none (or a new one)."""
+        group = self.group
+        if group is not None and (not self.waiting or group.num_active < self._group_min):
+            self._end_group()
+            group = None
+        start = 0 if group is None else group.num_active
+        end = self._leading_decodes(start)
+        if group is None:
+            if self._group_pause > 0:
+                self._group_pause -= 1
+                return None
+            if not self.waiting or end < self._group_min:
+                return None
+            assert self._group_tokens is not None
+            group = DecodeGroup(self.block_manager.block_size,
+                                self.block_manager.enable_prefix_caching, self._group_tokens)
+        if end > start and not self._join(group, start, end, budget):
+            self._end_group(pause=True)
+            return None
+        self.group = group
+        return group
+
+    def _leading_decodes(self, start: int) -> int:
+        """Where the run of decodes in `running` from `start` ends."""
+        running, end = self.running, start
+        while end < len(running) and not is_prefilling(running[end]):
+            end += 1
+        return end
+
+    def _join(self, group: DecodeGroup, start: int, end: int, budget: int) -> bool:
+        """Add running[start:end] to the group; False where it could not run the next step
+        then (one may stop on EOS, or the members overflow the token budget)."""
+        to_finish = self._decodes_to_finish(self.running[start:end], 1)
+        if to_finish is None or end > budget:
+            return False
+        group.join(self.running[start:end], to_finish)
         return True
+
+    def _end_group(self, pause: bool = False) -> None:
+        if self.group is not None:
+            self.group.dissolve()
+            self.group = None
+        if pause:
+            self._group_pause = GROUP_PAUSE
+
+    def _group_update(self, now: float) -> list[Sequence]:
+        """Apply the step to the group: its members whose length stop it was finish."""
+        group = self.group
+        assert group is not None, "a step planned with a decode group that has ended"
+        left = group.finishing()
+        finished = []
+        for i in left:
+            seq = group.sync(i, group.step + 1)
+            if not self._sampled(seq, seq.token_ids[-1], now):
+                raise RuntimeError(f"decode group member {seq.request_id} did not finish")
+            finished.append(seq)
+        group.applied(left)
+        return finished
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -165,12 +267,12 @@ class Scheduler:
         the horizon ends before the first step whose allocation would fail."""
         cfg, running = self.config, self.running
         n = len(running)
-        if n == 0 or n > cfg.max_num_batched_tokens:
+        if n == 0 or n > cfg.max_num_batched_tokens or self.group is not None:
             return None
         blocked = n >= cfg.max_num_seqs or cfg.max_num_batched_tokens - n <= 0
         if self.waiting and not blocked:
             return None
-        to_finish = self._decodes_to_finish(min_steps)
+        to_finish = self._decodes_to_finish(running, min_steps)
         if to_finish is None:
             return None
         first = min(to_finish)
@@ -179,13 +281,13 @@ class Scheduler:
         k = first if all_free else bm.max_decode_steps(running, first)
         return DecodeHorizon(list(running), to_finish, k, k == first, not blocked, all_free)
 
-    def _decodes_to_finish(self, min_steps: int) -> list[int] | None:
-        """Per running sequence, the decode steps up to the one that stops it on length
+    def _decodes_to_finish(self, seqs: list[Sequence], min_steps: int) -> list[int] | None:
+        """Per sequence of `seqs`, the decode steps up to the one that stops it on length
         (`_stop_reason`); None as soon as one prefills, may stop on EOS, or stops within
         fewer than `min_steps` steps."""
         max_len, eos = self.config.max_model_len, bool(self.eos_token_ids)
         to_finish = []
-        for s in self.running:
+        for s in seqs:
             tokens, params = len(s.token_ids), s.sampling_params
             output = tokens - s.num_prompt_tokens
             if output == 0 or tokens - s.num_computed_tokens > 1 or \
@@ -221,15 +323,20 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: list[int | None],
                            now: float = 0.0) -> list[Sequence]:
         """Advance each scheduled sequence by the step; returns the sequences that finished."""
-        finished = []
+        finished = [] if out.grouped is None else self._group_update(now)
+        eos, max_len = self.eos_token_ids, self.config.max_model_len
         for item, token in zip(out.scheduled, sampled, strict=True):
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            if seq.num_computed_tokens < len(seq.token_ids):
+            tokens = seq.token_ids
+            seq.num_computed_tokens = computed = seq.num_computed_tokens + item.num_new_tokens
+            if computed < len(tokens):
                 continue  # mid-prefill: nothing sampled yet
             assert token is not None, f"sequence {seq.request_id} completed a step unsampled"
-            seq.token_ids.append(token)
-            if self._sampled(seq, token, now):
+            tokens.append(token)
+            # Most samples change nothing more: `_sampled` only where one might.
+            may_stop = token in eos or len(tokens) >= seq.max_num_tokens or \
+                len(tokens) >= max_len
+            if (may_stop or seq.times.first_token is None) and self._sampled(seq, token, now):
                 finished.append(seq)
         if finished:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
@@ -253,7 +360,6 @@ class Scheduler:
         if not params.ignore_eos and token in self.eos_token_ids and \
                 tokens - seq.num_prompt_tokens >= params.min_tokens:
             return "stop"
-        if tokens - seq.num_prompt_tokens >= params.max_tokens or \
-                tokens >= self.config.max_model_len:
+        if tokens >= seq.max_num_tokens or tokens >= self.config.max_model_len:
             return "length"
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.core.decode_group import GroupStep
 from engine.core.sequence import Sequence
 
 
@@ -25,10 +26,16 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
     num_decode_seqs: int = 0
+    # The decode group's members, ahead of `scheduled` (the simulator's; engine steps: None).
+    grouped: GroupStep | None = None
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and self.grouped is None
+
+    @property
+    def num_scheduled(self) -> int:
+        return len(self.scheduled) + (self.grouped.num_seqs if self.grouped else 0)
 
     @property
     def num_prefill_tokens(self) -> int:

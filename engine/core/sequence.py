@@ -68,6 +68,8 @@ class Sequence:
         self.token_ids = array("q", token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling_params = sampling_params or SamplingParams()
+        # Where it stops on length at the latest (max_model_len may stop it sooner).
+        self.max_num_tokens = self.num_prompt_tokens + self.sampling_params.max_tokens
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks, in order

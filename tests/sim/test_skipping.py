@@ -41,9 +41,9 @@ UNIQUE = CalibratedStepTime(
 
 
 def simulate(config: EngineConfig, num_blocks: int, requests: list[Request],
-             skip: bool, step_time: CalibratedStepTime = STEP_TIME
+             skip: bool, step_time: CalibratedStepTime = STEP_TIME, group_min: int = 32
              ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    sim = Simulator(config, num_blocks, step_time, skip=skip)
+    sim = Simulator(config, num_blocks, step_time, skip=skip, group_min=group_min)
     result = sim.run(requests)
     reqs = result.requests
     return reqs, result.steps.to_frame(), result.stats
@@ -83,6 +83,33 @@ def test_skipping_matches_single_stepping(scenario, step_time) -> None:
     assert stats_a["skipped_steps"] == 0
     pd.testing.assert_frame_equal(reqs_a, reqs_b, check_exact=True)
     pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.sampled_from([STEP_TIME, LONGEST, SHARE, UNIQUE]), st.integers(1, 3))
+def test_decode_groups_match_single_stepping(scenario, step_time, group_min) -> None:
+    """Groups of as few as `group_min` decodes (the twin's are 32 and more), so that the
+    small batches drawn here form them, join to them, finish, preempt and dissolve."""
+    config, num_blocks, requests = scenario
+    reqs_a, steps_a, stats_a = simulate(config, num_blocks, requests, False, step_time)
+    reqs_b, steps_b, _ = simulate(config, num_blocks, requests, True, step_time, group_min)
+    assert stats_a["group_steps"] == 0
+    pd.testing.assert_frame_equal(reqs_a, reqs_b, check_exact=True)
+    pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
+
+
+def test_decode_groups_run_a_saturated_load() -> None:
+    """Requests queue behind a full batch: nearly every step is a group's, with a prefill."""
+    config = EngineConfig(block_size=4, max_model_len=256, max_num_seqs=6,
+                          max_num_batched_tokens=256).validate()
+    requests = [Request(i, 0.001 * i, [7 + i % 3] * (20 + i % 37), 30 + (i * 13) % 50)
+                for i in range(120)]
+    reqs_a, steps_a, _ = simulate(config, 400, requests, False)
+    reqs_b, steps_b, stats = simulate(config, 400, requests, True, group_min=3)
+    assert stats["group_steps"] > 0.5 * len(steps_b)
+    assert (steps_b["num_prefill_seqs"] > 0).sum() > 100  # mixed steps among them
+    pd.testing.assert_frame_equal(steps_a, steps_b, check_exact=True)
+    pd.testing.assert_frame_equal(reqs_a, reqs_b, check_exact=True)
 
 
 @pytest.mark.parametrize("step_time", [STEP_TIME, LONGEST, SHARE, UNIQUE],

@@ -174,8 +174,8 @@ class BlockManager:
         else:
             total = seq.num_computed_tokens + num_new_tokens
         table, bs = seq.block_table, self.block_size
-        num_new = -(-total // bs) - len(table)
-        if num_new > 0:
+        if total > len(table) * bs:
+            num_new = -(-total // bs) - len(table)
             if num_new > self.num_free_blocks:
                 return False
             table.extend(self._take_free(num_new))

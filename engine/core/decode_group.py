@@ -1,0 +1,172 @@
+"""A decode group: the running decodes at the front of `running`, advanced lazily.
+
+Under saturation nearly every step mixes a prefill into ~max_num_seqs decodes, so no run of
+steps keeps one composition (`Scheduler.decode_horizon`) and each step would touch every
+sequence. A group's members decode one token a step until each one's length stop, so what a
+step does to them is known ahead: only the members that start a block (they take one), fill
+one (it is published) or finish in that step need their state. A member's tokens and
+`num_computed_tokens` are brought up to date (`sync`) just before such an event, in running
+order, so the block manager sees the calls single-stepping would make, in the same order.
+
+Pure Python (no torch). The simulator turns it on (`Scheduler.group_decodes`); the engine
+never does: its model runner reads every sequence every step.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from engine.core.sequence import Sequence, SequenceStatus
+
+NextTokens = Callable[[Sequence, int], Iterable[int]]  # (sequence, count) -> its next tokens
+
+
+@dataclass(slots=True)
+class GroupStep:
+    """What a group's members do in one step: `num_seqs` decodes (one token each, ahead of
+    the step's other sequences in running order) attending `ctx` keys in all, the longest
+    `max_ctx`; `cached` are the members with a prefix-cache hit."""
+
+    num_seqs: int
+    ctx: int
+    max_ctx: int
+    cached: list[Sequence]
+
+
+class DecodeGroup:
+    def __init__(self, block_size: int, publishes: bool, next_tokens: NextTokens):
+        self.block_size = block_size
+        self.publishes = publishes  # full blocks are published (prefix caching)
+        self.next_tokens = next_tokens
+        self.seqs: list[Sequence] = []  # every member so far, in running order
+        # Per member: computed tokens less the step it joined at (so that step j's allocation
+        # counts base + j tokens), the step it finishes in, the step whose update its state
+        # includes, and whether it still runs.
+        self.base: list[int] = []
+        self.finish: list[int] = []
+        self.synced: list[int] = []
+        self.active: list[bool] = []
+        self.num_active = 0
+        self.step = 0  # steps applied
+        self.ctx_base = 0  # sum of the active members' base
+        self._bases: list[tuple[int, int]] = []  # heap of (-base, member): the longest
+        self.cached: list[Sequence] = []
+        self.events: dict[int, list[int]] = {}
+        self.due: list[int] = []  # members with an event in the step being run
+
+    def join(self, seqs: list[Sequence], steps_to_finish: list[int]) -> None:
+        """Add decodes that follow the members in running order (between two steps);
+        `steps_to_finish[i]` counts the steps up to the one that stops `seqs[i]`."""
+        step, first = self.step, len(self.seqs)
+        for i, (seq, k) in enumerate(zip(seqs, steps_to_finish, strict=True), first):
+            base = seq.num_computed_tokens - step
+            self.seqs.append(seq)
+            self.base.append(base)
+            self.finish.append(step + k)
+            self.synced.append(step)
+            self.active.append(True)
+            self.ctx_base += base
+            heapq.heappush(self._bases, (-base, i))
+            if seq.num_cached_tokens and seq.block_hashes:
+                self.cached.append(seq)
+            self._queue(i, step + 1)
+        self.num_active += len(seqs)
+
+    @property
+    def max_base(self) -> int:
+        bases, active = self._bases, self.active
+        while not active[bases[0][1]]:
+            heapq.heappop(bases)
+        return -bases[0][0]
+
+    def _queue(self, i: int, first: int) -> None:
+        """File member `i` under the next step from `first` in which it starts or fills a
+        block (the allocation of step j counts base + j tokens) or finishes."""
+        seq, c, bs = self.seqs[i], self.base[i], self.block_size
+        step = len(seq.block_table) * bs - c + 1
+        if self.publishes:
+            fills = (len(seq.block_content_ids) + 1) * bs - c
+            if fills < step:
+                step = fills
+        if step < first:
+            step = first
+        if self.finish[i] < step:
+            step = self.finish[i]
+        events = self.events.get(step)
+        if events is None:
+            self.events[step] = [i]
+        else:
+            events.append(i)
+
+    def sync(self, i: int, step: int) -> Sequence:
+        """Member `i` as single-stepping leaves it after `step`'s update."""
+        seq, lag = self.seqs[i], step - self.synced[i]
+        if lag:
+            seq.token_ids.extend(self.next_tokens(seq, lag))
+            seq.num_computed_tokens += lag
+            self.synced[i] = step
+        return seq
+
+    def next_due(self) -> list[int]:
+        """The members with an event in the next step, in running order."""
+        self.due = sorted(self.events.pop(self.step + 1, ()))
+        return self.due
+
+    def allocate(self, allocate_slots: Callable[[Sequence, int], bool]) -> None:
+        """The due members' allocations of the next step, in running order, each as
+        single-stepping makes it (`allocate_slots(seq, 1)` after the steps before). A member
+        that only starts a block needs no tokens for it: its lagging state asks for the
+        lagged tokens as well, the same total."""
+        j, bs, publishes = self.step + 1, self.block_size, self.publishes
+        for i in self.due:
+            seq = self.seqs[i]
+            if self.finish[i] == j or \
+                    (publishes and (self.base[i] + j) // bs > len(seq.block_content_ids)):
+                self.sync(i, j - 1)
+            if not allocate_slots(seq, j - self.synced[i]):
+                raise RuntimeError("a decode group ran out of blocks")
+
+    def blocks_to_take(self) -> int:
+        """Blocks the due members take in the next step (those that start one)."""
+        j, bs = self.step + 1, self.block_size
+        return sum(1 for i in self.due
+                   if self.base[i] + j > len(self.seqs[i].block_table) * bs)
+
+    def planned(self) -> GroupStep:
+        """The next step of the members (their context grows by one a step)."""
+        j, n = self.step + 1, self.num_active
+        return GroupStep(n, self.ctx_base + j * n, self.max_base + j, self.cached)
+
+    def requeue(self) -> None:
+        """After the next step's allocations: file the due members that go on."""
+        j = self.step + 1
+        for i in self.due:
+            if self.finish[i] != j:
+                self._queue(i, j + 1)
+
+    def finishing(self) -> list[int]:
+        """The due members whose length stop is the next step."""
+        j = self.step + 1
+        return [i for i in self.due if self.finish[i] == j]
+
+    def applied(self, left: list[int]) -> None:
+        """The next step is applied; members `left` finished in it."""
+        self.step += 1
+        self.due = []
+        if not left:
+            return
+        for i in left:
+            self.active[i] = False
+            self.ctx_base -= self.base[i]
+        self.num_active -= len(left)
+        if self.cached:
+            self.cached = [s for s in self.cached if s.status is SequenceStatus.RUNNING]
+
+    def dissolve(self) -> None:
+        """Bring every member up to date (the group ends between two steps)."""
+        for i, active in enumerate(self.active):
+            if active:
+                self.sync(i, self.step)
+        self.num_active = 0
