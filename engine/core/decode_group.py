@@ -163,6 +163,22 @@ class DecodeGroup:
         self.num_active -= len(left)
         if self.cached:
             self.cached = [s for s in self.cached if s.status is SequenceStatus.RUNNING]
+        if len(self.seqs) > 2 * self.num_active + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Forget the finished members (and their tokens): renumber the others, in order."""
+        keep = [i for i, active in enumerate(self.active) if active]
+        index = {old: new for new, old in enumerate(keep)}
+        self.seqs = [self.seqs[i] for i in keep]
+        self.base = [self.base[i] for i in keep]
+        self.finish = [self.finish[i] for i in keep]
+        self.synced = [self.synced[i] for i in keep]
+        self.active = [True] * len(keep)
+        self._bases = [(-base, i) for i, base in enumerate(self.base)]
+        heapq.heapify(self._bases)
+        self.events = {step: [index[i] for i in members]
+                       for step, members in self.events.items()}
 
     def dissolve(self) -> None:
         """Bring every member up to date (the group ends between two steps)."""
