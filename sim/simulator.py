@@ -16,9 +16,7 @@ rule, so the records are identical to single-stepping (a tested property).
 from __future__ import annotations
 
 import gc
-from array import array
 from collections.abc import Callable, Iterable, Iterator
-from collections.abc import Sequence as SeqOf
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,31 +33,9 @@ from engine.core.scheduler_output import SchedulerOutput
 from engine.core.sequence import SamplingParams, Sequence
 from sim.request_log import RequestLog
 from sim.skipping import plan_decode_run
+from sim.stand_in import StandInTokens, TokenFn, fake_tokens
 from sim.step_log import ChunkFn, StepLog
 from sim.step_time import StepTimeModel
-
-TokenFn = Callable[[int, int, int], SeqOf[int]]  # (request index, position, count) -> ids
-
-FAKE_PERIOD = 100_000
-# 7919 is prime to the period, so position p of request i gets the token at (p + shift(i)) in
-# one table: 1000 + (i * 1_000_003 + p * 7919) % period == _FAKE[(p + shift(i)) % period].
-_FAKE = array("q", [1000 + q * 7919 % FAKE_PERIOD for q in range(FAKE_PERIOD)])
-_UNSTRIDE = pow(7919, -1, FAKE_PERIOD)
-
-
-def fake_shift(index: int) -> int:
-    """Request `index`'s offset into the table of stand-in tokens."""
-    return index * 1_000_003 * _UNSTRIDE % FAKE_PERIOD
-
-
-def fake_tokens(index: int, position: int, count: int = 1) -> array:
-    """Stand-in samples for `count` positions, distinct per request, with no randomness:
-    1000 + (index * 1_000_003 + position * 7919) % 100_000 (as table slices)."""
-    start = (position + fake_shift(index)) % FAKE_PERIOD
-    tokens = _FAKE[start:start + count]
-    while len(tokens) < count:  # wrapped around the period
-        tokens += _FAKE[:count - len(tokens)]
-    return tokens
 
 
 @dataclass
@@ -83,11 +59,11 @@ class Simulator:
                  should_stop: Callable[[], bool] | None = None, group_min: int = 32):
         self.config = config
         self.scheduler = Scheduler(config, num_blocks, eos_token_ids)
+        self.tokens = StandInTokens(token_fn)
         if skip:
-            self.scheduler.group_decodes(self.next_tokens, group_min)
+            self.scheduler.group_decodes(self.tokens, group_min)
         self.step_time = step_time
         self.skip = skip
-        self.token_fn = token_fn
         self.on_progress = on_progress
         self.env = simpy.Environment()
         self.clock = 0.0  # authoritative time; SimPy's clock follows it
@@ -107,8 +83,6 @@ class Simulator:
         self.prompt_lens = np.asarray(table.prompt_len, dtype=np.int64)[self.order]
         self.log = RequestLog(np.asarray(table.request_id)[self.order],
                               np.asarray(self.arrivals), self.prompt_lens)
-        self.index: dict[int, int] = {}  # live seq_id -> index of its request in the table
-        self.shift: dict[int, int] = {}  # live seq_id -> fake_shift of its request
         self._position: dict[int, int] = {}  # live seq_id -> arrival order
         self.cursor = 0
         with gc_paused():
@@ -129,15 +103,14 @@ class Simulator:
                                 ignore_eos=True)
         seq = Sequence(self.table.prompt_of(i), params, self.table.request_id[i],
                        self.arrivals[position])
-        self.index[seq.seq_id] = i
-        self.shift[seq.seq_id] = fake_shift(i)
+        self.tokens.add(seq, i)
         self._position[seq.seq_id] = position
         return seq
 
     def _record(self, seq: Sequence) -> None:
         """Keep a finished sequence as its record only."""
         self.log.end(self._position.pop(seq.seq_id), seq)
-        del self.index[seq.seq_id], self.shift[seq.seq_id]
+        self.tokens.drop(seq)
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -207,7 +180,7 @@ class Simulator:
         """Run a step the Scheduler planned at `start`: it ends at `end`, then is applied."""
         record = StepRecord.from_output(len(self.steps), start, out, self.scheduler)
         yield from self.advance_to(end)
-        sampled = self.sampled_tokens(out)
+        sampled = self.tokens.sampled(out)
         for seq in self.scheduler.update_from_output(out, sampled, end):
             self._record(seq)
         record.end_s = end
@@ -215,30 +188,6 @@ class Simulator:
         self.stats["single_steps"] += 1
         self.stats["group_steps"] += out.grouped is not None
         self._progress()
-
-    def sampled_tokens(self, out: SchedulerOutput) -> list[int | None]:
-        """The stand-in token of each scheduled sequence that samples (None: mid-prefill)."""
-        if self.token_fn is not fake_tokens:
-            return [self.next_token(i.seq) if i.samples else None for i in out.scheduled]
-        shift, fake, period = self.shift, _FAKE, FAKE_PERIOD  # next_token's, inlined
-        return [fake[(len(s.token_ids) + shift[s.seq_id]) % period] if i.samples else None
-                for i in out.scheduled for s in (i.seq,)]
-
-    def next_tokens(self, seq: Sequence, count: int) -> SeqOf[int]:
-        """The stand-in tokens `seq` samples next."""
-        if self.token_fn is fake_tokens:  # fake_tokens' table slice, its shift kept
-            start = (len(seq.token_ids) + self.shift[seq.seq_id]) % FAKE_PERIOD
-            tokens = _FAKE[start:start + count]
-            if len(tokens) == count:
-                return tokens
-        return self.token_fn(self.index[seq.seq_id], len(seq.token_ids), count)
-
-    def next_token(self, seq: Sequence) -> int:
-        """The stand-in token `seq` samples next (fake_tokens' without the slicing)."""
-        if self.token_fn is not fake_tokens:
-            return self.next_tokens(seq, 1)[0]
-        shift = self.shift[seq.seq_id]
-        return _FAKE[(len(seq.token_ids) + shift) % FAKE_PERIOD]
 
     def advance_to(self, t: float) -> Iterator[simpy.Event]:
         yield self.env.timeout(max(0.0, t - self.env.now))

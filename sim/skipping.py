@@ -148,7 +148,7 @@ class PlannedRun:
         bm = sched.block_manager
         used = bm.num_used_blocks
         end = float(segment.ends[-1])
-        done = sched.run_decode_steps(segment.seqs, k, sim.next_tokens,
+        done = sched.run_decode_steps(segment.seqs, k, sim.tokens,
                                       end if segment.finishes else None)
         sim.steps.add_decode_run(DecodeRunSteps(
             sim.clock, segment.ends, len(segment.seqs), waiting, added, used,

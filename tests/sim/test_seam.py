@@ -19,7 +19,8 @@ from engine.core.catalog import load_model
 from engine.core.request import Request
 from engine.runtime.llm import LLMEngine
 from engine.runtime.replay import ReplayResult, records_frames, replay
-from sim.simulator import Simulator, TokenFn
+from sim.simulator import Simulator
+from sim.stand_in import TokenFn
 from sim.step_time import ReplayedStepTime
 
 MODEL = load_model("tiny_qwen3")
