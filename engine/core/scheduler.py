@@ -24,6 +24,7 @@ def is_prefilling(seq: Sequence) -> bool:
 
 
 GROUP_PAUSE = 64  # steps without a group after one could not run a step
+GROUP_IDLE = 32  # steps a group outlives an empty queue (then decode runs are skipped)
 
 
 class Scheduler:
@@ -40,6 +41,7 @@ class Scheduler:
         self._group_tokens: NextTokens | None = None  # set: decode groups are formed
         self._group_min = 0
         self._group_pause = 0
+        self._group_idle = 0  # steps since a request last waited
 
     def group_decodes(self, next_tokens: NextTokens, min_size: int = 32) -> None:
         """Under saturation (requests wait), advance at least `min_size` running decodes as a
@@ -166,22 +168,28 @@ class Scheduler:
 
     def _current_group(self, budget: int) -> DecodeGroup | None:
         """The group to run the next step with, the decodes right behind it joined: kept
-        while requests wait and it is large, else none (or a new one)."""
+        while it is large and requests wait (or waited within GROUP_IDLE steps: a queue
+        that empties for a moment would otherwise end and re-form it), else none (or a
+        new one)."""
         group = self.group
-        if group is not None and (not self.waiting or group.num_active < self._group_min):
+        self._group_idle = 0 if self.waiting else self._group_idle + 1
+        if group is not None and (self._group_idle > GROUP_IDLE or
+                                  group.num_active < self._group_min):
             self._end_group()
             group = None
-        start = 0 if group is None else group.num_active
-        end = self._leading_decodes(start)
         if group is None:
             if self._group_pause > 0:
                 self._group_pause -= 1
                 return None
-            if not self.waiting or end < self._group_min:
+            if not self.waiting:
                 return None
-            assert self._group_tokens is not None
+            assert self._group_tokens is not None  # group_decodes was called
             group = DecodeGroup(self.block_manager.block_size,
                                 self.block_manager.enable_prefix_caching, self._group_tokens)
+        start = group.num_active
+        end = self._leading_decodes(start)
+        if self.group is None and end < self._group_min:
+            return None  # too small to start
         if end > start and not self._join(group, start, end, budget):
             self._end_group(pause=True)
             return None
