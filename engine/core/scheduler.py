@@ -169,8 +169,7 @@ class Scheduler:
     def _current_group(self, budget: int) -> DecodeGroup | None:
         """The group to run the next step with, the decodes right behind it joined: kept
         while it is large and requests wait (or waited within GROUP_IDLE steps: a queue
-        that empties for a moment would otherwise end and re-form it), else none (or a
-        new one)."""
+        that empties for a moment would otherwise end and re-form it), else a new one."""
         group = self.group
         self._group_idle = 0 if self.waiting else self._group_idle + 1
         if group is not None and (self._group_idle > GROUP_IDLE or
@@ -178,20 +177,27 @@ class Scheduler:
             self._end_group()
             group = None
         if group is None:
-            if self._group_pause > 0:
-                self._group_pause -= 1
-                return None
-            if not self.waiting:
-                return None
-            assert self._group_tokens is not None  # group_decodes was called
-            group = DecodeGroup(self.block_manager.block_size,
-                                self.block_manager.enable_prefix_caching, self._group_tokens)
+            return self._new_group(budget)
         start = group.num_active
         end = self._leading_decodes(start)
-        if self.group is None and end < self._group_min:
-            return None  # too small to start
         if end > start and not self._join(group, start, end, budget):
             self._end_group(pause=True)
+            return None
+        return group
+
+    def _new_group(self, budget: int) -> DecodeGroup | None:
+        """A group of the leading decodes, where requests wait and they are enough."""
+        if self._group_pause > 0:
+            self._group_pause -= 1
+            return None
+        end = self._leading_decodes(0) if self.waiting else 0
+        if end < self._group_min:
+            return None
+        assert self._group_tokens is not None  # group_decodes was called
+        group = DecodeGroup(self.block_manager.block_size,
+                            self.block_manager.enable_prefix_caching, self._group_tokens)
+        if not self._join(group, 0, end, budget):
+            self._group_pause = GROUP_PAUSE
             return None
         self.group = group
         return group
