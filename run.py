@@ -228,9 +228,9 @@ def _start_bands(cfg: DictConfig, setup: Any, requests: Any) -> SimBands:
 
 
 def _finish_bands(cfg: DictConfig, bands: SimBands, signals: Signals) -> Any:
-    if bands.run is not None:
-        print(f"bands: {cfg.bands.replicates} replicates of the twin ...", flush=True)
-    with signals.poll():
+    with signals.poll():  # before the line: a signal once it is out keeps the prediction
+        if bands.run is not None:
+            print(f"bands: {cfg.bands.replicates} replicates of the twin ...", flush=True)
         return bands.finish(should_stop=signals.stop_requested,
                             log=lambda line: print(line, flush=True))
 
