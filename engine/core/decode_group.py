@@ -17,8 +17,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.core.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from engine.core.kv.block_manager import BlockManager
 
 NextTokens = Callable[[Sequence, int], Iterable[int]]  # (sequence, count) -> its next tokens
 
@@ -36,9 +40,8 @@ class GroupStep:
 
 
 class DecodeGroup:
-    def __init__(self, block_size: int, publishes: bool, next_tokens: NextTokens):
-        self.block_size = block_size
-        self.publishes = publishes  # full blocks are published (prefix caching)
+    def __init__(self, block_manager: BlockManager, next_tokens: NextTokens):
+        self.bm = block_manager  # it says when a member's allocation takes or publishes
         self.next_tokens = next_tokens
         self.seqs: list[Sequence] = []  # every member so far, in running order
         # Per member: computed tokens less the step it joined at (so that step j's allocation
@@ -48,6 +51,9 @@ class DecodeGroup:
         self.finish: list[int] = []
         self.synced: list[int] = []
         self.active: list[bool] = []
+        # Per member: the tokens at which its next allocation takes a block, and publishes one.
+        self.takes_at: list[int] = []
+        self.publishes_at: list[int] = []
         self.num_active = 0
         self.step = 0  # steps applied
         self.ctx_base = 0  # sum of the active members' base
@@ -67,6 +73,8 @@ class DecodeGroup:
             self.finish.append(step + k)
             self.synced.append(step)
             self.active.append(True)
+            self.takes_at.append(0)
+            self.publishes_at.append(0)
             self.ctx_base += base
             heapq.heappush(self._bases, (-base, i))
             if seq.num_cached_tokens and seq.block_hashes:
@@ -84,12 +92,9 @@ class DecodeGroup:
     def _queue(self, i: int, first: int) -> None:
         """File member `i` under the next step from `first` in which it starts or fills a
         block (the allocation of step j counts base + j tokens) or finishes."""
-        seq, c, bs = self.seqs[i], self.base[i], self.block_size
-        step = len(seq.block_table) * bs - c + 1
-        if self.publishes:
-            fills = (len(seq.block_content_ids) + 1) * bs - c
-            if fills < step:
-                step = fills
+        takes_at, publishes_at = self.bm.decode_events(self.seqs[i])
+        self.takes_at[i], self.publishes_at[i] = takes_at, publishes_at
+        step = min(takes_at, publishes_at) - self.base[i]
         if step < first:
             step = first
         if self.finish[i] < step:
@@ -114,25 +119,22 @@ class DecodeGroup:
         self.due = sorted(self.events.pop(self.step + 1, ()))
         return self.due
 
-    def allocate(self, allocate_slots: Callable[[Sequence, int], bool]) -> None:
+    def allocate(self) -> None:
         """The due members' allocations of the next step, in running order, each as
         single-stepping makes it (`allocate_slots(seq, 1)` after the steps before). A member
         that only starts a block needs no tokens for it: its lagging state asks for the
-        lagged tokens as well, the same total."""
-        j, bs, publishes = self.step + 1, self.block_size, self.publishes
+        lagged tokens as well, the same total. One that publishes needs them (they are hashed)."""
+        j, allocate_slots = self.step + 1, self.bm.allocate_slots
         for i in self.due:
-            seq = self.seqs[i]
-            if self.finish[i] == j or \
-                    (publishes and (self.base[i] + j) // bs > len(seq.block_content_ids)):
+            if self.finish[i] == j or self.base[i] + j >= self.publishes_at[i]:
                 self.sync(i, j - 1)
-            if not allocate_slots(seq, j - self.synced[i]):
+            if not allocate_slots(self.seqs[i], j - self.synced[i]):
                 raise RuntimeError("a decode group ran out of blocks")
 
     def blocks_to_take(self) -> int:
         """Blocks the due members take in the next step (those that start one)."""
-        j, bs = self.step + 1, self.block_size
-        return sum(1 for i in self.due
-                   if self.base[i] + j > len(self.seqs[i].block_table) * bs)
+        j, base, takes_at = self.step + 1, self.base, self.takes_at
+        return sum(1 for i in self.due if base[i] + j >= takes_at[i])
 
     def planned(self) -> GroupStep:
         """The next step of the members (their context grows by one a step)."""
@@ -174,6 +176,8 @@ class DecodeGroup:
         self.base = [self.base[i] for i in keep]
         self.finish = [self.finish[i] for i in keep]
         self.synced = [self.synced[i] for i in keep]
+        self.takes_at = [self.takes_at[i] for i in keep]
+        self.publishes_at = [self.publishes_at[i] for i in keep]
         self.active = [True] * len(keep)
         self._bases = [(-base, i) for i, base in enumerate(self.base)]
         heapq.heapify(self._bases)

@@ -159,7 +159,7 @@ class Scheduler:
         if group.blocks_to_take() > bm.num_free_blocks:  # a member would preempt: no group
             self._end_group(pause=True)
             return self.running, budget
-        group.allocate(bm.allocate_slots)
+        group.allocate()
         group.requeue()
         out.grouped = planned = group.planned()
         out.num_batched_tokens += planned.num_seqs
@@ -194,8 +194,7 @@ class Scheduler:
         if end < self._group_min:
             return None
         assert self._group_tokens is not None  # group_decodes was called
-        group = DecodeGroup(self.block_manager.block_size,
-                            self.block_manager.enable_prefix_caching, self._group_tokens)
+        group = DecodeGroup(self.block_manager, self._group_tokens)
         if not self._join(group, 0, end, budget):
             self._group_pause = GROUP_PAUSE
             return None

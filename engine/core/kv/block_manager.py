@@ -13,6 +13,7 @@ cache holds, and how a hit is found and verified, is `engine.core.kv.prefix_cach
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as SeqOf
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from engine.core.kv.prefix_cache import (  # noqa: F401  (hash_block, token_byte
     token_bytes,
 )
 from engine.core.sequence import Sequence
+
+NEVER = sys.maxsize  # a token count no sequence reaches
 
 
 @dataclass(slots=True)
@@ -182,6 +185,16 @@ class BlockManager:
         if self.enable_prefix_caching and total // bs > len(seq.block_content_ids):
             self.cache.publish(seq, total)
         return True
+
+    def decode_events(self, seq: Sequence) -> tuple[int, int]:
+        """(the fewest tokens for which `allocate_slots` takes a block for `seq`, the fewest
+        for which it publishes one), from its table and published blocks as they are: what
+        a decode that grows one token a step does next to the block manager."""
+        bs = self.block_size
+        takes_at = len(seq.block_table) * bs + 1
+        if not self.enable_prefix_caching:
+            return takes_at, NEVER
+        return takes_at, (len(seq.block_content_ids) + 1) * bs
 
     def _take_cached(self, block_ids: SeqOf[int]) -> None:
         refs = self.ref_counts
