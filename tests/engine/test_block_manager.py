@@ -118,3 +118,24 @@ def test_decode_tokens_publish_full_blocks() -> None:
     assert bm.allocate_slots(seq, 1)      # the step that computes token 4 fills block 2
     seq.num_computed_tokens = 4
     assert bm.get_computed_blocks(Sequence([1, 2, 3, 4, 5])) == seq.block_table[:2]
+
+
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("prompt_len", [1, 3, 4, 9])
+def test_decode_events_say_when_a_decode_takes_or_publishes(caching: bool,
+                                                            prompt_len: int) -> None:
+    """decode_events describes allocate_slots: decoding one token at a time, a block is
+    taken exactly at takes_at tokens and one is published exactly at publishes_at."""
+    bm = BlockManager(64, 4, enable_prefix_caching=caching)
+    seq = admit(bm, list(range(100, 100 + prompt_len)))
+    for token in range(40):
+        takes_at, publishes_at = bm.decode_events(seq)
+        seq.append_token(token)
+        total = seq.num_computed_tokens + 1
+        tables, published = len(seq.block_table), len(seq.block_content_ids)
+        assert bm.allocate_slots(seq, 1)
+        seq.num_computed_tokens = total
+        assert (len(seq.block_table) > tables) == (total == takes_at)
+        assert total <= takes_at
+        assert (len(seq.block_content_ids) > published) == (total == publishes_at)
+        assert total <= publishes_at
