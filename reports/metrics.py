@@ -113,7 +113,9 @@ def itl_samples(steps_df: pd.DataFrame) -> np.ndarray:
     every step, so the samples are exact except across a preemption (the gap spans the
     re-prefill) and in a step whose token budget could not fit all running requests.
     """
-    df = _checked(steps_df, STEP_COLUMNS, "steps").sort_values("step", kind="stable")
+    df = _checked(steps_df, STEP_COLUMNS, "steps")
+    if not df["step"].is_monotonic_increasing:  # a stable sort of sorted steps copies only
+        df = df.sort_values("step", kind="stable")
     end = _num(df, "end_s").to_numpy()
     decode = _num(df, "num_decode_seqs").fillna(0).to_numpy().astype(np.int64)
     if end.size < 2:
@@ -382,7 +384,9 @@ def _plain(value: Any) -> Any:
 def kv_usage_timeline(steps_df: pd.DataFrame, num_blocks: int) -> pd.DataFrame:
     """Per step, at its start (the snapshot is taken right after scheduling): blocks used,
     usage fraction (NaN when num_blocks is 0), running and waiting requests."""
-    df = _checked(steps_df, STEP_COLUMNS, "steps").sort_values("step", kind="stable")
+    df = _checked(steps_df, STEP_COLUMNS, "steps")
+    if not df["step"].is_monotonic_increasing:  # a stable sort of sorted steps copies only
+        df = df.sort_values("step", kind="stable")
     used = pd.to_numeric(df["num_blocks_used"])
     return pd.DataFrame({
         "step": pd.to_numeric(df["step"]).to_numpy(),

@@ -9,6 +9,8 @@ timelines, are the file's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pandas as pd
 
 from reports.metrics import STEP_COLUMNS, kv_usage_timeline
@@ -56,10 +58,20 @@ class KvTimelines:
             for name, timeline in self._raw:
                 self._parts.setdefault(name, []).append(thin_timeline(timeline))
             self._raw = []
-        for name, df in batch.groupby("source", sort=False):
+        for name, df in _by_source(batch):
             # blocks, not usage, are drawn: the timeline needs no capacity
-            timeline = kv_usage_timeline(df.drop(columns="source"), 0)
+            timeline = kv_usage_timeline(df, 0)
             if many:
                 self._parts.setdefault(str(name), []).append(thin_timeline(timeline))
             else:
                 self._raw.append((str(name), timeline))
+
+
+def _by_source(batch: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The batch's rows per source, in order of appearance (most batches have one)."""
+    sources = batch["source"]
+    first = sources.iat[0]
+    if (sources == first).all():
+        yield first, batch
+        return
+    yield from batch.groupby("source", sort=False)

@@ -11,7 +11,7 @@ import pytest
 
 from reports.metrics import STEP_COLUMNS
 from reports.run_folder import StepsWriter, iter_steps
-from reports.timeline import KvTimelines
+from reports.timeline import KvTimelines, _by_source
 
 BATCH = 3000  # more than the plots' 2,000 points: a batch of a long run is thinned
 
@@ -54,3 +54,13 @@ def test_built_while_writing_equals_read_back(tmp_path: Path, sizes: list[int]) 
         pd.testing.assert_frame_equal(built[name], back[name])
     thinned = sum(sizes) + 1700 > BATCH
     assert (len(built["sim"]) < sum(sizes)) == (thinned and max(sizes) > 2000)
+
+
+@pytest.mark.parametrize("sources", [["sim"] * 5, ["sim", "sim", "real", "sim", "real"]])
+def test_a_batch_splits_by_source_as_groupby_does(sources: list[str]) -> None:
+    batch = steps(0, len(sources), 3).assign(source=sources)
+    got = [(name, frame) for name, frame in _by_source(batch)]
+    want = list(batch.groupby("source", sort=False))
+    assert [name for name, _ in got] == [name for name, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        pd.testing.assert_frame_equal(a, b)
