@@ -68,6 +68,14 @@ def _checked(df: pd.DataFrame | None, required: tuple[str, ...], what: str) -> p
     return df
 
 
+def _in_step_order(df: pd.DataFrame) -> pd.DataFrame:
+    """The steps by step index (stably); as they are when already in order, as streamed
+    steps are (sorting would copy every column of a 262k-row chunk for nothing)."""
+    if df["step"].is_monotonic_increasing:
+        return df
+    return df.sort_values("step", kind="stable")
+
+
 def _num(df: pd.DataFrame, column: str) -> pd.Series:
     """A numeric column; None becomes NaN."""
     return pd.to_numeric(df[column], errors="coerce").astype(float)
@@ -113,9 +121,7 @@ def itl_samples(steps_df: pd.DataFrame) -> np.ndarray:
     every step, so the samples are exact except across a preemption (the gap spans the
     re-prefill) and in a step whose token budget could not fit all running requests.
     """
-    df = _checked(steps_df, STEP_COLUMNS, "steps")
-    if not df["step"].is_monotonic_increasing:  # a stable sort of sorted steps copies only
-        df = df.sort_values("step", kind="stable")
+    df = _in_step_order(_checked(steps_df, STEP_COLUMNS, "steps"))
     end = _num(df, "end_s").to_numpy()
     decode = _num(df, "num_decode_seqs").fillna(0).to_numpy().astype(np.int64)
     if end.size < 2:
@@ -384,9 +390,7 @@ def _plain(value: Any) -> Any:
 def kv_usage_timeline(steps_df: pd.DataFrame, num_blocks: int) -> pd.DataFrame:
     """Per step, at its start (the snapshot is taken right after scheduling): blocks used,
     usage fraction (NaN when num_blocks is 0), running and waiting requests."""
-    df = _checked(steps_df, STEP_COLUMNS, "steps")
-    if not df["step"].is_monotonic_increasing:  # a stable sort of sorted steps copies only
-        df = df.sort_values("step", kind="stable")
+    df = _in_step_order(_checked(steps_df, STEP_COLUMNS, "steps"))
     used = pd.to_numeric(df["num_blocks_used"])
     return pd.DataFrame({
         "step": pd.to_numeric(df["step"]).to_numpy(),

@@ -194,6 +194,12 @@ def test_kv_usage_timeline_by_hand():
     assert kv_usage_timeline(STEPS, num_blocks=0)["usage"].isna().all()
 
 
+def test_steps_out_of_order_are_read_in_step_order():
+    shuffled = STEPS.iloc[[2, 0, 3, 1]]
+    pd.testing.assert_frame_equal(kv_usage_timeline(shuffled, 10), kv_usage_timeline(STEPS, 10))
+    np.testing.assert_array_equal(itl_samples(shuffled), itl_samples(STEPS))
+
+
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"num_blocks": -1}, "num_blocks"),
     ({"num_blocks": 1.5}, "num_blocks"),
